@@ -1,0 +1,5 @@
+"""python -m switchd"""
+
+from switchd.cli import main
+
+raise SystemExit(main())

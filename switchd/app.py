@@ -1,0 +1,87 @@
+"""create_app(): the one place where routes, middleware and lifespan are wired.
+
+The lifespan owns every client (GPU probe, runtime, HTTP client): nothing is
+created at import time, and tests pass their own fakes in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from switchd.auth import BearerAuth
+from switchd.config import ConfigError, RuntimeKind, Settings
+from switchd.events import EventBus
+from switchd.gpu import GpuProbe, open_probe
+from switchd.routes import ROUTES, Services
+from switchd.runtime.base import Runtime
+from switchd.runtime.process import ProcessRuntime
+from switchd.stats import LearnedStats
+from switchd.switcher import Switcher
+
+log = logging.getLogger(__name__)
+
+
+def check_runtime(settings: Settings) -> None:
+    """Refuse, before serving, a runtime this version cannot provide."""
+    if settings.runtime is not RuntimeKind.PROCESS:
+        raise ConfigError(
+            settings.source,
+            "runtime",
+            "the docker runtime is not in this version yet; use `runtime: process` with `cmd:`",
+        )
+    missing = [spec.name for spec in settings.models.values() if not spec.cmd]
+    if missing:
+        raise ConfigError(
+            settings.source,
+            f"models.{missing[0]}.cmd",
+            "the process runtime needs `cmd` for every model",
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    runtime: Runtime | None = None,
+    gpu: GpuProbe | None = None,
+    http_transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    if runtime is None:
+        check_runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            probe = gpu or await open_probe(settings.gpu, settings.simulated_gpu)
+            stack.push_async_callback(probe.close)
+            engines = runtime or ProcessRuntime(settings.stop_grace_seconds)
+            stack.push_async_callback(engines.close)
+            http = await stack.enter_async_context(httpx.AsyncClient(transport=http_transport))
+            stats = LearnedStats(settings.state_dir)
+            await stats.load()
+            bus = EventBus()
+            switcher = Switcher(
+                settings, runtime=engines, gpu=probe, bus=bus, stats=stats, http=http
+            )
+            await switcher.start()
+            stack.push_async_callback(switcher.close)
+            app.state.services = Services(settings, switcher, bus)
+            log.info(
+                "switchd ready: %d models, %s runtime, %s GPU",
+                len(settings.models),
+                settings.runtime.value,
+                probe.source,
+            )
+            yield
+        log.info("switchd stopped; every engine it started is stopped")
+
+    return Starlette(
+        routes=ROUTES,
+        middleware=[Middleware(BearerAuth, keys=settings.api_keys)],
+        lifespan=lifespan,
+    )

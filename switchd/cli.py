@@ -1,0 +1,116 @@
+"""`switchd serve | demo | status | switch | unload`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from importlib import resources
+from pathlib import Path
+
+import uvicorn
+
+from switchd import __version__
+from switchd.app import create_app
+from switchd.client import run_client
+from switchd.config import ConfigError, Settings, load_settings, parse_listen
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def demo_config() -> Path:
+    return Path(str(resources.files("switchd.demo").joinpath("demo.yaml")))
+
+
+def serve(settings: Settings, listen: str | None, insecure: bool, log_level: str) -> int:
+    host, port = (settings.host, settings.port)
+    if listen is not None:
+        host, port = parse_listen("--listen", listen)
+    if not settings.api_keys and not is_loopback(host) and not insecure:
+        print(
+            f"switchd: refusing to listen on {host}:{port} without API keys; set api_keys "
+            "(or SWITCHD_API_KEYS) or pass --insecure",
+            file=sys.stderr,
+        )
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down; landing
+    # it in its own handler instead makes a SIGTERM stop an orderly exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, server.handle_exit)
+    server.run()
+    return 0 if server.started else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchd", description="Model-switching front door for LLM GPU hosts."
+    )
+    parser.add_argument("--version", action="version", version=f"switchd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="serve the catalog of a config file")
+    serve_cmd.add_argument("--config", "-c", required=True, help="path to switchd.yaml")
+    demo_cmd = commands.add_parser("demo", help="serve the demo: a simulated GPU, 4 models")
+    for command in (serve_cmd, demo_cmd):
+        command.add_argument("--listen", help="HOST:PORT (overrides the config's `listen`)")
+        command.add_argument(
+            "--insecure", action="store_true", help="allow a non-loopback address without keys"
+        )
+        command.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    client_parent = argparse.ArgumentParser(add_help=False)
+    client_parent.add_argument(
+        "--url", default=os.environ.get("SWITCHD_URL", DEFAULT_URL), help="switchd's address"
+    )
+    client_parent.add_argument(
+        "--key", default=os.environ.get("SWITCHD_API_KEY"), help="API key (or SWITCHD_API_KEY)"
+    )
+    commands.add_parser("status", parents=[client_parent], help="models and GPU memory")
+    switch_cmd = commands.add_parser(
+        "switch", parents=[client_parent], help="switch to a model, showing each stage"
+    )
+    switch_cmd.add_argument("model")
+    unload_cmd = commands.add_parser(
+        "unload", parents=[client_parent], help="unload a model (`all`: every unpinned one)"
+    )
+    unload_cmd.add_argument("model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("status", "switch", "unload"):
+        return run_client(args.command, args.url, args.key, getattr(args, "model", None))
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # One line per health poll drowns what matters; keep httpx to warnings.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    path = demo_config() if args.command == "demo" else Path(args.config)
+    try:
+        settings = load_settings(path)
+        return serve(settings, args.listen, args.insecure, args.log_level)
+    except ConfigError as error:
+        print(f"switchd: bad configuration: {error}", file=sys.stderr)
+        return 2

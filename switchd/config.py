@@ -1,0 +1,357 @@
+"""Settings and model specs from a YAML file plus the environment.
+
+Every problem is reported as a ConfigError naming the file, the key and what
+is wrong, so an operator fixes a bad file in one go instead of guessing.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used, with where and why."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+class RuntimeKind(StrEnum):
+    DOCKER = "docker"
+    PROCESS = "process"
+
+
+class GpuKind(StrEnum):
+    AUTO = "auto"
+    NVML = "nvml"
+    SIMULATED = "simulated"
+
+
+class EvictionPolicy(StrEnum):
+    LARGEST_FIRST = "largest_first"
+    LRU = "lru"
+    SMALLEST_SUFFICIENT = "smallest_sufficient"
+
+
+@dataclass(frozen=True)
+class SimulatedGpuSettings:
+    total_gb: float = 95.59
+    devices: int = 1
+    # How long a stopped engine's memory takes to show as free again; real
+    # drivers lag, and the verify-freed path should be exercised.
+    release_delay_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    size_gb: float
+    cmd: tuple[str, ...] = ()
+    container: str | None = None
+    image: str | None = None
+    command: tuple[str, ...] = ()
+    url: str | None = None
+    load_time_seconds: float = 30.0
+    health_path: str = "/health"
+    pinned: bool = False
+    aliases: tuple[str, ...] = ()
+    ttl_seconds: float = 0.0
+    gpus: tuple[int, ...] | None = None  # None: every device
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: Mapping[str, ModelSpec]
+    source: str = "<defaults>"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[str, ...] = ()
+    runtime: RuntimeKind = RuntimeKind.DOCKER
+    gpu: GpuKind = GpuKind.AUTO
+    simulated_gpu: SimulatedGpuSettings = SimulatedGpuSettings()
+    eviction: EvictionPolicy = EvictionPolicy.LARGEST_FIRST
+    auto_switch: bool = True
+    request_timeout_seconds: float = 600.0
+    drain_timeout_seconds: float = 30.0
+    health_timeout_seconds: float = 900.0
+    memory_release_timeout_seconds: float = 30.0
+    stop_grace_seconds: float = 10.0
+    state_dir: Path = Path(".switchd-state")
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        """The model called `name` or having it as an alias."""
+        spec = self.models.get(name)
+        if spec is not None:
+            return spec
+        for candidate in self.models.values():
+            if name in candidate.aliases:
+                return candidate
+        return None
+
+
+_TOP_KEYS = {
+    "listen",
+    "api_keys",
+    "runtime",
+    "gpu",
+    "simulated_gpu",
+    "eviction",
+    "auto_switch",
+    "request_timeout_seconds",
+    "drain_timeout_seconds",
+    "health_timeout_seconds",
+    "memory_release_timeout_seconds",
+    "stop_grace_seconds",
+    "state_dir",
+    "models",
+}
+_MODEL_KEYS = {
+    "cmd",
+    "container",
+    "image",
+    "command",
+    "url",
+    "size_gb",
+    "load_time_seconds",
+    "health_path",
+    "pinned",
+    "aliases",
+    "ttl_seconds",
+    "gpus",
+    "env",
+}
+_SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds"}
+
+
+class _Reader:
+    """Typed access to one mapping of the file, errors naming the full key."""
+
+    def __init__(self, source: str, prefix: str, data: Mapping[str, Any], known: set[str]):
+        self.source = source
+        self.prefix = prefix
+        self.data = data
+        for key in data:
+            if key not in known:
+                allowed = ", ".join(sorted(known))
+                raise self.error(str(key), f"unknown key (known keys: {allowed})")
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def number(self, name: str, default: float | None, *, minimum: float = 0.0) -> float:
+        value = self.data.get(name, default)
+        if value is None:
+            raise self.error(name, "is required (a number)")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(name, f"must be a number, got {value!r}")
+        if value < minimum:
+            raise self.error(name, f"must be >= {minimum:g}, got {value!r}")
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {value!r}")
+        return value
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self.data.get(name, default)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise self.error(name, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def words(self, name: str) -> tuple[str, ...]:
+        """A command line: a string split like a shell would, or a list."""
+        value = self.data.get(name)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            try:
+                parts = shlex.split(value)
+            except ValueError as exc:
+                raise self.error(name, f"cannot be split into words: {exc}") from None
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            parts = list(value)
+        else:
+            raise self.error(name, "must be a string or a list of strings")
+        if not parts:
+            raise self.error(name, "must not be empty")
+        return tuple(parts)
+
+    def choice(self, name: str, enum: type[_E], default: _E) -> _E:
+        value = self.data.get(name, default.value)
+        try:
+            return enum(value)
+        except ValueError:
+            allowed = " | ".join(member.value for member in enum)
+            raise self.error(name, f"must be one of {allowed}, got {value!r}") from None
+
+
+def parse_listen(source: str, value: object) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:8080`) into its parts."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(source, "listen", f"must be HOST:PORT, got {value!r}")
+    host, _, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(source, "listen", f"must be HOST:PORT with a port 1-65535, got {value!r}")
+    return host, int(port_text)
+
+
+def _parse_gpus(reader: _Reader) -> tuple[int, ...] | None:
+    value = reader.data.get("gpus")
+    if value is None or value == "all":
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        raise reader.error("gpus", f"must be a list of device indexes like [0, 1], got {value!r}")
+    return tuple(value)
+
+
+def _parse_model(source: str, name: str, data: object) -> ModelSpec:
+    prefix = f"models.{name}."
+    if not isinstance(data, dict):
+        raise ConfigError(source, f"models.{name}", "must be a mapping of model settings")
+    reader = _Reader(source, prefix, data, _MODEL_KEYS)
+    cmd = reader.words("cmd")
+    container = reader.text("container")
+    image = reader.text("image")
+    if not cmd and not container and not image:
+        raise ConfigError(
+            source,
+            f"models.{name}",
+            "needs `cmd` (process runtime) or `container`/`image` (docker)",
+        )
+    aliases = reader.data.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise reader.error("aliases", "must be a list of names")
+    env = reader.data.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) for k in env):
+        raise reader.error("env", "must be a mapping of names to values")
+    health_path = reader.text("health_path", "/health") or "/health"
+    if not health_path.startswith("/"):
+        raise reader.error("health_path", f"must start with '/', got {health_path!r}")
+    url = reader.text("url")
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise reader.error("url", f"must start with http:// or https://, got {url!r}")
+    return ModelSpec(
+        name=name,
+        size_gb=reader.number("size_gb", None, minimum=0.0),
+        cmd=cmd,
+        container=container,
+        image=image,
+        command=reader.words("command"),
+        url=url.rstrip("/") if url else None,
+        load_time_seconds=reader.number("load_time_seconds", 30.0),
+        health_path=health_path,
+        pinned=reader.boolean("pinned", False),
+        aliases=tuple(aliases),
+        ttl_seconds=reader.number("ttl_seconds", 0.0),
+        gpus=_parse_gpus(reader),
+        env={k: str(v) for k, v in env.items()},
+    )
+
+
+def _check_names(source: str, models: Mapping[str, ModelSpec]) -> None:
+    owner: dict[str, str] = {name: name for name in models}
+    for spec in models.values():
+        for alias in spec.aliases:
+            if alias in owner:
+                other = owner[alias]
+                what = "a model name" if other == alias else f"an alias of {other!r}"
+                raise ConfigError(
+                    source, f"models.{spec.name}.aliases", f"{alias!r} is already {what}"
+                )
+            owner[alias] = spec.name
+    if "all" in owner:
+        raise ConfigError(source, "models.all", "'all' is reserved (`unload all`)")
+
+
+def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Settings:
+    """Settings from the decoded YAML document; `environ` adds SWITCHD_API_KEYS."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", "must be a YAML mapping at the top level")
+    top = _Reader(source, "", data, _TOP_KEYS)
+    host, port = parse_listen(source, data.get("listen", "127.0.0.1:8080"))
+
+    keys = data.get("api_keys", []) or []
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise top.error("api_keys", "must be a list of non-empty strings")
+    env_keys = [k.strip() for k in environ.get("SWITCHD_API_KEYS", "").split(",") if k.strip()]
+
+    simulated = data.get("simulated_gpu", {}) or {}
+    if not isinstance(simulated, dict):
+        raise top.error("simulated_gpu", "must be a mapping")
+    sim = _Reader(source, "simulated_gpu.", simulated, _SIMULATED_KEYS)
+    devices = sim.number("devices", 1, minimum=1)
+    if devices != int(devices):
+        raise sim.error("devices", f"must be a whole number, got {devices!r}")
+
+    models_data = data.get("models")
+    if not isinstance(models_data, dict) or not models_data:
+        raise top.error("models", "must map at least one model name to its settings")
+    models = {str(n): _parse_model(source, str(n), m) for n, m in models_data.items()}
+    _check_names(source, models)
+
+    state_dir = top.text("state_dir", "~/.local/state/switchd") or "~/.local/state/switchd"
+    return Settings(
+        models=models,
+        source=source,
+        host=host,
+        port=port,
+        api_keys=tuple(dict.fromkeys([*keys, *env_keys])),
+        runtime=top.choice("runtime", RuntimeKind, RuntimeKind.DOCKER),
+        gpu=top.choice("gpu", GpuKind, GpuKind.AUTO),
+        simulated_gpu=SimulatedGpuSettings(
+            total_gb=sim.number("total_gb", 95.59, minimum=0.01),
+            devices=int(devices),
+            release_delay_seconds=sim.number("release_delay_seconds", 0.0),
+        ),
+        eviction=top.choice("eviction", EvictionPolicy, EvictionPolicy.LARGEST_FIRST),
+        auto_switch=top.boolean("auto_switch", True),
+        request_timeout_seconds=top.number("request_timeout_seconds", 600.0),
+        drain_timeout_seconds=top.number("drain_timeout_seconds", 30.0),
+        health_timeout_seconds=top.number("health_timeout_seconds", 900.0, minimum=0.1),
+        memory_release_timeout_seconds=top.number("memory_release_timeout_seconds", 30.0),
+        stop_grace_seconds=top.number("stop_grace_seconds", 10.0),
+        state_dir=Path(os.path.expanduser(state_dir)),
+    )
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check `path`; raise ConfigError with file, key and problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(source, "", f"is not valid YAML{where}") from None
+    return parse_settings(data, source, os.environ if environ is None else environ)

@@ -1,0 +1,331 @@
+"""A stand-in OpenAI-compatible inference engine for demos and tests without a GPU.
+
+It behaves like a vLLM server from the outside: it listens at once, reports 503 on
+/health while "loading" (printing vLLM-like log lines), then serves deterministic
+chat, completion and embedding answers, streamed at a fixed token rate if asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+OWNER = "switchd-demo"
+PROMPT_ECHO_CHARS = 200
+DEFAULT_MAX_TOKENS = 64
+
+
+class Engine:
+    def __init__(self, model: str, tokens_per_second: float) -> None:
+        self.model = model
+        self.tokens_per_second = tokens_per_second
+        self.created = int(time.time())
+        self.loaded = False
+        self.stopping = False
+
+
+def log(line: str) -> None:
+    # Supervisors read this stream line by line to show progress and failures.
+    print(line, flush=True)
+
+
+def error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def message_text(content: Any) -> str:
+    # OpenAI allows content as a plain string or a list of typed parts.
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return " ".join(str(p.get("text", "")) for p in parts)
+    return ""
+
+
+def embed(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(b / 127.5) - 1.0 for b in digest[:8]]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    return [round(x / norm, 6) for x in raw]
+
+
+async def read_body(request: Request, engine: Engine) -> dict[str, Any] | Response:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return error(400, "Request body is not valid JSON.", "invalid_json")
+    if not isinstance(body, dict):
+        return error(400, "Request body must be a JSON object.", "invalid_json")
+    model = body.get("model")
+    if model is not None and model != engine.model:
+        return error(404, f"The model `{model}` does not exist.", "model_not_found")
+    if not engine.loaded:
+        message = f"Model {engine.model} is still loading."
+        return error(503, message, "model_loading", "server_error")
+    return body
+
+
+def token_budget(body: dict[str, Any]) -> int | Response:
+    value = body.get("max_tokens", body.get("max_completion_tokens", DEFAULT_MAX_TOKENS))
+    if value is None:
+        return DEFAULT_MAX_TOKENS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return error(400, "max_tokens must be a positive integer.", "invalid_value")
+    return value
+
+
+async def generate(request: Request, chat: bool) -> Response:
+    engine: Engine = request.app.state.engine
+    body = await read_body(request, engine)
+    if isinstance(body, Response):
+        return body
+    budget = token_budget(body)
+    if isinstance(budget, Response):
+        return budget
+    if chat:
+        raw = body.get("messages")
+        messages = [m for m in raw if isinstance(m, dict)] if isinstance(raw, list) else []
+        prompt_text = " ".join(message_text(m.get("content")) for m in messages)
+        user = [m for m in messages if m.get("role") == "user"]
+        said = message_text(user[-1].get("content")) if user else ""
+        answer = f"Hello from {engine.model}. You said: {said[:PROMPT_ECHO_CHARS]}"
+    else:
+        prompt = body.get("prompt", "")
+        prompt_text = prompt[0] if isinstance(prompt, list) and prompt else str(prompt)
+        answer = f"Completion from {engine.model} for: {prompt_text[:PROMPT_ECHO_CHARS]}"
+    tokens = words(answer)[:budget]
+    finish = "length" if len(words(answer)) > budget else "stop"
+    usage = {
+        "prompt_tokens": len(words(prompt_text)),
+        "completion_tokens": len(tokens),
+        "total_tokens": len(words(prompt_text)) + len(tokens),
+    }
+    prefix = "chatcmpl" if chat else "cmpl"
+    base = {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": engine.model,
+    }
+    if body.get("stream"):
+        options = body.get("stream_options")
+        with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        stream = stream_chunks(
+            engine, base, tokens, chat=chat, finish=finish, usage=usage if with_usage else None
+        )
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    text = " ".join(tokens)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return JSONResponse({**base, "choices": [choice], "usage": usage})
+
+
+async def stream_chunks(
+    engine: Engine,
+    base: dict[str, Any],
+    tokens: list[str],
+    *,
+    chat: bool,
+    finish: str,
+    usage: dict[str, int] | None,
+) -> AsyncIterator[str]:
+    base = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
+    delay = 1.0 / engine.tokens_per_second if engine.tokens_per_second > 0 else 0.0
+
+    def chunk(piece: str | None, first: bool, finish_reason: str | None) -> str:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        if chat:
+            delta: dict[str, str] = {} if piece is None else {"content": piece}
+            if first:
+                delta["role"] = "assistant"
+            choice["delta"] = delta
+        else:
+            choice["text"] = piece or ""
+        return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+
+    for i, token in enumerate(tokens):
+        if i and delay:
+            await pause(engine, delay)
+        if engine.stopping:
+            # Cut the stream short, as a real engine aborts requests on shutdown, rather
+            # than run into uvicorn's graceful-shutdown timeout.
+            return
+        # Leading spaces make the concatenated deltas equal the non-streamed text.
+        yield chunk(token if i == 0 else f" {token}", i == 0, None)
+    yield chunk(None, not tokens, finish)
+    if usage is not None:
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def pause(engine: Engine, seconds: float) -> None:
+    # Polled in short slices, not an asyncio.Event: the flag is set from a signal
+    # handler, where touching the event loop is unsafe.
+    end = time.monotonic() + seconds
+    while not engine.stopping and (left := end - time.monotonic()) > 0:  # noqa: ASYNC110
+        await asyncio.sleep(min(left, 0.05))
+
+
+async def chat_completions(request: Request) -> Response:
+    return await generate(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await generate(request, chat=False)
+
+
+async def embeddings(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    body = await read_body(request, engine)
+    if isinstance(body, Response):
+        return body
+    raw = body.get("input", "")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if not isinstance(inputs, list) or not all(isinstance(s, str) for s in inputs):
+        return error(400, "input must be a string or a list of strings.", "invalid_value")
+    data = [
+        {"object": "embedding", "index": i, "embedding": embed(text)}
+        for i, text in enumerate(inputs)
+    ]
+    count = sum(len(words(s)) for s in inputs)
+    usage = {"prompt_tokens": count, "total_tokens": count}
+    return JSONResponse({"object": "list", "data": data, "model": engine.model, "usage": usage})
+
+
+async def health(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    if engine.loaded:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "loading"}, status_code=503)
+
+
+async def models(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    card = {"id": engine.model, "object": "model", "created": engine.created, "owned_by": OWNER}
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+def create_app(engine: Engine) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+        ]
+    )
+    app.state.engine = engine
+    return app
+
+
+async def load(engine: Engine, seconds: float) -> None:
+    started = time.monotonic()
+    lines = [f"INFO Loading model weights for {engine.model}"]
+    lines += [f"INFO Loading safetensors checkpoint shards: {i}/4" for i in range(1, 5)]
+    lines += ["INFO Memory profiling: KV cache reserved", "INFO Capturing CUDA graphs"]
+    gap = max(seconds, 0.0) / len(lines)
+    for line in lines:
+        log(line)
+        await asyncio.sleep(gap)
+    # Health turns 200 only after the last line is out, so a supervisor never sees
+    # "ready" ahead of the log that explains it.
+    log(f"INFO Model {engine.model} loaded in {time.monotonic() - started:.2f}s")
+    engine.loaded = True
+
+
+async def crash(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    log("ERROR torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    log("ERROR RuntimeError: Engine core initialization failed. See root cause above.")
+    log("ERROR Engine core initialization failed")
+    # Exit hard, as a crashed engine would: no graceful shutdown, no cleanup.
+    os._exit(1)
+
+
+class EngineServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Open streams watch this flag so they end at once instead of holding the
+        # process until uvicorn's graceful-shutdown timeout.
+        self.engine.stopping = True
+        super().handle_exit(sig, frame)
+
+
+async def serve(server: EngineServer, args: argparse.Namespace) -> None:
+    engine = server.engine
+    tasks = [asyncio.create_task(load(engine, args.load_seconds))]
+    if args.fail_after is not None:
+        tasks.append(asyncio.create_task(crash(args.fail_after)))
+    try:
+        await server.serve()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    log(f"INFO Shutting down {engine.model}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m switchd.demo.engine", description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--load-seconds", type=float, default=3.0)
+    parser.add_argument("--tokens-per-second", type=float, default=50.0)
+    parser.add_argument("--fail-after", type=float, default=None, metavar="SECONDS")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    engine = Engine(args.model, args.tokens_per_second)
+    config = uvicorn.Config(
+        create_app(engine),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+    )
+    server = EngineServer(config, engine)
+    # Installed before and restored after uvicorn's own handlers: a signal that comes
+    # before uvicorn listens still stops it, and the signal uvicorn re-raises once shut
+    # down lands here instead of killing the process, so SIGTERM exits with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, server.handle_exit)
+    asyncio.run(serve(server, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""A switch or unload job: its stage, progress and the events it emitted.
+
+The job keeps every event it emitted, so any number of clients can follow it
+from its first event, whenever they arrive, while it runs on regardless of
+them (a switch changes the server, not the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from switchd.events import Event
+from switchd.states import Stage
+from switchd.units import iso_timestamp
+
+
+class JobKind(StrEnum):
+    SWITCH = "switch"
+    UNLOAD = "unload"
+
+
+@dataclass
+class SwitchError(Exception):
+    """Why a job failed: an error code, its HTTP status and the figures behind it."""
+
+    code: str
+    http_status: int
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.fields}
+
+
+class Job:
+    def __init__(self, kind: JobKind, target: str) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.kind = kind
+        self.target = target
+        self.stage = Stage.QUEUED
+        self.progress = 0.0
+        self.events: list[Event] = []
+        self.created = time.time()
+        self.finished: float | None = None
+        self.result: dict[str, Any] | None = None
+        self.error: SwitchError | None = None
+        # What the success body reports, filled in as the stages pass.
+        self.unloaded_models: list[str] = []
+        self.memory_info: dict[str, float] = {}
+        self.estimated_load_time_seconds: float | None = None
+        self.started = asyncio.Event()  # the engine runs (or the job ended first)
+        self.done = asyncio.Event()
+        self._wakeup = asyncio.Event()
+
+    def record(self, event: Event) -> None:
+        self.events.append(event)
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    def finish(self, result: dict[str, Any] | None, error: SwitchError | None) -> None:
+        self.result = result
+        self.error = error
+        self.finished = time.time()
+        self.started.set()
+        self.done.set()
+        self._wakeup.set()
+
+    async def follow(self) -> AsyncIterator[Event]:
+        """Every event from the first, then live ones until the job ends."""
+        index = 0
+        while True:
+            wakeup = self._wakeup
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self.finished is not None:
+                return
+            await wakeup.wait()
+
+    def success_body(self, *, ready: bool) -> dict[str, Any]:
+        """The seed-compatible JSON answer of a switch that succeeded so far."""
+        if self.result is not None and self.result.get("status") == "already_loaded":
+            return self.result
+        return {
+            "status": "success",
+            "model": self.target,
+            "job": self.id,
+            "unloaded_models": list(self.unloaded_models),
+            "start_result": {
+                "message": f"Model '{self.target}' "
+                + ("is ready" if ready else "started successfully"),
+                "status": "ready" if ready else "starting",
+            },
+            "estimated_load_time_seconds": self.estimated_load_time_seconds,
+            "memory_info": dict(self.memory_info),
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            outcome = "failed"
+        elif self.finished is not None:
+            outcome = "succeeded"
+        else:
+            outcome = "queued" if self.stage is Stage.QUEUED else "running"
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "target": self.target,
+            "status": outcome,
+            "stage": self.stage.value,
+            "progress": round(self.progress, 3),
+            "created": iso_timestamp(self.created),
+            "finished": iso_timestamp(self.finished) if self.finished else None,
+            "result": self.result,
+            "error": self.error.as_json() if self.error else None,
+            "events": len(self.events),
+        }

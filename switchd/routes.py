@@ -1,0 +1,234 @@
+"""HTTP handlers only: parse the request, ask the switcher, respond.
+
+Bad requests (unknown model, missing parameter) are answered with their HTTP
+error before any event stream starts, so `curl -N` sees a plain status code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from switchd import __version__
+from switchd.config import Settings
+from switchd.events import Event, EventBus
+from switchd.jobs import Job, SwitchError
+from switchd.switcher import Switcher
+
+PING_SECONDS = 15
+RETRY_MILLISECONDS = 3000
+SEND_TIMEOUT_SECONDS = 30  # a client that stops reading is let go
+MAX_CONTROL_BODY = 64 * 1024
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the handlers use; built and owned by the app's lifespan."""
+
+    settings: Settings
+    switcher: Switcher
+    bus: EventBus
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+def error_response(status: int, code: str, message: str, **fields: Any) -> JSONResponse:
+    return JSONResponse(
+        {"status": "error", "error": code, "message": message, **fields}, status_code=status
+    )
+
+
+def switch_error_response(error: SwitchError) -> JSONResponse:
+    return error_response(error.http_status, error.code, error.message, **error.fields)
+
+
+def wants_stream(request: Request) -> bool:
+    flag = request.query_params.get("stream", "").lower()
+    if flag in ("1", "true", "yes"):
+        return True
+    if flag in ("0", "false", "no"):
+        return False
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+async def parameter(request: Request, *names: str) -> str | None:
+    """A parameter from the query string, else from a small JSON body."""
+    for name in names:
+        if value := request.query_params.get(name):
+            return value
+    if request.method != "POST" or "json" not in request.headers.get("content-type", ""):
+        return None
+    body = await request.body()
+    if len(body) > MAX_CONTROL_BODY:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(data, dict):
+        for name in names:
+            value = data.get(name)
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def sse(event: Event) -> ServerSentEvent:
+    return ServerSentEvent(data=event.json(), event=event.name, id=str(event.id))
+
+
+def event_stream(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    async def with_retry() -> AsyncIterator[ServerSentEvent]:
+        yield ServerSentEvent(retry=RETRY_MILLISECONDS, comment="switchd")
+        async for event in events:
+            yield event
+
+    return EventSourceResponse(
+        with_retry(),
+        ping=PING_SECONDS,
+        headers=STREAM_HEADERS,
+        send_timeout=SEND_TIMEOUT_SECONDS,
+    )
+
+
+def job_stream(job: Job) -> EventSourceResponse:
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        async for event in job.follow():
+            yield sse(event)
+
+    return event_stream(events())
+
+
+# ---- routes -------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+async def list_models(request: Request) -> Response:
+    status = await services(request).switcher.status()
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "switchd",
+            "status": model["status"],
+            "aliases": model["aliases"],
+        }
+        for name, model in status["models"].items()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def models_status(request: Request) -> Response:
+    return JSONResponse(await services(request).switcher.status())
+
+
+async def switch(request: Request) -> Response:
+    target = await parameter(request, "target_model", "model")
+    if target is None:
+        return error_response(
+            400, "missing_parameter", "target_model is required (?target_model=NAME)"
+        )
+    try:
+        job = services(request).switcher.request_switch(target)
+    except SwitchError as error:
+        return switch_error_response(error)
+    if wants_stream(request):
+        return job_stream(job)
+    # The job runs in the switcher's worker: this client leaving does not cancel it.
+    wait_ready = request.query_params.get("wait") == "ready"
+    await (job.done if wait_ready else job.started).wait()
+    if job.error is not None:
+        return switch_error_response(job.error)
+    if job.result is not None:
+        return JSONResponse(job.result)
+    return JSONResponse(job.success_body(ready=False))
+
+
+async def unload(request: Request) -> Response:
+    name = await parameter(request, "model", "target_model")
+    if name is None:
+        return error_response(400, "missing_parameter", "model is required (?model=NAME or all)")
+    try:
+        job = services(request).switcher.request_unload(name)
+    except SwitchError as error:
+        return switch_error_response(error)
+    if wants_stream(request):
+        return job_stream(job)
+    await job.done.wait()
+    if job.error is not None:
+        return switch_error_response(job.error)
+    return JSONResponse(job.result)
+
+
+def _job(request: Request) -> Job | Response:
+    job_id = request.path_params["job_id"]
+    job = services(request).switcher.job(job_id)
+    if job is None:
+        message = f"No switch job {job_id!r} (switchd keeps the last 200)"
+        return error_response(404, "job_not_found", message)
+    return job
+
+
+async def job_status(request: Request) -> Response:
+    job = _job(request)
+    return job if isinstance(job, Response) else JSONResponse(job.as_json())
+
+
+async def job_events(request: Request) -> Response:
+    job = _job(request)
+    return job if isinstance(job, Response) else job_stream(job)
+
+
+async def server_events(request: Request) -> Response:
+    found = services(request)
+    bus = found.bus
+    missed = None
+    last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if last_id is not None and last_id.strip().isdigit():
+        missed = bus.missed_since(int(last_id))
+    # Subscribe before reading the status, so nothing between the two is lost.
+    subscription = bus.subscribe(missed)
+    snapshot_id = bus.last_id
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        try:
+            if missed is None:
+                status = await found.switcher.status()
+                yield ServerSentEvent(
+                    data=json.dumps(status, separators=(",", ":")),
+                    event="snapshot",
+                    id=str(snapshot_id),
+                )
+            async for event in subscription:
+                yield sse(event)
+        finally:
+            subscription.close()
+
+    return event_stream(events())
+
+
+ROUTES = [
+    Route("/health", health),
+    Route("/v1/models", list_models),
+    Route("/v1/models/status", models_status),
+    Route("/v1/models/switch", switch, methods=["POST"]),
+    Route("/v1/models/unload", unload, methods=["POST"]),
+    Route("/v1/switches/{job_id}", job_status),
+    Route("/v1/switches/{job_id}/events", job_events),
+    Route("/v1/events", server_events),
+]

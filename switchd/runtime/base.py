@@ -1,0 +1,73 @@
+"""The Runtime protocol: what the switcher needs from whatever runs engines.
+
+A runtime reports what happens to its engines (output lines, exits) as a
+stream of RuntimeEvents, so the switcher, the one owner of model states, hears
+about a crash outside switchd the same way it hears about its own stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from switchd.config import ModelSpec
+
+
+class StartFailed(RuntimeError):
+    """The engine could not be started at all (bad command, missing container)."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    instance: str  # pid or container id: tells one run of an engine from the next
+    url: str
+    started_at: float  # epoch seconds
+    pid: int | None = None
+    container: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    model: str
+    instance: str
+    line: str
+
+
+@dataclass(frozen=True)
+class EngineExited:
+    model: str
+    instance: str
+    exit_code: int | None
+    reason: str
+    last_lines: tuple[str, ...]
+
+
+RuntimeEvent = EngineOutput | EngineExited
+
+
+class Runtime(Protocol):
+    async def start(self, spec: ModelSpec) -> EngineInfo:
+        """Start the engine; returns once it runs (not once it is healthy)."""
+        ...
+
+    async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
+        """Stop the engine and return only once it has really stopped."""
+        ...
+
+    async def discover(self) -> Sequence[EngineInfo]:
+        """Engines of the catalog already running (adopted at start-up)."""
+        ...
+
+    def events(self) -> AsyncIterator[RuntimeEvent]:
+        """Output lines and exits of every engine, in order, until close()."""
+        ...
+
+    def last_lines(self, model: str) -> tuple[str, ...]:
+        """The engine's latest output lines, for failure messages."""
+        ...
+
+    async def close(self) -> None:
+        """Release the runtime; engines it owns are stopped."""
+        ...

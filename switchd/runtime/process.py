@@ -1,0 +1,164 @@
+"""Engines as local processes: `cmd` run without a shell, in its own group.
+
+Each engine gets its own process group so a stop reaches the workers an
+engine forks (vLLM does), and every output line is kept for `log` events and
+failure messages. The engines it started stop when switchd stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from switchd.config import ModelSpec
+from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
+
+TAIL_LINES = 50
+_LINE_LIMIT = 1 << 20
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now; the engine binds it a moment later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def substitute(words: Sequence[str], values: dict[str, str]) -> list[str]:
+    """Replace ${NAME} placeholders; nothing else is interpreted (no shell)."""
+    result = []
+    for word in words:
+        replaced = word
+        for name, value in values.items():
+            replaced = replaced.replace("${" + name + "}", value)
+        result.append(replaced)
+    return result
+
+
+@dataclass
+class _Engine:
+    spec: ModelSpec
+    process: asyncio.subprocess.Process
+    info: EngineInfo
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    stopping: bool = False
+    pump: asyncio.Task[None] | None = None
+
+
+class ProcessRuntime:
+    def __init__(self, stop_grace_seconds: float = 10.0) -> None:
+        self._stop_grace_seconds = stop_grace_seconds
+        self._engines: dict[str, _Engine] = {}
+        self._tails: dict[str, tuple[str, ...]] = {}
+        self._events: asyncio.Queue[RuntimeEvent | None] = asyncio.Queue()
+
+    async def start(self, spec: ModelSpec) -> EngineInfo:
+        current = self._engines.get(spec.name)
+        if current is not None and current.process.returncode is None:
+            return current.info
+        port = free_port()
+        values = {"PORT": str(port), "MODEL": spec.name, "PYTHON": sys.executable}
+        argv = substitute(spec.cmd, values)
+        extra = {name: substitute([value], values)[0] for name, value in spec.env.items()}
+        env = {**os.environ, **extra}
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group, for a clean stop
+                limit=_LINE_LIMIT,
+            )
+        except OSError as exc:
+            raise StartFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+        info = EngineInfo(
+            model=spec.name,
+            instance=str(process.pid),
+            url=spec.url or f"http://127.0.0.1:{port}",
+            started_at=time.time(),
+            pid=process.pid,
+        )
+        engine = _Engine(spec, process, info)
+        self._engines[spec.name] = engine
+        engine.pump = asyncio.create_task(self._pump(engine), name=f"engine-{spec.name}")
+        return info
+
+    async def _pump(self, engine: _Engine) -> None:
+        """Forward output lines, then the exit, of one engine."""
+        stream = engine.process.stdout
+        assert stream is not None
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line over the limit: take what is buffered
+                raw = await stream.read(_LINE_LIMIT)
+            if not raw:
+                break
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            engine.tail.append(line)
+            self._events.put_nowait(EngineOutput(engine.spec.name, engine.info.instance, line))
+        code = await engine.process.wait()
+        self._kill_group(engine.process.pid, signal.SIGKILL)  # workers it left behind
+        self._tails[engine.spec.name] = tuple(engine.tail)
+        reason = "stopped" if engine.stopping else _describe_exit(code)
+        self._events.put_nowait(
+            EngineExited(engine.spec.name, engine.info.instance, code, reason, tuple(engine.tail))
+        )
+
+    async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
+        engine = self._engines.get(spec.name)
+        if engine is None:
+            return
+        engine.stopping = True
+        if engine.process.returncode is None:
+            self._kill_group(engine.process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(engine.process.wait()), grace_seconds)
+            except TimeoutError:
+                self._kill_group(engine.process.pid, signal.SIGKILL)
+        if engine.pump is not None:
+            await engine.pump  # output drained and the exit reported
+        if self._engines.get(spec.name) is engine:
+            del self._engines[spec.name]
+
+    @staticmethod
+    def _kill_group(pgid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+    async def discover(self) -> Sequence[EngineInfo]:
+        # Engines die with the switchd that started them: nothing to adopt.
+        return ()
+
+    async def events(self) -> AsyncIterator[RuntimeEvent]:
+        while (event := await self._events.get()) is not None:
+            yield event
+
+    def last_lines(self, model: str) -> tuple[str, ...]:
+        engine = self._engines.get(model)
+        return tuple(engine.tail) if engine is not None else self._tails.get(model, ())
+
+    async def close(self) -> None:
+        grace = self._stop_grace_seconds
+        await asyncio.gather(*(self.stop(e.spec, grace) for e in list(self._engines.values())))
+        self._events.put_nowait(None)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"

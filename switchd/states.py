@@ -1,0 +1,75 @@
+"""Model states and switch-job stages, each with its table of legal moves.
+
+The tables are the contract: the one owner of a state asks `check` before it
+changes anything, so an illegal move is a loud bug, never a silent one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import TypeVar
+
+
+class ModelState(StrEnum):
+    RUNNING = "running"
+    LOADING = "loading"
+    STOPPING = "stopping"
+    EXITED = "exited"  # not running: never started, stopped, or exited cleanly
+    FAILED = "failed"  # failed to load or crashed; `error` says why
+
+
+class Stage(StrEnum):
+    QUEUED = "queued"
+    MEMORY_CHECK = "memory_check"
+    DRAIN = "drain"
+    UNLOAD = "unload"
+    UNLOADED = "unloaded"
+    FREED = "freed"
+    START = "start"
+    LOADING = "loading"
+    READY = "ready"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_S = TypeVar("_S", bound=StrEnum)
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the table forbids: a bug in the owner, not in the input."""
+
+
+MODEL_TRANSITIONS: Mapping[ModelState, frozenset[ModelState]] = {
+    ModelState.EXITED: frozenset({ModelState.LOADING, ModelState.RUNNING}),  # RUNNING: adopted
+    ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.RUNNING, ModelState.EXITED}),
+    ModelState.LOADING: frozenset(
+        {ModelState.RUNNING, ModelState.STOPPING, ModelState.FAILED, ModelState.EXITED}
+    ),
+    ModelState.RUNNING: frozenset({ModelState.STOPPING, ModelState.EXITED, ModelState.FAILED}),
+    ModelState.STOPPING: frozenset({ModelState.EXITED, ModelState.FAILED}),
+}
+
+# `log` and `loading` repeat while loading, so LOADING may follow itself.
+JOB_TRANSITIONS: Mapping[Stage, frozenset[Stage]] = {
+    Stage.QUEUED: frozenset(
+        {Stage.MEMORY_CHECK, Stage.DRAIN, Stage.UNLOAD, Stage.DONE, Stage.FAILED}
+    ),
+    Stage.MEMORY_CHECK: frozenset(
+        {Stage.DRAIN, Stage.UNLOAD, Stage.START, Stage.DONE, Stage.FAILED}
+    ),
+    Stage.DRAIN: frozenset({Stage.UNLOAD, Stage.FAILED}),
+    Stage.UNLOAD: frozenset({Stage.UNLOADED, Stage.FAILED}),
+    Stage.UNLOADED: frozenset({Stage.DRAIN, Stage.UNLOAD, Stage.FREED, Stage.FAILED}),
+    Stage.FREED: frozenset({Stage.START, Stage.DONE, Stage.FAILED}),
+    Stage.START: frozenset({Stage.LOADING, Stage.READY, Stage.FAILED}),
+    Stage.LOADING: frozenset({Stage.LOADING, Stage.READY, Stage.FAILED}),
+    Stage.READY: frozenset({Stage.DONE, Stage.FAILED}),
+    Stage.DONE: frozenset(),
+    Stage.FAILED: frozenset(),
+}
+
+
+def check(table: Mapping[_S, frozenset[_S]], current: _S, new: _S) -> None:
+    if new not in table[current]:
+        raise IllegalTransition(f"{current.value} -> {new.value} is not a legal transition")

@@ -1,0 +1,731 @@
+"""The switch state machine: the one owner of model states and switch jobs.
+
+One job runs at a time, because the GPU is one shared resource: a worker task
+takes jobs from a FIFO queue. A request for a target that already has a job
+joins it. Callers ask for outcomes (`request_switch`, `ensure`, `lease`);
+they never read a state and act on it themselves.
+
+Side effects go through the Runtime and GpuProbe protocols, so tests drive
+this class with recording fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from switchd import planner
+from switchd.config import ModelSpec, Settings
+from switchd.events import EventBus
+from switchd.gpu import GpuProbe, GpuSnapshot
+from switchd.jobs import Job, JobKind, SwitchError
+from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, Runtime, StartFailed
+from switchd.states import JOB_TRANSITIONS, MODEL_TRANSITIONS, ModelState, Stage, check
+from switchd.stats import LearnedStats
+from switchd.units import gib, gib_to_bytes, iso_timestamp
+
+log = logging.getLogger(__name__)
+
+JOB_HISTORY = 200
+RELEASED_FRACTION = 0.75  # of a victim's memory that must show as free again
+MEMORY_POLL_SECONDS = 0.1
+HEALTH_BACKOFF = (0.05, 0.5, 1.5)  # first delay, cap, factor: fast at first
+LAST_LINES_IN_ERRORS = 20
+
+# Share of the progress bar each phase owns: memory check 5%, unloads up to
+# 30%, loading from 30% towards 99% by elapsed over estimated time.
+PROGRESS_CHECKED = 0.05
+PROGRESS_FREED = 0.30
+PROGRESS_LOADING_CAP = 0.99
+
+
+@dataclass
+class ModelRecord:
+    """What switchd knows about one model right now; changed by the Switcher only."""
+
+    spec: ModelSpec
+    state: ModelState = ModelState.EXITED
+    engine: EngineInfo | None = None
+    error: str | None = None
+    measured_gb: float | None = None
+    last_used: float = 0.0
+    in_flight: int = 0
+    draining: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Loading:
+    """A load in progress: which job reports it and whether the engine died."""
+
+    job: Job
+    instance: str | None = None
+    early_lines: list[str] = field(default_factory=list)
+    exited: EngineExited | None = None
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Switcher:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        runtime: Runtime,
+        gpu: GpuProbe,
+        bus: EventBus,
+        stats: LearnedStats,
+        http: httpx.AsyncClient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._runtime = runtime
+        self._gpu = gpu
+        self._bus = bus
+        self._stats = stats
+        self._http = http
+        self._clock = clock
+        self.records = {name: ModelRecord(spec) for name, spec in settings.models.items()}
+        for record in self.records.values():
+            record.idle.set()
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._pending: list[Job] = []  # the running job first, then the queue, FIFO
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._loading: dict[str, _Loading] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- life cycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt what the runtime already runs, then start the worker and watcher."""
+        for info in await self._runtime.discover():
+            record = self.records.get(info.model)
+            if record is not None and record.state is ModelState.EXITED:
+                record.engine = info
+                self._set_state(record, ModelState.RUNNING)
+                log.info("adopted running engine of %s (%s)", info.model, info.instance)
+        self._tasks = [
+            asyncio.create_task(self._work(), name="switchd-worker"),
+            asyncio.create_task(self._watch(), name="switchd-watcher"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        stopping = SwitchError("shutting_down", 503, "switchd is shutting down")
+        for job in self._pending:
+            if job.finished is None:
+                job.finish(None, stopping)
+        self._pending.clear()
+
+    # ---- what callers ask for ----------------------------------------------
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        return self.settings.resolve(name)
+
+    def request_switch(self, name: str) -> Job:
+        """The job that makes `name` run: the one already under way, or a new one."""
+        spec = self._known(name)
+        return self._enqueue(JobKind.SWITCH, spec.name)
+
+    def request_unload(self, name: str) -> Job:
+        """A job unloading `name`, or every unpinned model for `all`."""
+        target = "all" if name == "all" else self._known(name).name
+        return self._enqueue(JobKind.UNLOAD, target)
+
+    async def ensure(self, name: str) -> None:
+        """Return once `name` runs; raise SwitchError when it cannot."""
+        spec = self._known(name)
+        if self.records[spec.name].state is ModelState.RUNNING:
+            return
+        job = self.request_switch(spec.name)
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str) -> AsyncIterator[ModelRecord]:
+        """Count a request as in flight on `name`, for drain and last_used."""
+        record = self.records[self._known(name).name]
+        record.in_flight += 1
+        record.idle.clear()
+        try:
+            yield record
+        finally:
+            record.in_flight -= 1
+            record.last_used = time.time()
+            if record.in_flight == 0:
+                record.idle.set()
+
+    def job(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def _known(self, name: str) -> ModelSpec:
+        spec = self.settings.resolve(name)
+        if spec is None:
+            known = sorted(self.settings.models)
+            raise SwitchError(
+                "model_not_found",
+                404,
+                f"Unknown model {name!r}; known models: {', '.join(known)}",
+                {"available_models": known},
+            )
+        return spec
+
+    def _enqueue(self, kind: JobKind, target: str) -> Job:
+        for job in self._pending:
+            if job.kind is kind and job.target == target and job.finished is None:
+                return job
+        job = Job(kind, target)
+        self._jobs[job.id] = job
+        while len(self._jobs) > JOB_HISTORY:
+            self._jobs.popitem(last=False)
+        if self._pending:
+            running = self._pending[0]
+            self._emit(
+                job,
+                Stage.QUEUED,
+                f"Waiting for the switch to {running.target} to finish",
+                position=len(self._pending),
+                behind=running.target,
+            )
+        self._pending.append(job)
+        self._queue.put_nowait(job)
+        return job
+
+    # ---- the worker ---------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                if job.kind is JobKind.SWITCH:
+                    result = await self._switch(job)
+                else:
+                    result = await self._unload_job(job)
+                fields = dict(result)
+                message = str(fields.pop("message", None) or _result_message(result))
+                self._emit(job, Stage.DONE, message, event="result", progress=1.0, **fields)
+                job.finish(result, None)
+            except SwitchError as error:
+                self._fail(job, error)
+            except Exception as exc:
+                log.exception("job %s failed unexpectedly", job.id)
+                self._fail(job, SwitchError("internal_error", 500, f"switchd failed: {exc}"))
+            finally:
+                self._pending.remove(job)
+
+    def _fail(self, job: Job, error: SwitchError) -> None:
+        fields = {"error": error.code, **error.fields}
+        self._emit(job, Stage.FAILED, error.message, event="error", **fields)
+        job.finish(None, error)
+
+    async def _switch(self, job: Job) -> dict[str, Any]:
+        record = self.records[job.target]
+        spec = record.spec
+        if record.state is ModelState.RUNNING:
+            return {
+                "status": "already_loaded",
+                "model": spec.name,
+                "job": job.id,
+                "message": f"Model '{spec.name}' is already running",
+            }
+        learned = self._stats.get(spec.name)
+        required = learned.footprint_gb or spec.size_gb
+        snapshot = await self._gpu.snapshot()
+        available = self._available_gb(snapshot, spec)
+        choice = planner.plan(
+            required,
+            available,
+            gib(snapshot.total_bytes(spec.gpus)),
+            self._candidates(spec),
+            self.settings.eviction,
+        )
+        victims = [v.name for v in choice.victims]
+        enough = choice.enough
+        if victims:
+            verdict = f"unloading {', '.join(victims)}"
+        else:
+            verdict = "it fits" if enough else "not enough even after unloading every model"
+        self._emit(
+            job,
+            Stage.MEMORY_CHECK,
+            f"{spec.name} needs {required:.2f} GB, {available:.2f} GB free: {verdict}",
+            progress=PROGRESS_CHECKED,
+            required_gb=round(required, 2),
+            available_gb=available,
+            total_gb=choice.total_gb,
+            to_unload=victims,
+            enough=enough,
+        )
+        job.memory_info = {"required_gb": round(required, 2), "available_before_gb": available}
+        if not enough:
+            raise SwitchError(
+                "insufficient_memory",
+                409,
+                f"{spec.name} needs {required:.2f} GB but only {choice.total_available_gb:.2f} GB "
+                "would be free after unloading every unpinned model; nothing was unloaded",
+                {
+                    "required_gb": round(required, 2),
+                    "available_gb": available,
+                    "freed_gb": 0.0,
+                    "total_available_gb": choice.total_available_gb,
+                },
+            )
+        freed = 0.0
+        for index, victim in enumerate(choice.victims):
+            share = (index + 1) / len(choice.victims)
+            freed += await self._unload(job, self.records[victim.name], victim.held_gb, share)
+        job.memory_info["freed_gb"] = round(freed, 2)
+        if victims:
+            after = self._available_gb(await self._gpu.snapshot(), spec)
+            self._emit(
+                job,
+                Stage.FREED,
+                f"Freed {freed:.2f} GB; {after:.2f} GB now free",
+                progress=PROGRESS_FREED,
+                freed_gb=round(freed, 2),
+                available_gb=after,
+            )
+        await self._load(job, record)
+        return job.success_body(ready=True)
+
+    async def _unload_job(self, job: Job) -> dict[str, Any]:
+        if job.target == "all":
+            chosen = [
+                r
+                for r in self.records.values()
+                if r.state in (ModelState.RUNNING, ModelState.LOADING) and not r.spec.pinned
+            ]
+        else:
+            record = self.records[job.target]
+            chosen = [record] if record.state is ModelState.RUNNING else []
+        if not chosen:
+            return {
+                "status": "not_loaded",
+                "job": job.id,
+                "unloaded_models": [],
+                "freed_gb": 0.0,
+                "message": f"Nothing to unload: {job.target} is not running",
+            }
+        freed = 0.0
+        for index, record in enumerate(chosen):
+            held = self._held_gb(record)
+            freed += await self._unload(job, record, held, (index + 1) / len(chosen))
+        available = gib((await self._gpu.snapshot()).free_bytes())
+        self._emit(
+            job,
+            Stage.FREED,
+            f"Freed {freed:.2f} GB; {available:.2f} GB now free",
+            progress=1.0,
+            freed_gb=round(freed, 2),
+            available_gb=available,
+        )
+        return {
+            "status": "success",
+            "job": job.id,
+            "unloaded_models": list(job.unloaded_models),
+            "freed_gb": round(freed, 2),
+        }
+
+    # ---- stages --------------------------------------------------------------
+
+    async def _unload(self, job: Job, record: ModelRecord, held_gb: float, share: float) -> float:
+        """Drain, stop and verify one model; returns the GB measured as freed."""
+        spec = record.spec
+        if record.in_flight:
+            record.draining = True
+            self._emit(
+                job,
+                Stage.DRAIN,
+                f"Waiting for {record.in_flight} request(s) on {spec.name} to finish",
+                victim=spec.name,
+                in_flight=record.in_flight,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(record.idle.wait(), self.settings.drain_timeout_seconds)
+        self._emit(
+            job,
+            Stage.UNLOAD,
+            f"Unloading {spec.name}",
+            victim=spec.name,
+            expected_gb=round(held_gb, 2),
+        )
+        started = self._clock()
+        before = (await self._gpu.snapshot()).free_bytes(spec.gpus)
+        self._set_state(record, ModelState.STOPPING)
+        try:
+            await self._runtime.stop(spec, self.settings.stop_grace_seconds)
+        except Exception as exc:
+            self._set_state(record, ModelState.FAILED, error=f"could not be stopped: {exc}")
+            raise SwitchError(
+                "unload_failed", 502, f"Could not stop {spec.name}: {exc}", {"model": spec.name}
+            ) from exc
+        finally:
+            record.draining = False
+        record.engine = None
+        self._set_state(record, ModelState.EXITED)
+        freed_bytes, verified = await self._await_release(before, spec, held_gb)
+        freed = gib(freed_bytes)
+        seconds = round(self._clock() - started, 2)
+        job.unloaded_models.append(spec.name)
+        progress = PROGRESS_CHECKED + (PROGRESS_FREED - PROGRESS_CHECKED) * share
+        if job.kind is JobKind.UNLOAD:
+            progress = share * 0.99
+        message = f"{spec.name} unloaded: {freed:.2f} GB freed in {seconds:.2f} s"
+        if not verified:
+            message += (
+                f" (expected about {held_gb:.2f} GB; the memory had not come back after "
+                f"{self.settings.memory_release_timeout_seconds:g} s)"
+            )
+            log.warning("%s", message)
+        self._emit(
+            job,
+            Stage.UNLOADED,
+            message,
+            progress=progress,
+            victim=spec.name,
+            freed_gb=freed,
+            seconds=seconds,
+            verified=verified,
+        )
+        return freed
+
+    async def _await_release(
+        self, free_before: int, spec: ModelSpec, held_gb: float
+    ) -> tuple[int, bool]:
+        """Poll free memory until most of what the victim held came back."""
+        wanted = RELEASED_FRACTION * gib_to_bytes(held_gb)
+        deadline = self._clock() + self.settings.memory_release_timeout_seconds
+        while True:
+            freed = (await self._gpu.snapshot()).free_bytes(spec.gpus) - free_before
+            if freed >= wanted:
+                return freed, True
+            if self._clock() >= deadline:
+                return max(0, freed), False
+            await asyncio.sleep(MEMORY_POLL_SECONDS)
+
+    async def _load(self, job: Job, record: ModelRecord) -> None:
+        spec = record.spec
+        estimate = self._estimated_load_seconds(spec)
+        job.estimated_load_time_seconds = estimate
+        free_before = (await self._gpu.snapshot()).free_bytes(spec.gpus)
+        loading = _Loading(job)
+        self._loading[spec.name] = loading
+        try:
+            self._set_state(record, ModelState.LOADING)
+            started = self._clock()
+            try:
+                info = await self._runtime.start(spec)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, StartFailed) else f"could not start: {exc!r}"
+                self._set_state(record, ModelState.FAILED, error=reason)
+                raise SwitchError(
+                    "engine_failed", 502, f"{spec.name}: {reason}", {"model": spec.name}
+                ) from exc
+            record.engine = info
+            loading.instance = info.instance
+            where = {"container": info.container} if info.container else {"pid": info.pid}
+            self._emit(
+                job,
+                Stage.START,
+                f"Started {spec.name}; loading takes about {estimate:g} s",
+                progress=PROGRESS_FREED,
+                estimated_load_time_seconds=estimate,
+                **where,
+            )
+            job.started.set()
+            for line in loading.early_lines:
+                self._emit_log(job, spec.name, line)
+            loading.early_lines.clear()
+            await self._wait_healthy(job, record, loading, started, estimate)
+        finally:
+            del self._loading[spec.name]
+        load_seconds = round(self._clock() - started, 2)
+        footprint = gib(free_before - (await self._gpu.snapshot()).free_bytes(spec.gpus))
+        record.measured_gb = footprint if footprint > 0 else None
+        self._set_state(record, ModelState.RUNNING)
+        await self._stats.record(spec.name, load_seconds, record.measured_gb)
+        self._emit(
+            job,
+            Stage.READY,
+            f"{spec.name} is ready after {load_seconds:.1f} s",
+            progress=1.0,
+            load_seconds=load_seconds,
+            gpu_memory_used_gb=record.measured_gb,
+        )
+
+    async def _wait_healthy(
+        self,
+        job: Job,
+        record: ModelRecord,
+        loading: _Loading,
+        started: float,
+        estimate: float,
+    ) -> None:
+        """Poll the health path with backoff, reporting progress every second."""
+        spec = record.spec
+        assert record.engine is not None
+        url = record.engine.url + spec.health_path
+        delay, cap, factor = HEALTH_BACKOFF
+        next_report = started
+        while True:
+            if loading.exited is not None:
+                await self._engine_died(record, loading.exited)
+            if await self._healthy(url):
+                return
+            now = self._clock()
+            elapsed = now - started
+            if elapsed >= self.settings.health_timeout_seconds:
+                await self._abandon(record)
+                raise SwitchError(
+                    "health_timeout",
+                    504,
+                    f"{spec.name} did not answer {spec.health_path} within "
+                    f"{self.settings.health_timeout_seconds:g} s",
+                    {"model": spec.name, "last_lines": self._last_lines(spec.name)},
+                )
+            if now >= next_report:
+                fraction = min(1.0, elapsed / estimate) if estimate > 0 else 1.0
+                self._emit(
+                    job,
+                    Stage.LOADING,
+                    f"Loading {spec.name}: {elapsed:.0f} s of ~{estimate:g} s",
+                    progress=PROGRESS_FREED + (PROGRESS_LOADING_CAP - PROGRESS_FREED) * fraction,
+                    elapsed_seconds=round(elapsed, 2),
+                    estimated_load_time_seconds=estimate,
+                )
+                next_report += 1.0
+            wait = max(0.0, min(delay, next_report - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loading.wakeup.wait(), wait)
+            delay = min(cap, delay * factor)
+
+    async def _healthy(self, url: str) -> bool:
+        try:
+            response = await self._http.get(url, timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _engine_died(self, record: ModelRecord, exited: EngineExited) -> None:
+        spec = record.spec
+        lines = list(exited.last_lines[-LAST_LINES_IN_ERRORS:])
+        summary = f"{spec.name} {exited.reason} while loading"
+        detail = "\n".join(lines[-5:])
+        record.engine = None
+        error = f"{summary}:\n{detail}" if lines else summary
+        self._set_state(record, ModelState.FAILED, error=error)
+        raise SwitchError(
+            "engine_failed",
+            502,
+            f"{summary}: {lines[-1]}" if lines else summary,
+            {"model": spec.name, "exit_code": exited.exit_code, "last_lines": lines},
+        )
+
+    async def _abandon(self, record: ModelRecord) -> None:
+        """Stop an engine that will not become healthy; it is then `failed`."""
+        with contextlib.suppress(Exception):
+            await self._runtime.stop(record.spec, self.settings.stop_grace_seconds)
+        record.engine = None
+        self._set_state(record, ModelState.FAILED, error="did not become healthy in time")
+
+    # ---- what the runtime reports ------------------------------------------
+
+    async def _watch(self) -> None:
+        async for event in self._runtime.events():
+            if isinstance(event, EngineOutput):
+                self._on_output(event)
+            else:
+                self._on_exit(event)
+
+    def _on_output(self, event: EngineOutput) -> None:
+        loading = self._loading.get(event.model)
+        if loading is None:
+            return
+        if loading.instance is None:
+            loading.early_lines.append(event.line)  # before `start` was announced
+        elif loading.instance == event.instance:
+            self._emit_log(loading.job, event.model, event.line)
+
+    def _on_exit(self, event: EngineExited) -> None:
+        loading = self._loading.get(event.model)
+        if loading is not None and loading.instance == event.instance:
+            loading.exited = event
+            loading.wakeup.set()
+            return
+        record = self.records.get(event.model)
+        if record is None or record.engine is None or record.engine.instance != event.instance:
+            return  # an engine switchd already stopped, or an earlier run
+        if record.state is ModelState.RUNNING:
+            record.engine = None
+            lines = "\n".join(event.last_lines[-5:])
+            error = f"{event.reason} outside switchd" + (f":\n{lines}" if lines else "")
+            failed = event.exit_code not in (0, None)
+            self._set_state(record, ModelState.FAILED if failed else ModelState.EXITED, error=error)
+
+    # ---- state and events ------------------------------------------------------
+
+    def _set_state(self, record: ModelRecord, new: ModelState, error: str | None = None) -> None:
+        old = record.state
+        check(MODEL_TRANSITIONS, old, new)
+        record.state = new
+        record.error = error
+        spec = record.spec
+        if new in (ModelState.LOADING, ModelState.RUNNING) and old not in (
+            ModelState.LOADING,
+            ModelState.RUNNING,
+        ):
+            expected = self._stats.get(spec.name).footprint_gb or spec.size_gb
+            self._gpu.engine_started(spec.name, gib_to_bytes(expected), spec.gpus)
+        if new in (ModelState.EXITED, ModelState.FAILED) and old in (
+            ModelState.LOADING,
+            ModelState.RUNNING,
+            ModelState.STOPPING,
+        ):
+            self._gpu.engine_stopped(spec.name)
+            record.measured_gb = None
+        data: dict[str, Any] = {"model": spec.name, "from": old.value, "to": new.value}
+        if error:
+            data["error"] = error
+        self._bus.publish("model_state", data)
+
+    def _emit(
+        self,
+        job: Job,
+        stage: Stage,
+        message: str,
+        /,
+        *,
+        event: str | None = None,
+        progress: float | None = None,
+        **fields: Any,
+    ) -> None:
+        if stage is not Stage.QUEUED:
+            check(JOB_TRANSITIONS, job.stage, stage)
+        job.stage = stage
+        if progress is not None:
+            job.progress = max(job.progress, min(1.0, progress))
+        self._publish(job, event or stage.value, message, fields)
+
+    def _emit_log(self, job: Job, model: str, line: str) -> None:
+        self._publish(job, "log", line, {"line": line, "source": model})
+
+    def _publish(self, job: Job, name: str, message: str, fields: dict[str, Any]) -> None:
+        data = {
+            "job": job.id,
+            "seq": len(job.events) + 1,
+            "stage": name,
+            "model": job.target,
+            "progress": round(job.progress, 3),
+            "ts": iso_timestamp(time.time()),
+            "message": message,
+            **fields,
+        }
+        job.record(self._bus.publish(name, data))
+
+    # ---- figures -------------------------------------------------------------
+
+    def _estimated_load_seconds(self, spec: ModelSpec) -> float:
+        learned = self._stats.get(spec.name).load_seconds
+        return round(learned if learned is not None else spec.load_time_seconds, 2)
+
+    def _held_gb(self, record: ModelRecord) -> float:
+        if record.measured_gb is not None:
+            return record.measured_gb
+        return self._stats.get(record.spec.name).footprint_gb or record.spec.size_gb
+
+    def _available_gb(self, snapshot: GpuSnapshot, spec: ModelSpec) -> float:
+        """The smaller of the driver's free figure and total minus reservations.
+
+        The driver's figure lags behind an engine that is still allocating, so
+        models loading and not yet measured count at their expected size.
+        """
+        free = snapshot.free_bytes(spec.gpus)
+        reserved = sum(
+            gib_to_bytes(self._held_gb(r))
+            for r in self.records.values()
+            if r.state in (ModelState.LOADING, ModelState.RUNNING)
+            and r.measured_gb is None
+            and _overlaps(r.spec, spec)
+        )
+        by_ledger = snapshot.total_bytes(spec.gpus) - reserved
+        return gib(max(0, min(free, by_ledger)))
+
+    def _candidates(self, target: ModelSpec) -> list[planner.Candidate]:
+        return [
+            planner.Candidate(r.spec.name, self._held_gb(r), r.last_used, r.spec.pinned)
+            for r in self.records.values()
+            if r.spec.name != target.name
+            and r.state in (ModelState.RUNNING, ModelState.LOADING)
+            and _overlaps(r.spec, target)
+        ]
+
+    def _last_lines(self, model: str) -> list[str]:
+        return list(self._runtime.last_lines(model)[-LAST_LINES_IN_ERRORS:])
+
+    async def status(self) -> dict[str, Any]:
+        snapshot = await self._gpu.snapshot()
+        current = self._pending[0] if self._pending else None
+        return {
+            "models": {name: self._model_status(r) for name, r in self.records.items()},
+            "gpu": snapshot.as_json(),
+            "switch": None
+            if current is None
+            else {
+                "id": current.id,
+                "kind": current.kind.value,
+                "target": current.target,
+                "stage": current.stage.value,
+                "progress": round(current.progress, 3),
+                "queued": [job.target for job in self._pending[1:]],
+            },
+        }
+
+    def _model_status(self, record: ModelRecord) -> dict[str, Any]:
+        spec = record.spec
+        body: dict[str, Any] = {
+            "status": record.state.value,
+            "size_gb": spec.size_gb,
+            "estimated_load_time_seconds": self._estimated_load_seconds(spec),
+            "gpu_memory_used_gb": record.measured_gb
+            if record.state in (ModelState.RUNNING, ModelState.LOADING)
+            else None,
+            "pinned": spec.pinned,
+            "last_used": iso_timestamp(record.last_used) if record.last_used else None,
+            "in_flight": record.in_flight,
+            "gpus": list(spec.gpus) if spec.gpus is not None else "all",
+            "aliases": list(spec.aliases),
+        }
+        if record.state is ModelState.RUNNING:
+            body["health"] = "healthy"
+        if record.state is ModelState.FAILED:
+            body["error"] = record.error
+        if record.engine is not None:
+            body["engine"] = {
+                "pid": record.engine.pid,
+                "container": record.engine.container,
+                "url": record.engine.url,
+                "started_at": iso_timestamp(record.engine.started_at),
+            }
+        return body
+
+
+def _overlaps(a: ModelSpec, b: ModelSpec) -> bool:
+    return a.gpus is None or b.gpus is None or bool(set(a.gpus) & set(b.gpus))
+
+
+def _result_message(result: dict[str, Any]) -> str:
+    if result.get("unloaded_models") is not None and "model" not in result:
+        return f"Unloaded {', '.join(result['unloaded_models'])}"
+    return f"Model '{result.get('model')}' is ready"

@@ -1,0 +1,89 @@
+"""Recording fakes for the Runtime protocol and the engines' health routes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from switchd.config import ModelSpec
+from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
+
+
+@dataclass
+class FakeRuntime:
+    """Starts nothing; records calls; engines turn healthy after `load_seconds`."""
+
+    load_seconds: dict[str, float] = field(default_factory=dict)
+    default_load_seconds: float = 0.05
+    fail_start: set[str] = field(default_factory=set)
+    adopted: list[EngineInfo] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+    ready_at: dict[str, float] = field(default_factory=dict)
+    instances: dict[str, str] = field(default_factory=dict)
+    lines: dict[str, list[str]] = field(default_factory=dict)
+    _queue: asyncio.Queue[RuntimeEvent | None] = field(default_factory=asyncio.Queue)
+    _counter: int = 0
+
+    async def start(self, spec: ModelSpec) -> EngineInfo:
+        self.calls.append(f"start {spec.name}")
+        if spec.name in self.fail_start:
+            raise StartFailed(f"cannot run {spec.name!r}: No such file or directory")
+        self._counter += 1
+        instance = f"{spec.name}#{self._counter}"
+        self.instances[spec.name] = instance
+        self.ready_at[spec.name] = time.monotonic() + self.load_seconds.get(
+            spec.name, self.default_load_seconds
+        )
+        return EngineInfo(spec.name, instance, f"http://{spec.name}.engine", time.time(), pid=4242)
+
+    async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
+        self.calls.append(f"stop {spec.name}")
+        self.ready_at.pop(spec.name, None)
+        instance = self.instances.pop(spec.name, None)
+        if instance is not None:
+            self._queue.put_nowait(EngineExited(spec.name, instance, 0, "stopped", ()))
+
+    async def discover(self) -> Sequence[EngineInfo]:
+        for info in self.adopted:
+            self.instances[info.model] = info.instance
+            self.ready_at[info.model] = 0.0
+        return list(self.adopted)
+
+    async def events(self) -> AsyncIterator[RuntimeEvent]:
+        while (event := await self._queue.get()) is not None:
+            yield event
+
+    def last_lines(self, model: str) -> tuple[str, ...]:
+        return tuple(self.lines.get(model, []))
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    # ---- what a test makes an engine do -----------------------------------------
+
+    def print_line(self, model: str, line: str) -> None:
+        self.lines.setdefault(model, []).append(line)
+        self._queue.put_nowait(EngineOutput(model, self.instances[model], line))
+
+    def crash(self, model: str, code: int = 1) -> None:
+        instance = self.instances.pop(model)
+        self.ready_at.pop(model, None)
+        tail = tuple(self.lines.get(model, []))
+        reason = f"exited with code {code}"
+        self._queue.put_nowait(EngineExited(model, instance, code, reason, tail))
+
+    def transport(self) -> httpx.MockTransport:
+        """Health answers for the fake engines: 200 once loaded, else 503."""
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            model = request.url.host.removesuffix(".engine")
+            ready_at = self.ready_at.get(model)
+            if ready_at is not None and time.monotonic() >= ready_at:
+                return httpx.Response(200, json={"status": "ok"})
+            return httpx.Response(503, json={"status": "loading"})
+
+        return httpx.MockTransport(handle)

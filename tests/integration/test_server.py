@@ -1,0 +1,359 @@
+"""The seed's scenarios against a real switchd, real HTTP and real demo engines."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import httpx
+
+from tests.integration.conftest import ServerFactory
+from tests.integration.server import engine_cmd, read_events, seed_models
+
+SSE = {"Accept": "text/event-stream"}
+
+
+def fold(names: list[str]) -> list[str]:
+    """Repeats of `loading` and `log` folded into one, for exact sequences."""
+    folded: list[str] = []
+    for name in names:
+        if name in ("loading", "log") and folded and folded[-1] == name:
+            continue
+        folded.append(name)
+    return folded
+
+
+async def switch_and_wait(http: httpx.AsyncClient, model: str) -> dict[str, Any]:
+    response = await http.post("/v1/models/switch", params={"target_model": model, "wait": "ready"})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def model_status(http: httpx.AsyncClient, model: str) -> dict[str, Any]:
+    status: dict[str, Any] = (await http.get("/v1/models/status")).json()
+    return dict(status["models"][model])
+
+
+async def test_status_reports_every_model_and_the_gpu(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/models/status")
+    assert response.status_code == 200
+    status = response.json()
+    assert set(status["models"]) == {
+        "gpt-oss-120b",
+        "gpt-oss-20b",
+        "deepseek-coder-33b-instruct",
+        "mistral-7b-v0.1",
+    }
+    assert status["models"]["gpt-oss-20b"]["status"] == "exited"
+    assert status["models"]["gpt-oss-20b"]["size_gb"] == 24.0
+    assert status["gpu"] == {
+        "used_gb": 0.0,
+        "total_gb": 95.59,
+        "available_gb": 95.59,
+        "source": "simulated",
+        "devices": [
+            {
+                "index": 0,
+                "name": "Simulated GPU",
+                "used_gb": 0.0,
+                "total_gb": 95.59,
+                "available_gb": 95.59,
+            },
+        ],
+    }
+    assert status["switch"] is None
+    health = (await client.get("/health")).json()
+    assert health["status"] == "ok"
+
+
+async def test_seed_switch_unloads_the_largest_and_reports_measured_freed(
+    client: httpx.AsyncClient,
+) -> None:
+    await switch_and_wait(client, "gpt-oss-120b")
+    response = await client.post("/v1/models/switch", params={"target_model": "gpt-oss-20b"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "success"
+    assert body["model"] == "gpt-oss-20b"
+    assert body["unloaded_models"] == ["gpt-oss-120b"]
+    assert body["start_result"]["status"] == "starting"
+    assert body["memory_info"] == {
+        "required_gb": 24.0,
+        "available_before_gb": 15.59,
+        "freed_gb": 80.0,
+    }
+    status = (await client.get("/v1/models/status")).json()
+    assert status["models"]["gpt-oss-120b"]["status"] == "exited"
+    assert status["models"]["gpt-oss-20b"]["status"] in ("loading", "running")
+    job = (await client.get(f"/v1/switches/{body['job']}")).json()
+    assert job["target"] == "gpt-oss-20b"
+
+
+async def test_already_loaded(client: httpx.AsyncClient) -> None:
+    await switch_and_wait(client, "mistral-7b-v0.1")
+    response = await client.post("/v1/models/switch", params={"target_model": "mistral-7b-v0.1"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "already_loaded"
+    assert body["model"] == "mistral-7b-v0.1"
+
+
+async def test_insufficient_memory_is_409_and_unloads_nothing(make_server: ServerFactory) -> None:
+    models = seed_models()
+    models["huge"] = {"cmd": engine_cmd(0.5), "size_gb": 120}
+    server = make_server(models)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        await switch_and_wait(http, "gpt-oss-20b")
+        response = await http.post("/v1/models/switch", params={"target_model": "huge"})
+        assert response.status_code == 409
+        assert response.json() == {
+            "status": "error",
+            "error": "insufficient_memory",
+            "message": "huge needs 120.00 GB but only 95.59 GB would be free after unloading "
+            "every unpinned model; nothing was unloaded",
+            "required_gb": 120.0,
+            "available_gb": 71.59,
+            "freed_gb": 0.0,
+            "total_available_gb": 95.59,
+        }
+        assert (await model_status(http, "gpt-oss-20b"))["status"] == "running"
+
+
+async def test_unknown_model_404_and_missing_parameter_400(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/models/switch", params={"target_model": "gpt-5"}, headers=SSE)
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["error"] == "model_not_found"
+    assert "gpt-oss-20b" in body["message"]
+    assert body["available_models"] == sorted(body["available_models"])
+    response = await client.post("/v1/models/switch")
+    assert response.status_code == 400
+    assert response.json()["error"] == "missing_parameter"
+    response = await client.post("/v1/models/unload")
+    assert response.status_code == 400
+    response = await client.get("/v1/switches/nope")
+    assert response.status_code == 404
+    assert response.json()["error"] == "job_not_found"
+
+
+async def test_target_in_a_json_body_works_too(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/models/switch", json={"target_model": "20b"}, params={"wait": "ready"}
+    )
+    assert response.status_code == 200
+    assert response.json()["start_result"]["status"] == "ready"
+
+
+async def test_engine_crash_while_loading_streams_its_last_lines(
+    make_server: ServerFactory,
+) -> None:
+    models = seed_models()
+    models["crashy"] = {"cmd": engine_cmd(5, "--fail-after", "0.4"), "size_gb": 10}
+    server = make_server(models)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        params = {"target_model": "crashy"}
+        async with http.stream("POST", "/v1/models/switch", params=params, headers=SSE) as resp:
+            assert resp.status_code == 200
+            events = [event for _, event in await read_events(resp)]
+        assert fold([e.name for e in events]) == [
+            "memory_check",
+            "start",
+            "loading",
+            "log",
+            "error",
+        ]
+        error = events[-1].data
+        assert error["error"] == "engine_failed"
+        assert error["exit_code"] == 1
+        assert "ERROR Engine core initialization failed" in error["last_lines"]
+        assert "CUDA out of memory" in "\n".join(error["last_lines"])
+        assert "exited with code 1 while loading" in error["message"]
+        status = await model_status(http, "crashy")
+        assert status["status"] == "failed"
+        assert "Engine core initialization failed" in status["error"]
+        # Waiting for readiness, the JSON mode answers the crash with 502.
+        params = {"target_model": "crashy", "wait": "ready"}
+        response = await http.post("/v1/models/switch", params=params)
+        assert response.status_code == 502
+        assert response.json()["error"] == "engine_failed"
+
+
+async def test_stages_stream_live_in_order_with_rising_progress(
+    make_server: ServerFactory,
+) -> None:
+    models = seed_models(load_seconds=0.5)
+    models["gpt-oss-20b"]["cmd"] = engine_cmd(2.0)
+    server = make_server(models)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        await switch_and_wait(http, "gpt-oss-120b")
+        params = {"target_model": "gpt-oss-20b"}
+        async with http.stream("POST", "/v1/models/switch", params=params, headers=SSE) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            assert resp.headers["x-accel-buffering"] == "no"
+            timed = await read_events(resp)
+    events = [event for _, event in timed]
+    # Log lines and loading ticks interleave as the engine prints: exact at both ends.
+    names = [e.name for e in events]
+    assert names[:5] == ["memory_check", "unload", "unloaded", "freed", "start"]
+    assert names[-2:] == ["ready", "result"]
+    assert set(names[5:-2]) == {"loading", "log"}
+    arrived = {event.name: at for at, event in timed}
+    first_start = next(at for at, event in timed if event.name == "start")
+    assert arrived["ready"] - first_start >= 1.5, "ready came as it happened, not with start"
+    ids = [int(e.id or 0) for e in events]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    progress = [e.data["progress"] for e in events]
+    assert progress == sorted(progress)
+    assert progress[-1] == 1.0
+    assert all(e.data["job"] == events[0].data["job"] for e in events)
+    assert all(e.data["model"] == "gpt-oss-20b" for e in events)
+    assert events[1].data["victim"] == events[2].data["victim"] == "gpt-oss-120b"
+    assert events[2].data["freed_gb"] == 80.0
+    assert events[-1].data["unloaded_models"] == ["gpt-oss-120b"]
+
+
+async def test_two_clients_for_one_target_share_one_job(client: httpx.AsyncClient) -> None:
+    async def follow() -> list[Any]:
+        params = {"target_model": "deepseek-coder-33b-instruct"}
+        async with client.stream("POST", "/v1/models/switch", params=params, headers=SSE) as r:
+            return [event for _, event in await read_events(r)]
+
+    first, second = await asyncio.gather(follow(), follow())
+    assert first[0].data["job"] == second[0].data["job"]
+    assert [e.id for e in first] == [e.id for e in second]
+    assert first[-1].name == "result"
+
+
+async def test_other_target_waits_in_the_queue(client: httpx.AsyncClient) -> None:
+    async def follow(model: str) -> list[Any]:
+        params = {"target_model": model}
+        async with client.stream("POST", "/v1/models/switch", params=params, headers=SSE) as r:
+            return [event for _, event in await read_events(r)]
+
+    first = asyncio.create_task(follow("mistral-7b-v0.1"))
+    await asyncio.sleep(0.3)
+    second = await follow("deepseek-coder-33b-instruct")
+    assert second[0].name == "queued"
+    assert second[0].data["position"] == 1
+    assert second[0].data["behind"] == "mistral-7b-v0.1"
+    assert second[-1].name == "result"
+    assert (await first)[-1].name == "result"
+
+
+async def test_a_client_that_leaves_does_not_cancel_its_switch(
+    client: httpx.AsyncClient,
+) -> None:
+    params = {"target_model": "gpt-oss-20b"}
+    async with client.stream("POST", "/v1/models/switch", params=params, headers=SSE) as resp:
+        events = await read_events(resp, stop=frozenset({"start"}))
+        job = events[0][1].data["job"]
+    deadline = time.monotonic() + 20
+    while (await model_status(client, "gpt-oss-20b"))["status"] != "running":
+        assert time.monotonic() < deadline, "the switch did not finish"
+        await asyncio.sleep(0.1)
+    record = (await client.get(f"/v1/switches/{job}")).json()
+    assert record["status"] == "succeeded"
+    assert record["stage"] == "done"
+    async with client.stream("GET", f"/v1/switches/{job}/events") as resp:
+        replay = [event for _, event in await read_events(resp)]
+    assert replay[0].name == "memory_check"
+    assert replay[-1].name == "result"
+
+
+async def test_server_events_open_with_a_snapshot_and_resume_from_last_event_id(
+    client: httpx.AsyncClient,
+) -> None:
+    async with client.stream("GET", "/v1/events") as resp:
+        timed = await read_events(resp, stop=frozenset({"snapshot"}))
+    snapshot = timed[0][1]
+    assert snapshot.name == "snapshot"
+    assert set(snapshot.data["models"]) >= {"gpt-oss-20b"}
+    await switch_and_wait(client, "mistral-7b-v0.1")
+    headers = {"Last-Event-ID": snapshot.id or "0"}
+    async with client.stream("GET", "/v1/events", headers=headers) as resp:
+        replayed = [event for _, event in await read_events(resp)]
+    assert replayed[0].name != "snapshot"
+    assert int(replayed[0].id or 0) == int(snapshot.id or 0) + 1
+    names = [e.name for e in replayed]
+    assert "model_state" in names
+    assert names[-1] == "result"
+    states = [(e.data["from"], e.data["to"]) for e in replayed if e.name == "model_state"]
+    assert states == [("exited", "loading"), ("loading", "running")]
+    headers = {"Last-Event-ID": "99999999"}
+    async with client.stream("GET", "/v1/events", headers=headers) as resp:
+        fresh = await read_events(resp, stop=frozenset({"snapshot"}))
+    assert fresh[0][1].name == "snapshot"
+    assert fresh[0][1].data["models"]["mistral-7b-v0.1"]["status"] == "running"
+
+
+async def test_unload_frees_measured_memory(client: httpx.AsyncClient) -> None:
+    await switch_and_wait(client, "mistral-7b-v0.1")
+    response = await client.post("/v1/models/unload", params={"model": "mistral-7b-v0.1"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "success"
+    assert body["unloaded_models"] == ["mistral-7b-v0.1"]
+    assert body["freed_gb"] == 18.0
+    assert (await model_status(client, "mistral-7b-v0.1"))["status"] == "exited"
+    response = await client.post("/v1/models/unload", params={"model": "all"})
+    assert response.json()["status"] == "not_loaded"
+
+
+async def test_api_keys_guard_everything_but_health(make_server: ServerFactory) -> None:
+    server = make_server(api_keys=["s3cret-key-1"])
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        assert (await http.get("/health")).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key-1"}):
+            response = await http.get("/v1/models/status", headers=headers)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        response = await http.post(
+            "/v1/models/switch",
+            params={"target_model": "mistral-7b-v0.1"},
+            headers={**SSE, "Authorization": "Bearer wrong"},
+        )
+        assert response.status_code == 401
+        good = {"Authorization": "Bearer s3cret-key-1"}
+        assert (await http.get("/v1/models/status", headers=good)).status_code == 200
+    assert "s3cret-key-1" not in server.log()
+
+
+async def test_sigterm_stops_every_engine_and_learning_survives_restart(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        await switch_and_wait(http, "gpt-oss-20b")
+        await switch_and_wait(http, "mistral-7b-v0.1")
+        status = (await http.get("/v1/models/status")).json()["models"]
+        pids = [status[m]["engine"]["pid"] for m in ("gpt-oss-20b", "mistral-7b-v0.1")]
+        learned = status["gpt-oss-20b"]["estimated_load_time_seconds"]
+    assert learned != 1.0, "the configured estimate was replaced by a measured one"
+    assert all(_alive(pid) for pid in pids)
+    assert server.stop() == 0
+    for pid in pids:
+        assert not _alive(pid), f"engine {pid} outlived switchd"
+    server.start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        again = await model_status(http, "gpt-oss-20b")
+    assert again["status"] == "exited"
+    assert again["estimated_load_time_seconds"] == learned
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes; only switchd could reap it.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

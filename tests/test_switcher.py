@@ -1,0 +1,391 @@
+"""The switch state machine against a recording fake runtime and the simulated GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from switchd.config import Settings, parse_settings
+from switchd.events import Event, EventBus
+from switchd.gpu import SimulatedGpu
+from switchd.jobs import Job
+from switchd.runtime.base import EngineInfo
+from switchd.states import ModelState
+from switchd.stats import LearnedStats
+from switchd.switcher import Switcher
+from tests.fakes import FakeRuntime
+
+SEED_MODELS: dict[str, Any] = {
+    "gpt-oss-120b": {"cmd": "engine", "size_gb": 80, "load_time_seconds": 8},
+    "gpt-oss-20b": {"cmd": "engine", "size_gb": 24, "load_time_seconds": 3, "aliases": ["20b"]},
+    "deepseek-coder-33b-instruct": {"cmd": "engine", "size_gb": 40},
+    "mistral-7b-v0.1": {"cmd": "engine", "size_gb": 18},
+}
+
+
+def make_settings(tmp_path: Path, models: dict[str, Any] | None = None, **extra: Any) -> Settings:
+    data: dict[str, Any] = {
+        "runtime": "process",
+        "gpu": "simulated",
+        "simulated_gpu": {"total_gb": 95.59},
+        "memory_release_timeout_seconds": 2,
+        "health_timeout_seconds": 5,
+        "drain_timeout_seconds": 5,
+        "state_dir": str(tmp_path / "state"),
+        "models": models or SEED_MODELS,
+    }
+    data.update(extra)
+    return parse_settings(data, "test.yaml", {})
+
+
+@dataclass
+class Rig:
+    switcher: Switcher
+    runtime: FakeRuntime
+    gpu: SimulatedGpu
+    bus: EventBus
+    settings: Settings
+
+
+@asynccontextmanager
+async def rig(settings: Settings, runtime: FakeRuntime | None = None) -> AsyncIterator[Rig]:
+    runtime = runtime or FakeRuntime()
+    gpu = SimulatedGpu(settings.simulated_gpu)
+    bus = EventBus()
+    stats = LearnedStats(settings.state_dir)
+    await stats.load()
+    async with httpx.AsyncClient(transport=runtime.transport()) as http:
+        switcher = Switcher(settings, runtime=runtime, gpu=gpu, bus=bus, stats=stats, http=http)
+        await switcher.start()
+        try:
+            yield Rig(switcher, runtime, gpu, bus, settings)
+        finally:
+            await switcher.close()
+            await runtime.close()
+
+
+async def finish(job: Job) -> list[Event]:
+    await asyncio.wait_for(job.done.wait(), 10)
+    return list(job.events)
+
+
+def stages(events: list[Event]) -> list[str]:
+    """Stage names with repeats of `loading`/`log` folded, for exact comparisons."""
+    names: list[str] = []
+    for event in events:
+        if event.name in ("loading", "log") and names and names[-1] == event.name:
+            continue
+        names.append(event.name)
+    return names
+
+
+def by_stage(events: list[Event], name: str) -> dict[str, Any]:
+    return dict(next(e.data for e in events if e.name == name))
+
+
+def adopted(*names: str) -> list[EngineInfo]:
+    return [EngineInfo(n, f"{n}#0", f"http://{n}.engine", time.time()) for n in names]
+
+
+async def test_switch_into_free_memory_loads_without_unloading(tmp_path: Path) -> None:
+    async with rig(make_settings(tmp_path)) as r:
+        events = await finish(r.switcher.request_switch("gpt-oss-20b"))
+        assert stages(events) == ["memory_check", "start", "loading", "ready", "result"]
+        check = by_stage(events, "memory_check")
+        assert check["required_gb"] == 24.0
+        assert check["available_gb"] == 95.59
+        assert check["total_gb"] == 95.59
+        assert check["to_unload"] == []
+        assert check["enough"] is True
+        assert by_stage(events, "ready")["gpu_memory_used_gb"] == 24.0
+        assert r.runtime.calls == ["start gpt-oss-20b"]
+        assert r.switcher.records["gpt-oss-20b"].state is ModelState.RUNNING
+
+
+async def test_seed_scenario_unloads_the_largest_and_measures_what_came_back(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
+    async with rig(make_settings(tmp_path), runtime) as r:
+        job = r.switcher.request_switch("gpt-oss-20b")
+        events = await finish(job)
+        assert stages(events) == [
+            "memory_check",
+            "unload",
+            "unloaded",
+            "freed",
+            "start",
+            "loading",
+            "ready",
+            "result",
+        ]
+        assert by_stage(events, "memory_check")["to_unload"] == ["gpt-oss-120b"]
+        assert by_stage(events, "memory_check")["available_gb"] == 15.59
+        assert by_stage(events, "unload")["expected_gb"] == 80.0
+        assert by_stage(events, "unloaded")["freed_gb"] == 80.0
+        assert by_stage(events, "freed")["available_gb"] == 95.59
+        result = job.result
+        assert result is not None
+        assert result["unloaded_models"] == ["gpt-oss-120b"]
+        assert result["memory_info"] == {
+            "required_gb": 24.0,
+            "available_before_gb": 15.59,
+            "freed_gb": 80.0,
+        }
+        assert runtime.calls == ["stop gpt-oss-120b", "start gpt-oss-20b"]
+        assert r.switcher.records["gpt-oss-120b"].state is ModelState.EXITED
+
+
+async def test_ids_increase_and_progress_never_decreases_and_ends_at_one(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"), default_load_seconds=1.2)
+    async with rig(make_settings(tmp_path), runtime) as r:
+        events = await finish(r.switcher.request_switch("gpt-oss-20b"))
+        ids = [e.id for e in events]
+        assert ids == sorted(ids)
+        assert len(set(ids)) == len(ids)
+        progress = [e.data["progress"] for e in events]
+        assert progress == sorted(progress)
+        assert progress[-1] == 1.0
+        assert [e.data["seq"] for e in events] == list(range(1, len(events) + 1))
+        loading = [e for e in events if e.name == "loading"]
+        assert len(loading) >= 2, "loading is reported at least once a second"
+        assert 0.3 <= loading[0].data["progress"] < loading[-1].data["progress"] < 0.99
+
+
+async def test_already_running_target_answers_already_loaded(tmp_path: Path) -> None:
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-20b"))
+    async with rig(make_settings(tmp_path), runtime) as r:
+        job = r.switcher.request_switch("20b")  # by alias
+        events = await finish(job)
+        assert stages(events) == ["result"]
+        assert events[0].data["status"] == "already_loaded"
+        assert events[0].data["progress"] == 1.0
+        assert job.result is not None
+        assert job.result["status"] == "already_loaded"
+        assert runtime.calls == []
+
+
+async def test_insufficient_memory_fails_and_unloads_nothing(tmp_path: Path) -> None:
+    models = {
+        "small": {"cmd": "e", "size_gb": 30},
+        "pinned": {"cmd": "e", "size_gb": 60, "pinned": True},
+        "big": {"cmd": "e", "size_gb": 40},
+    }
+    runtime = FakeRuntime(adopted=adopted("small", "pinned"))
+    async with rig(make_settings(tmp_path, models), runtime) as r:
+        job = r.switcher.request_switch("big")
+        events = await finish(job)
+        assert stages(events) == ["memory_check", "error"]
+        error = by_stage(events, "error")
+        assert error["error"] == "insufficient_memory"
+        assert error["required_gb"] == 40.0
+        assert error["available_gb"] == 5.59
+        assert error["freed_gb"] == 0.0
+        assert error["total_available_gb"] == 35.59
+        assert job.error is not None
+        assert job.error.http_status == 409
+        assert runtime.calls == []
+        assert r.switcher.records["small"].state is ModelState.RUNNING
+
+
+async def test_pinned_models_are_never_unloaded_to_make_room(tmp_path: Path) -> None:
+    models = {
+        "pinned-big": {"cmd": "e", "size_gb": 50, "pinned": True},
+        "other": {"cmd": "e", "size_gb": 20},
+        "target": {"cmd": "e", "size_gb": 40},
+    }
+    runtime = FakeRuntime(adopted=adopted("pinned-big", "other"))
+    async with rig(make_settings(tmp_path, models), runtime) as r:
+        events = await finish(r.switcher.request_switch("target"))
+        assert by_stage(events, "memory_check")["to_unload"] == ["other"]
+        assert runtime.calls == ["stop other", "start target"]
+
+
+async def test_engine_that_exits_while_loading_fails_with_its_last_lines(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(load_seconds={"gpt-oss-20b": 30})
+    async with rig(make_settings(tmp_path), runtime) as r:
+        job = r.switcher.request_switch("gpt-oss-20b")
+        await asyncio.wait_for(job.started.wait(), 5)
+        runtime.print_line("gpt-oss-20b", "INFO loading weights")
+        runtime.print_line("gpt-oss-20b", "ERROR CUDA out of memory")
+        runtime.crash("gpt-oss-20b", code=1)
+        events = await finish(job)
+        assert stages(events) == ["memory_check", "start", "loading", "log", "error"]
+        assert [e.data["line"] for e in events if e.name == "log"] == [
+            "INFO loading weights",
+            "ERROR CUDA out of memory",
+        ]
+        error = by_stage(events, "error")
+        assert error["error"] == "engine_failed"
+        assert error["exit_code"] == 1
+        assert error["last_lines"] == ["INFO loading weights", "ERROR CUDA out of memory"]
+        assert "ERROR CUDA out of memory" in error["message"]
+        record = r.switcher.records["gpt-oss-20b"]
+        assert record.state is ModelState.FAILED
+        assert record.error is not None
+        assert "CUDA out of memory" in record.error
+
+
+async def test_start_failure_fails_the_job_with_502(tmp_path: Path) -> None:
+    runtime = FakeRuntime(fail_start={"gpt-oss-20b"})
+    async with rig(make_settings(tmp_path), runtime) as r:
+        job = r.switcher.request_switch("gpt-oss-20b")
+        events = await finish(job)
+        assert stages(events) == ["memory_check", "error"]
+        assert job.error is not None
+        assert (job.error.code, job.error.http_status) == ("engine_failed", 502)
+        assert r.switcher.records["gpt-oss-20b"].state is ModelState.FAILED
+
+
+async def test_engine_never_healthy_times_out_with_504_and_is_stopped(tmp_path: Path) -> None:
+    runtime = FakeRuntime(load_seconds={"gpt-oss-20b": 60})
+    settings = make_settings(tmp_path, health_timeout_seconds=0.5)
+    async with rig(settings, runtime) as r:
+        job = r.switcher.request_switch("gpt-oss-20b")
+        events = await finish(job)
+        assert stages(events)[-1] == "error"
+        assert job.error is not None
+        assert (job.error.code, job.error.http_status) == ("health_timeout", 504)
+        assert runtime.calls == ["start gpt-oss-20b", "stop gpt-oss-20b"]
+        assert r.switcher.records["gpt-oss-20b"].state is ModelState.FAILED
+
+
+async def test_same_target_joins_and_other_target_queues_fifo(tmp_path: Path) -> None:
+    runtime = FakeRuntime(default_load_seconds=0.3)
+    async with rig(make_settings(tmp_path), runtime) as r:
+        first = r.switcher.request_switch("gpt-oss-20b")
+        joined = r.switcher.request_switch("20b")
+        second = r.switcher.request_switch("mistral-7b-v0.1")
+        assert joined is first
+        assert second is not first
+        second_events = await finish(second)
+        assert first.done.is_set()
+        queued = second_events[0]
+        assert queued.name == "queued"
+        assert queued.data["position"] == 1
+        assert queued.data["behind"] == "gpt-oss-20b"
+        assert runtime.calls == ["start gpt-oss-20b", "start mistral-7b-v0.1"]
+        assert first.events[-1].id < second_events[1].id
+
+
+async def test_slow_memory_release_is_waited_for_and_measured(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path, simulated_gpu={"total_gb": 95.59, "release_delay_seconds": 0.4}
+    )
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
+    async with rig(settings, runtime) as r:
+        events = await finish(r.switcher.request_switch("gpt-oss-20b"))
+        unloaded = by_stage(events, "unloaded")
+        assert unloaded["freed_gb"] == 80.0
+        assert unloaded["verified"] is True
+        assert unloaded["seconds"] >= 0.4
+
+
+async def test_memory_that_never_comes_back_is_reported_as_measured(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        simulated_gpu={"total_gb": 95.59, "release_delay_seconds": 30},
+        memory_release_timeout_seconds=0.3,
+    )
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
+    async with rig(settings, runtime) as r:
+        events = await finish(r.switcher.request_switch("gpt-oss-20b"))
+        unloaded = by_stage(events, "unloaded")
+        assert unloaded["verified"] is False
+        assert unloaded["freed_gb"] == 0.0
+        assert "had not come back" in unloaded["message"]
+        assert by_stage(events, "freed")["freed_gb"] == 0.0
+
+
+async def test_drain_waits_for_requests_in_flight_before_unloading(tmp_path: Path) -> None:
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
+    async with rig(make_settings(tmp_path), runtime) as r:
+        async with r.switcher.lease("gpt-oss-120b"):
+            job = r.switcher.request_switch("gpt-oss-20b")
+            await asyncio.sleep(0.3)
+            assert runtime.calls == [], "nothing stops while a request is in flight"
+        events = await finish(job)
+        assert stages(events)[:3] == ["memory_check", "drain", "unload"]
+        drain = by_stage(events, "drain")
+        assert (drain["victim"], drain["in_flight"]) == ("gpt-oss-120b", 1)
+        assert drain["model"] == "gpt-oss-20b"
+        assert runtime.calls == ["stop gpt-oss-120b", "start gpt-oss-20b"]
+
+
+async def test_learned_load_time_and_footprint_survive_a_restart(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    runtime = FakeRuntime(load_seconds={"gpt-oss-20b": 0.5})
+    async with rig(settings, runtime) as r:
+        before = await r.switcher.status()
+        assert before["models"]["gpt-oss-20b"]["estimated_load_time_seconds"] == 3.0
+        await finish(r.switcher.request_switch("gpt-oss-20b"))
+        learned = (await r.switcher.status())["models"]["gpt-oss-20b"]
+        assert 0.5 <= learned["estimated_load_time_seconds"] < 1.5
+    async with rig(settings, FakeRuntime()) as again:
+        status = await again.switcher.status()
+        estimate = status["models"]["gpt-oss-20b"]["estimated_load_time_seconds"]
+        assert estimate == learned["estimated_load_time_seconds"]
+        events = await finish(again.switcher.request_switch("gpt-oss-20b"))
+        assert by_stage(events, "start")["estimated_load_time_seconds"] == estimate
+
+
+async def test_engine_that_crashes_while_running_shows_failed(tmp_path: Path) -> None:
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-20b"))
+    async with rig(make_settings(tmp_path), runtime) as r:
+        subscription = r.bus.subscribe()
+        runtime.lines["gpt-oss-20b"] = ["Segmentation fault"]
+        runtime.crash("gpt-oss-20b", code=139)
+        event = await asyncio.wait_for(anext(aiter(subscription)), 5)
+        assert event.name == "model_state"
+        assert dict(event.data) == {
+            "model": "gpt-oss-20b",
+            "from": "running",
+            "to": "failed",
+            "error": "exited with code 139 outside switchd:\nSegmentation fault",
+        }
+        status = await r.switcher.status()
+        assert status["models"]["gpt-oss-20b"]["status"] == "failed"
+        assert status["gpu"]["used_gb"] == 0.0
+
+
+async def test_unload_all_spares_pinned_models(tmp_path: Path) -> None:
+    models = {
+        "a": {"cmd": "e", "size_gb": 10},
+        "b": {"cmd": "e", "size_gb": 20},
+        "keep": {"cmd": "e", "size_gb": 5, "pinned": True},
+    }
+    runtime = FakeRuntime(adopted=adopted("a", "b", "keep"))
+    async with rig(make_settings(tmp_path, models), runtime) as r:
+        job = r.switcher.request_unload("all")
+        events = await finish(job)
+        assert stages(events) == ["unload", "unloaded", "unload", "unloaded", "freed", "result"]
+        assert job.result is not None
+        assert job.result["unloaded_models"] == ["a", "b"]
+        assert job.result["freed_gb"] == 30.0
+        assert r.switcher.records["keep"].state is ModelState.RUNNING
+        again = r.switcher.request_unload("a")
+        await finish(again)
+        assert again.result is not None
+        assert again.result["status"] == "not_loaded"
+
+
+def test_unknown_model_is_refused_before_any_job(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with rig(make_settings(tmp_path)) as r:
+            with pytest.raises(Exception, match="Unknown model 'nope'") as info:
+                r.switcher.request_switch("nope")
+            assert getattr(info.value, "http_status", None) == 404
+
+    asyncio.run(scenario())
