@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,10 +130,3 @@ async def read_events(
     await asyncio.wait_for(collect(), within)
     return received
 
-
-async def stream_lines(response: httpx.Response) -> AsyncIterator[ServerEvent]:
-    parser = SseParser()
-    async for line in response.aiter_lines():
-        event = parser.feed(line)
-        if event is not None:
-            yield event
