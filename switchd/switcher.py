@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 JOB_HISTORY = 200
 RELEASED_FRACTION = 0.75  # of a victim's memory that must show as free again
 MEMORY_POLL_SECONDS = 0.1
-HEALTH_BACKOFF = (0.05, 0.5, 1.5)  # first delay, cap, factor: fast at first
+HEALTH_BACKOFF = (0.05, 0.25, 1.5)  # first delay, cap, factor: fast at first
 LAST_LINES_IN_ERRORS = 20
 
 # Share of the progress bar each phase owns: memory check 5%, unloads up to
