@@ -62,6 +62,23 @@ def wants_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes without reading it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
+
+
 async def parameter(request: Request, *names: str) -> str | None:
     """A parameter from the query string, else from a small JSON body."""
     for name in names:
@@ -69,9 +86,7 @@ async def parameter(request: Request, *names: str) -> str | None:
             return value
     if request.method != "POST" or "json" not in request.headers.get("content-type", ""):
         return None
-    body = await request.body()
-    if len(body) > MAX_CONTROL_BODY:
-        return None
+    body = await read_capped(request, MAX_CONTROL_BODY)
     try:
         data = json.loads(body)
     except ValueError:
@@ -137,8 +152,15 @@ async def models_status(request: Request) -> Response:
     return JSONResponse(await services(request).switcher.status())
 
 
+def too_large() -> JSONResponse:
+    return error_response(413, "body_too_large", f"Request body over {MAX_CONTROL_BODY} bytes")
+
+
 async def switch(request: Request) -> Response:
-    target = await parameter(request, "target_model", "model")
+    try:
+        target = await parameter(request, "target_model", "model")
+    except BodyTooLarge:
+        return too_large()
     if target is None:
         return error_response(
             400, "missing_parameter", "target_model is required (?target_model=NAME)"
@@ -160,7 +182,10 @@ async def switch(request: Request) -> Response:
 
 
 async def unload(request: Request) -> Response:
-    name = await parameter(request, "model", "target_model")
+    try:
+        name = await parameter(request, "model", "target_model")
+    except BodyTooLarge:
+        return too_large()
     if name is None:
         return error_response(400, "missing_parameter", "model is required (?model=NAME or all)")
     try:

@@ -123,9 +123,9 @@ class Switcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         stopping = SwitchError("shutting_down", 503, "switchd is shutting down")
-        for job in self._pending:
-            if job.finished is None:
-                job.finish(None, stopping)
+        for job in self._jobs.values():
+            if job.finished is None:  # the cancelled running job and the queue behind it
+                self._fail(job, stopping)
         self._pending.clear()
 
     # ---- what callers ask for ----------------------------------------------

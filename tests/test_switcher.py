@@ -16,7 +16,7 @@ import pytest
 from switchd.config import Settings, parse_settings
 from switchd.events import Event, EventBus
 from switchd.gpu import SimulatedGpu
-from switchd.jobs import Job
+from switchd.jobs import Job, SwitchError
 from switchd.runtime.base import EngineInfo
 from switchd.states import ModelState
 from switchd.stats import LearnedStats
@@ -389,3 +389,29 @@ def test_unknown_model_is_refused_before_any_job(tmp_path: Path) -> None:
             assert getattr(info.value, "http_status", None) == 404
 
     asyncio.run(scenario())
+
+
+async def test_ensure_returns_once_running_and_raises_the_jobs_error(tmp_path: Path) -> None:
+    runtime = FakeRuntime(fail_start={"mistral-7b-v0.1"})
+    async with rig(make_settings(tmp_path), runtime) as r:
+        await asyncio.wait_for(r.switcher.ensure("20b"), 5)
+        assert r.switcher.records["gpt-oss-20b"].state is ModelState.RUNNING
+        await asyncio.wait_for(r.switcher.ensure("gpt-oss-20b"), 1)  # already running
+        assert runtime.calls == ["start gpt-oss-20b"]
+        with pytest.raises(SwitchError) as failure:
+            await asyncio.wait_for(r.switcher.ensure("mistral-7b-v0.1"), 5)
+        assert failure.value.code == "engine_failed"
+
+
+async def test_closing_fails_the_running_and_queued_jobs(tmp_path: Path) -> None:
+    runtime = FakeRuntime(default_load_seconds=30)
+    async with rig(make_settings(tmp_path), runtime) as r:
+        running = r.switcher.request_switch("gpt-oss-20b")
+        queued = r.switcher.request_switch("mistral-7b-v0.1")
+        await asyncio.wait_for(running.started.wait(), 5)
+        await r.switcher.close()
+        for job in (running, queued):
+            assert job.done.is_set()
+            assert job.error is not None
+            assert job.error.code == "shutting_down"
+            assert job.events[-1].name == "error"

@@ -129,4 +129,3 @@ async def read_events(
 
     await asyncio.wait_for(collect(), within)
     return received
-

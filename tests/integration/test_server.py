@@ -135,6 +135,13 @@ async def test_unknown_model_404_and_missing_parameter_400(client: httpx.AsyncCl
     assert response.json()["error"] == "missing_parameter"
     response = await client.post("/v1/models/unload")
     assert response.status_code == 400
+    response = await client.post(
+        "/v1/models/switch",
+        content=b"{" + b" " * 70_000 + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert response.json()["error"] == "body_too_large"
     response = await client.get("/v1/switches/nope")
     assert response.status_code == 404
     assert response.json()["error"] == "job_not_found"
