@@ -247,8 +247,10 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise reader.error("aliases", "must be a list of names")
     env = reader.data.get("env", {})
-    if not isinstance(env, dict) or not all(isinstance(k, str) for k in env):
-        raise reader.error("env", "must be a mapping of names to values")
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int | float) for k, v in env.items()
+    ):
+        raise reader.error("env", "must map names to strings or numbers")
     health_path = reader.text("health_path", "/health") or "/health"
     if not health_path.startswith("/"):
         raise reader.error("health_path", f"must start with '/', got {health_path!r}")
@@ -269,14 +271,20 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
         aliases=tuple(aliases),
         ttl_seconds=reader.number("ttl_seconds", 0.0),
         gpus=_parse_gpus(reader),
-        env={k: str(v) for k, v in env.items()},
+        # YAML's `true` would become "True"; engines expect the spelling they were given.
+        env={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()},
     )
 
 
 def _check_names(source: str, models: Mapping[str, ModelSpec]) -> None:
+    reserved = "'all' is reserved (`unload all`)"
+    if "all" in models:
+        raise ConfigError(source, "models.all", reserved)
     owner: dict[str, str] = {name: name for name in models}
     for spec in models.values():
         for alias in spec.aliases:
+            if alias == "all":
+                raise ConfigError(source, f"models.{spec.name}.aliases", reserved)
             if alias in owner:
                 other = owner[alias]
                 what = "a model name" if other == alias else f"an alias of {other!r}"
@@ -284,8 +292,6 @@ def _check_names(source: str, models: Mapping[str, ModelSpec]) -> None:
                     source, f"models.{spec.name}.aliases", f"{alias!r} is already {what}"
                 )
             owner[alias] = spec.name
-    if "all" in owner:
-        raise ConfigError(source, "models.all", "'all' is reserved (`unload all`)")
 
 
 def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Settings:
@@ -298,8 +304,9 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
     host, port = parse_listen(source, data.get("listen", "127.0.0.1:8080"))
 
     keys = data.get("api_keys", []) or []
-    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
         raise top.error("api_keys", "must be a list of non-empty strings")
+    keys = [k.strip() for k in keys]  # a header's token is stripped too
     env_keys = [k.strip() for k in environ.get("SWITCHD_API_KEYS", "").split(",") if k.strip()]
 
     simulated = data.get("simulated_gpu", {}) or {}
@@ -348,6 +355,8 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, "", f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "is not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,0 +1,609 @@
+"""Settings from YAML and the environment: every key, the defaults and each refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from switchd.config import (
+    ConfigError,
+    EvictionPolicy,
+    GpuKind,
+    ModelSpec,
+    RuntimeKind,
+    Settings,
+    SimulatedGpuSettings,
+    load_settings,
+    parse_settings,
+)
+
+SOURCE = "test.yaml"
+
+FULL_FILE = """\
+listen: 0.0.0.0:9090
+api_keys: [file-key-1, file-key-2]
+runtime: process
+gpu: simulated
+simulated_gpu: {total_gb: 47.5, devices: 2, release_delay_seconds: 0.25}
+eviction: smallest_sufficient
+auto_switch: false
+request_timeout_seconds: 120
+drain_timeout_seconds: 12.5
+health_timeout_seconds: 300
+memory_release_timeout_seconds: 7
+stop_grace_seconds: 4
+state_dir: ~/switchd-state
+models:
+  gpt-oss-20b:
+    container: vllm-gpt-oss-20b
+    url: http://vllm-gpt-oss-20b:8000/
+    size_gb: 40
+    load_time_seconds: 15
+    health_path: /v1/health
+    pinned: true
+    aliases: [20b, small]
+    ttl_seconds: 600
+    gpus: [0]
+    env: {HF_HOME: /models, SHARDS: 2}
+  llama:
+    image: ghcr.io/ggml-org/llama.cpp:server
+    command: ["-m", "/models/llama.gguf", "--port", "8000"]
+    size_gb: 8.5
+    gpus: [0, 1]
+  local:
+    cmd: "llama-server -m 'my model.gguf' --port ${PORT}"
+    size_gb: 0
+    gpus: all
+"""
+
+
+def model(**extra: Any) -> dict[str, Any]:
+    """One valid model's settings, with `extra` on top (None removes a key)."""
+    data: dict[str, Any] = {"cmd": "engine --port 8000", "size_gb": 10}
+    for key, value in extra.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def parse(environ: dict[str, str] | None = None, /, **data: Any) -> Settings:
+    data.setdefault("models", {"m": model()})
+    return parse_settings(data, SOURCE, environ or {})
+
+
+def refused(environ: dict[str, str] | None = None, /, **data: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse(environ, **data)
+    return caught.value
+
+
+def write(tmp_path: Path, text: str, name: str = "switchd.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- a full file ---------------------------------------------------------------------------
+
+
+def test_full_file_parses_every_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write(tmp_path, FULL_FILE)
+
+    settings = load_settings(path, {})
+
+    assert settings.source == str(path)
+    assert (settings.host, settings.port) == ("0.0.0.0", 9090)
+    assert settings.api_keys == ("file-key-1", "file-key-2")
+    assert settings.runtime is RuntimeKind.PROCESS
+    assert settings.gpu is GpuKind.SIMULATED
+    assert settings.simulated_gpu == SimulatedGpuSettings(
+        total_gb=47.5, devices=2, release_delay_seconds=0.25
+    )
+    assert settings.eviction is EvictionPolicy.SMALLEST_SUFFICIENT
+    assert settings.auto_switch is False
+    assert settings.request_timeout_seconds == 120.0
+    assert settings.drain_timeout_seconds == 12.5
+    assert settings.health_timeout_seconds == 300.0
+    assert settings.memory_release_timeout_seconds == 7.0
+    assert settings.stop_grace_seconds == 4.0
+    assert settings.state_dir == tmp_path / "home" / "switchd-state"
+    assert list(settings.models) == ["gpt-oss-20b", "llama", "local"]
+
+    assert settings.models["gpt-oss-20b"] == ModelSpec(
+        name="gpt-oss-20b",
+        size_gb=40.0,
+        container="vllm-gpt-oss-20b",
+        url="http://vllm-gpt-oss-20b:8000",  # trailing slash dropped
+        load_time_seconds=15.0,
+        health_path="/v1/health",
+        pinned=True,
+        aliases=("20b", "small"),
+        ttl_seconds=600.0,
+        gpus=(0,),
+        env={"HF_HOME": "/models", "SHARDS": "2"},
+    )
+    assert settings.models["llama"] == ModelSpec(
+        name="llama",
+        size_gb=8.5,
+        image="ghcr.io/ggml-org/llama.cpp:server",
+        command=("-m", "/models/llama.gguf", "--port", "8000"),
+        gpus=(0, 1),
+    )
+    local = settings.models["local"]
+    assert local.cmd == ("llama-server", "-m", "my model.gguf", "--port", "${PORT}")
+    assert local.size_gb == 0.0
+    assert local.gpus is None
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = parse_settings({"models": {"m": {"cmd": "engine", "size_gb": 3}}}, SOURCE, {})
+
+    assert settings.source == SOURCE
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert settings.api_keys == ()
+    assert settings.runtime is RuntimeKind.DOCKER
+    assert settings.gpu is GpuKind.AUTO
+    assert settings.simulated_gpu == SimulatedGpuSettings(
+        total_gb=95.59, devices=1, release_delay_seconds=0.0
+    )
+    assert settings.eviction is EvictionPolicy.LARGEST_FIRST
+    assert settings.auto_switch is True
+    assert settings.request_timeout_seconds == 600.0
+    assert settings.drain_timeout_seconds == 30.0
+    assert settings.health_timeout_seconds == 900.0
+    assert settings.memory_release_timeout_seconds == 30.0
+    assert settings.stop_grace_seconds == 10.0
+    assert settings.state_dir == tmp_path / ".local" / "state" / "switchd"
+    assert settings.models["m"] == ModelSpec(
+        name="m",
+        size_gb=3.0,
+        cmd=("engine",),
+        container=None,
+        image=None,
+        command=(),
+        url=None,
+        load_time_seconds=30.0,
+        health_path="/health",
+        pinned=False,
+        aliases=(),
+        ttl_seconds=0.0,
+        gpus=None,
+        env={},
+    )
+
+
+def test_null_sections_take_their_defaults() -> None:
+    settings = parse(
+        api_keys=None, simulated_gpu=None, models={"m": {**model(), "health_path": None}}
+    )
+    assert settings.api_keys == ()
+    assert settings.simulated_gpu == SimulatedGpuSettings()
+    assert settings.models["m"].health_path == "/health"
+
+
+# --- API keys ----------------------------------------------------------------------------
+
+
+def test_environment_keys_are_merged_trimmed_and_deduplicated() -> None:
+    settings = parse(
+        {"SWITCHD_API_KEYS": " env-1 , file-1,, env-1 ,env-2 ,"},
+        api_keys=["file-1", "file-2"],
+    )
+    assert settings.api_keys == ("file-1", "file-2", "env-1", "env-2")
+
+
+def test_environment_keys_alone() -> None:
+    assert parse({"SWITCHD_API_KEYS": "k1,k2"}).api_keys == ("k1", "k2")
+    assert parse({"SWITCHD_API_KEYS": " , "}).api_keys == ()
+
+
+def test_file_keys_are_trimmed_like_environment_keys() -> None:
+    settings = parse({"SWITCHD_API_KEYS": "k1"}, api_keys=[" k1 ", "k2"])
+    assert settings.api_keys == ("k1", "k2")
+
+
+@pytest.mark.parametrize("keys", ["k1", [""], ["k1", 2], {"k": "v"}])
+def test_api_keys_must_be_a_list_of_non_empty_strings(keys: object) -> None:
+    error = refused(api_keys=keys)
+    assert (error.source, error.key) == (SOURCE, "api_keys")
+    assert "must be a list of non-empty strings" in error.problem
+
+
+# --- refusals: unknown keys and models ------------------------------------------------------
+
+
+def test_unknown_top_level_key() -> None:
+    error = refused(listn="127.0.0.1:8080")
+    assert (error.source, error.key) == (SOURCE, "listn")
+    assert error.problem.startswith("unknown key (known keys: ")
+    assert "listen" in error.problem
+    assert "models" in error.problem
+    assert str(error) == f"{SOURCE}: listn: {error.problem}"
+
+
+def test_unknown_model_key() -> None:
+    error = refused(models={"gpt": model(foo=1)})
+    assert (error.source, error.key) == (SOURCE, "models.gpt.foo")
+    assert error.problem.startswith("unknown key (known keys: ")
+    assert "size_gb" in error.problem
+
+
+def test_unknown_simulated_gpu_key() -> None:
+    error = refused(simulated_gpu={"total": 80})
+    assert (error.source, error.key) == (SOURCE, "simulated_gpu.total")
+    assert error.problem.startswith("unknown key")
+
+
+def test_model_needs_cmd_or_container_or_image() -> None:
+    error = refused(models={"gpt": {"size_gb": 10, "url": "http://x:1"}})
+    assert (error.source, error.key) == (SOURCE, "models.gpt")
+    assert "needs `cmd`" in error.problem
+    assert "`container`/`image`" in error.problem
+
+
+@pytest.mark.parametrize("which", ["container", "image"])
+def test_container_or_image_alone_is_enough(which: str) -> None:
+    spec = parse(models={"m": {which: "thing", "size_gb": 1}}).models["m"]
+    assert getattr(spec, which) == "thing"
+    assert spec.cmd == ()
+
+
+def test_model_settings_must_be_a_mapping() -> None:
+    error = refused(models={"gpt": "engine"})
+    assert (error.source, error.key) == (SOURCE, "models.gpt")
+    assert "must be a mapping" in error.problem
+
+
+def test_negative_size() -> None:
+    error = refused(models={"gpt": model(size_gb=-1)})
+    assert (error.source, error.key) == (SOURCE, "models.gpt.size_gb")
+    assert error.problem == "must be >= 0, got -1"
+
+
+def test_missing_size() -> None:
+    error = refused(models={"gpt": model(size_gb=None)})
+    assert (error.source, error.key) == (SOURCE, "models.gpt.size_gb")
+    assert error.problem == "is required (a number)"
+
+
+@pytest.mark.parametrize("value", ["40", True])
+def test_size_must_be_a_number(value: object) -> None:
+    error = refused(models={"gpt": model(size_gb=value)})
+    assert error.key == "models.gpt.size_gb"
+    assert error.problem == f"must be a number, got {value!r}"
+
+
+def test_negative_top_level_number() -> None:
+    error = refused(drain_timeout_seconds=-5)
+    assert error.key == "drain_timeout_seconds"
+    assert error.problem == "must be >= 0, got -5"
+
+
+def test_health_timeout_has_a_floor() -> None:
+    error = refused(health_timeout_seconds=0)
+    assert error.key == "health_timeout_seconds"
+    assert error.problem == "must be >= 0.1, got 0"
+
+
+def test_empty_models() -> None:
+    models: object
+    for models in ({}, None, ["m"]):
+        error = refused(models=models)
+        assert (error.source, error.key) == (SOURCE, "models")
+        assert "at least one model" in error.problem
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(["models"], SOURCE, {})
+    assert (caught.value.source, caught.value.key) == (SOURCE, "")
+    assert "must be a YAML mapping" in caught.value.problem
+    assert str(caught.value) == f"{SOURCE}: {caught.value.problem}"
+
+
+# --- names and aliases ---------------------------------------------------------------------
+
+
+def test_alias_clashing_with_a_model_name() -> None:
+    error = refused(models={"a": model(), "b": model(aliases=["a"])})
+    assert (error.source, error.key) == (SOURCE, "models.b.aliases")
+    assert error.problem == "'a' is already a model name"
+
+
+def test_alias_clashing_with_another_models_alias() -> None:
+    error = refused(models={"a": model(aliases=["x"]), "b": model(aliases=["y", "x"])})
+    assert (error.source, error.key) == (SOURCE, "models.b.aliases")
+    assert error.problem == "'x' is already an alias of 'a'"
+
+
+def test_model_named_all_is_reserved() -> None:
+    error = refused(models={"m": model(), "all": model()})
+    assert (error.source, error.key) == (SOURCE, "models.all")
+    assert "'all' is reserved" in error.problem
+
+
+def test_alias_all_names_the_aliases_key() -> None:
+    error = refused(models={"m": model(aliases=["all"])})
+    assert error.key == "models.m.aliases"
+    assert "'all' is reserved" in error.problem
+
+
+@pytest.mark.parametrize("aliases", ["x", [""], ["x", 1]])
+def test_aliases_must_be_a_list_of_names(aliases: object) -> None:
+    error = refused(models={"m": model(aliases=aliases)})
+    assert error.key == "models.m.aliases"
+    assert error.problem == "must be a list of names"
+
+
+def test_resolve_by_name_and_alias() -> None:
+    settings = parse(models={"big": model(aliases=["b", "large"]), "small": model()})
+    assert settings.resolve("big") is settings.models["big"]
+    assert settings.resolve("large") is settings.models["big"]
+    assert settings.resolve("b") is settings.models["big"]
+    assert settings.resolve("small") is settings.models["small"]
+    assert settings.resolve("tiny") is None
+    assert settings.resolve("Big") is None
+
+
+# --- listen --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1", 8080),
+        ("0.0.0.0:1", "0.0.0.0", 1),
+        ("localhost:65535", "localhost", 65535),
+        ("[::1]:8080", "::1", 8080),
+        ("[::]:443", "::", 443),
+    ],
+)
+def test_listen(listen: str, host: str, port: int) -> None:
+    settings = parse(listen=listen)
+    assert (settings.host, settings.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("listen", "fragment"),
+    [
+        ("localhost", "must be HOST:PORT, got 'localhost'"),
+        (8080, "must be HOST:PORT, got 8080"),
+        (["127.0.0.1", 8080], "must be HOST:PORT, got ['127.0.0.1', 8080]"),
+        ("localhost:", "with a port 1-65535, got 'localhost:'"),
+        (":8080", "with a port 1-65535, got ':8080'"),
+        ("localhost:0", "with a port 1-65535, got 'localhost:0'"),
+        ("localhost:70000", "with a port 1-65535, got 'localhost:70000'"),
+        ("localhost:65536", "with a port 1-65535, got 'localhost:65536'"),
+        ("localhost:-1", "with a port 1-65535, got 'localhost:-1'"),
+        ("localhost:http", "with a port 1-65535, got 'localhost:http'"),
+    ],
+)
+def test_bad_listen(listen: object, fragment: str) -> None:
+    error = refused(listen=listen)
+    assert (error.source, error.key) == (SOURCE, "listen")
+    assert error.problem.endswith(fragment)
+
+
+# --- choices and booleans ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("runtime", "kubernetes", "docker | process"),
+        ("gpu", "cuda", "auto | nvml | simulated"),
+        ("eviction", "random", "largest_first | lru | smallest_sufficient"),
+        ("runtime", "Docker", "docker | process"),
+        ("gpu", ["nvml"], "auto | nvml | simulated"),
+    ],
+)
+def test_unknown_choice_lists_allowed_values(key: str, value: object, allowed: str) -> None:
+    error = refused(**{key: value})
+    assert (error.source, error.key) == (SOURCE, key)
+    assert error.problem == f"must be one of {allowed}, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("runtime", "process", RuntimeKind.PROCESS),
+        ("gpu", "nvml", GpuKind.NVML),
+        ("eviction", "lru", EvictionPolicy.LRU),
+    ],
+)
+def test_choices(key: str, value: str, expected: object) -> None:
+    assert getattr(parse(**{key: value}), key) is expected
+
+
+@pytest.mark.parametrize("value", ["true", "false", "yes", 1, 0])
+def test_auto_switch_must_be_a_real_boolean(value: object) -> None:
+    error = refused(auto_switch=value)
+    assert (error.source, error.key) == (SOURCE, "auto_switch")
+    assert error.problem == f"must be true or false, got {value!r}"
+
+
+@pytest.mark.parametrize("value", ["true", "no", 1])
+def test_pinned_must_be_a_real_boolean(value: object) -> None:
+    error = refused(models={"m": model(pinned=value)})
+    assert (error.source, error.key) == (SOURCE, "models.m.pinned")
+    assert error.problem == f"must be true or false, got {value!r}"
+
+
+# --- model fields ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpus", [[], [-1], [0, "1"], [True], "0", 0, [0.5], {"0": 1}])
+def test_gpus_must_be_a_list_of_non_negative_ints(gpus: object) -> None:
+    error = refused(models={"m": model(gpus=gpus)})
+    assert (error.source, error.key) == (SOURCE, "models.m.gpus")
+    assert error.problem == f"must be a list of device indexes like [0, 1], got {gpus!r}"
+
+
+def test_gpus_list_and_all() -> None:
+    models = {"a": model(gpus=[1, 0]), "b": model(gpus="all"), "c": model()}
+    settings = parse(models=models)
+    assert settings.models["a"].gpus == (1, 0)
+    assert settings.models["b"].gpus is None
+    assert settings.models["c"].gpus is None
+
+
+def test_health_path_needs_a_leading_slash() -> None:
+    error = refused(models={"m": model(health_path="health")})
+    assert (error.source, error.key) == (SOURCE, "models.m.health_path")
+    assert error.problem == "must start with '/', got 'health'"
+
+
+@pytest.mark.parametrize("url", ["ftp://host:21", "host:8000", "HTTP//x", "ws://host:8000"])
+def test_url_must_be_http(url: str) -> None:
+    error = refused(models={"m": model(url=url)})
+    assert (error.source, error.key) == (SOURCE, "models.m.url")
+    assert error.problem == f"must start with http:// or https://, got {url!r}"
+
+
+def test_https_url_is_kept_without_trailing_slashes() -> None:
+    spec = parse(models={"m": model(url="https://engine.local:8443//")}).models["m"]
+    assert spec.url == "https://engine.local:8443"
+
+
+@pytest.mark.parametrize(
+    ("cmd", "words"),
+    [
+        (
+            "llama-server -m 'a b.gguf' --alias \"x y\"",
+            ("llama-server", "-m", "a b.gguf", "--alias", "x y"),
+        ),
+        ("engine   --port  8000", ("engine", "--port", "8000")),
+        (["engine", "--name", "a b", "'q'"], ("engine", "--name", "a b", "'q'")),
+    ],
+)
+def test_cmd_split_like_a_shell_or_kept_as_a_list(cmd: object, words: tuple[str, ...]) -> None:
+    assert parse(models={"m": model(cmd=cmd)}).models["m"].cmd == words
+
+
+@pytest.mark.parametrize(
+    ("cmd", "problem"),
+    [
+        ("engine 'unclosed", "cannot be split into words: No closing quotation"),
+        ("   ", "must not be empty"),
+        ([], "must not be empty"),
+        (["engine", 1], "must be a string or a list of strings"),
+        (42, "must be a string or a list of strings"),
+    ],
+)
+def test_bad_cmd(cmd: object, problem: str) -> None:
+    error = refused(models={"m": model(cmd=cmd)})
+    assert (error.source, error.key) == (SOURCE, "models.m.cmd")
+    assert error.problem == problem
+
+
+def test_command_is_split_too() -> None:
+    spec = parse(models={"m": model(cmd=None, image="img", command="serve --x 'a b'")})
+    assert spec.models["m"].command == ("serve", "--x", "a b")
+
+
+@pytest.mark.parametrize("key", ["container", "image"])
+def test_container_and_image_must_be_non_empty_strings(key: str) -> None:
+    error = refused(models={"m": model(**{key: " "})})
+    assert error.key == f"models.m.{key}"
+    assert error.problem == "must be a non-empty string, got ' '"
+
+
+def test_env_values_keep_their_yaml_spelling() -> None:
+    settings = parse(models={"m": model(env={"FLAG": True, "N": 2, "NAME": "x"})})
+    assert dict(settings.models["m"].env) == {"FLAG": "true", "N": "2", "NAME": "x"}
+    error = refused(models={"m": model(env={"EMPTY": None})})
+    assert (error.key, error.problem) == ("models.m.env", "must map names to strings or numbers")
+
+
+def test_env_must_be_a_mapping() -> None:
+    error = refused(models={"m": model(env=["A=1"])})
+    assert error.key == "models.m.env"
+    assert error.problem == "must map names to strings or numbers"
+
+
+@pytest.mark.parametrize(
+    ("simulated", "key", "problem"),
+    [
+        ({"devices": 0}, "simulated_gpu.devices", "must be >= 1, got 0"),
+        ({"devices": 1.5}, "simulated_gpu.devices", "must be a whole number, got 1.5"),
+        ({"total_gb": 0}, "simulated_gpu.total_gb", "must be >= 0.01, got 0"),
+        (
+            {"release_delay_seconds": -1},
+            "simulated_gpu.release_delay_seconds",
+            "must be >= 0, got -1",
+        ),
+    ],
+)
+def test_bad_simulated_gpu(simulated: dict[str, Any], key: str, problem: str) -> None:
+    error = refused(simulated_gpu=simulated)
+    assert (error.source, error.key, error.problem) == (SOURCE, key, problem)
+
+
+def test_simulated_gpu_must_be_a_mapping() -> None:
+    error = refused(simulated_gpu=[80])
+    assert (error.key, error.problem) == ("simulated_gpu", "must be a mapping")
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def test_invalid_yaml_reports_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: 127.0.0.1:8080\nmodels:\n  m: [unclosed\n  other: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert (caught.value.source, caught.value.key) == (str(path), "")
+    assert caught.value.problem == "is not valid YAML at line 4"
+
+
+def test_tab_indentation_reports_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  m:\n\tsize_gb: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert caught.value.problem == "is not valid YAML at line 3"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert (caught.value.source, caught.value.key) == (str(path), "")
+    assert caught.value.problem == "cannot be read: No such file or directory"
+
+
+def test_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("models:\n  caf\xe9: {cmd: x, size_gb: 1}\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert caught.value.source == str(path)
+
+
+def test_empty_file_reports_missing_models(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert (caught.value.source, caught.value.key) == (str(path), "models")
+
+
+def test_error_in_file_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  m: {cmd: engine, size_gb: -2}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert str(caught.value) == f"{path}: models.m.size_gb: must be >= 0, got -2"
+
+
+def test_load_reads_keys_from_given_environ(tmp_path: Path) -> None:
+    path = write(tmp_path, "api_keys: [a]\nmodels:\n  m: {cmd: engine, size_gb: 1}\n")
+    assert load_settings(path, {"SWITCHD_API_KEYS": "b"}).api_keys == ("a", "b")
+
+
+def test_load_defaults_to_process_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWITCHD_API_KEYS", "from-env")
+    path = write(tmp_path, "models:\n  m: {cmd: engine, size_gb: 1}\n")
+    assert load_settings(path).api_keys == ("from-env",)

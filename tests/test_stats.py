@@ -1,0 +1,166 @@
+"""Learned load times and footprints: persisted, reloaded, and robust to damage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from switchd.stats import FILE_NAME, Learned, LearnedStats
+
+
+async def loaded(state_dir: Path) -> LearnedStats:
+    stats = LearnedStats(state_dir)
+    await stats.load()
+    return stats
+
+
+async def test_nothing_learned_yet(tmp_path: Path) -> None:
+    stats = await loaded(tmp_path / "missing")
+    assert stats.path == tmp_path / "missing" / FILE_NAME
+    assert stats.get("m") == Learned(load_seconds=None, footprint_gb=None, loads=0)
+    assert not (tmp_path / "missing").exists()  # loading creates nothing
+
+
+async def test_record_then_reload_gives_the_same_figures(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state" / "nested"  # created on the first write
+    stats = LearnedStats(state_dir)
+    await stats.record("gpt-oss-20b", 14.567, 38.25)
+    await stats.record("mistral", 3.0, 17.5)
+
+    assert stats.get("gpt-oss-20b") == Learned(load_seconds=14.57, footprint_gb=38.25, loads=1)
+    reloaded = await loaded(state_dir)
+    assert reloaded.get("gpt-oss-20b") == Learned(load_seconds=14.57, footprint_gb=38.25, loads=1)
+    assert reloaded.get("mistral") == Learned(load_seconds=3.0, footprint_gb=17.5, loads=1)
+    assert reloaded.get("other") == Learned()
+
+    on_disk = json.loads((state_dir / FILE_NAME).read_text(encoding="utf-8"))
+    assert on_disk == {
+        "gpt-oss-20b": {"footprint_gb": 38.25, "load_seconds": 14.57, "loads": 1},
+        "mistral": {"footprint_gb": 17.5, "load_seconds": 3.0, "loads": 1},
+    }
+
+
+async def test_loads_count_and_the_latest_time_wins(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record("m", 10.0, 20.0)
+    await stats.record("m", 12.0, 21.0)
+    await stats.record("m", 8.0, 19.5)
+    assert stats.get("m") == Learned(load_seconds=8.0, footprint_gb=19.5, loads=3)
+    assert (await loaded(tmp_path)).get("m") == Learned(
+        load_seconds=8.0, footprint_gb=19.5, loads=3
+    )
+
+
+async def test_counting_continues_after_a_reload(tmp_path: Path) -> None:
+    first = LearnedStats(tmp_path)
+    await first.record("m", 10.0, 20.0)
+    second = await loaded(tmp_path)
+    await second.record("m", 11.0, 20.5)
+    assert (await loaded(tmp_path)).get("m").loads == 2
+
+
+@pytest.mark.parametrize("footprint", [None, 0.0, -3.5])
+async def test_unmeasurable_footprint_keeps_the_previous_one(
+    tmp_path: Path, footprint: float | None
+) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record("m", 10.0, 20.0)
+    await stats.record("m", 9.0, footprint)
+    assert stats.get("m") == Learned(load_seconds=9.0, footprint_gb=20.0, loads=2)
+    assert (await loaded(tmp_path)).get("m").footprint_gb == 20.0
+
+
+async def test_unmeasurable_footprint_on_the_first_load_stays_unknown(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record("m", 5.0, None)
+    assert stats.get("m") == Learned(load_seconds=5.0, footprint_gb=None, loads=1)
+    assert (await loaded(tmp_path)).get("m") == Learned(5.0, None, 1)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "",
+        "[1, 2]",
+        '{"m": 5}',
+        '{"m": {"loads": "many"}}',
+    ],
+)
+async def test_a_damaged_file_is_ignored(
+    tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / FILE_NAME).write_text(content, encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="switchd.stats"):
+        stats = await loaded(tmp_path)
+    assert stats.get("m") == Learned()
+    assert f"ignoring unreadable {tmp_path / FILE_NAME}" in caplog.text
+
+
+async def test_a_binary_file_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / FILE_NAME).write_bytes(b"\xff\xfe\x00garbage")
+    stats = await loaded(tmp_path)
+    assert stats.get("m") == Learned()
+
+
+async def test_wrongly_typed_figures_are_dropped(tmp_path: Path) -> None:
+    (tmp_path / FILE_NAME).write_text(
+        json.dumps(
+            {
+                "m": {"load_seconds": "fast", "footprint_gb": True, "loads": 4},
+                "n": {"load_seconds": 7, "footprint_gb": 12.5},
+            }
+        ),
+        encoding="utf-8",
+    )
+    stats = await loaded(tmp_path)
+    assert stats.get("m") == Learned(load_seconds=None, footprint_gb=None, loads=4)
+    assert stats.get("n") == Learned(load_seconds=7.0, footprint_gb=12.5, loads=0)
+
+
+async def test_recording_after_a_damaged_file_replaces_it(tmp_path: Path) -> None:
+    (tmp_path / FILE_NAME).write_text("{broken", encoding="utf-8")
+    stats = await loaded(tmp_path)
+    await stats.record("m", 1.0, 2.0)
+    assert json.loads((tmp_path / FILE_NAME).read_text(encoding="utf-8")) == {
+        "m": {"footprint_gb": 2.0, "load_seconds": 1.0, "loads": 1}
+    }
+
+
+async def test_written_atomically_without_a_temporary_left(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record("a", 1.0, 2.0)
+    await stats.record("b", 3.0, 4.0)
+    assert sorted(os.listdir(tmp_path)) == [FILE_NAME]
+
+
+async def test_write_goes_through_a_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    renames: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def recording_replace(source: str | Path, target: str | Path) -> None:
+        renames.append((Path(source).name, Path(target).name))
+        assert Path(target).exists() is (len(renames) > 1)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    stats = LearnedStats(tmp_path)
+    await stats.record("a", 1.0, 2.0)
+    await stats.record("a", 1.5, 2.0)
+    assert renames == [("learned.tmp", FILE_NAME), ("learned.tmp", FILE_NAME)]
+
+
+async def test_a_failed_write_keeps_the_figures_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be", encoding="utf-8")
+    stats = LearnedStats(blocker)
+    with caplog.at_level(logging.WARNING, logger="switchd.stats"):
+        await stats.record("m", 2.0, 3.0)  # does not raise
+    assert stats.get("m") == Learned(load_seconds=2.0, footprint_gb=3.0, loads=1)
+    assert "cannot save learned figures" in caplog.text
