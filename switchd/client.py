@@ -67,8 +67,10 @@ def parse_sse(lines: Iterator[str]) -> Iterator[ServerEvent]:
 
 
 def progress_bar(fraction: float) -> str:
-    filled = round(max(0.0, min(1.0, fraction)) * BAR_WIDTH)
-    return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + f"] {fraction * 100:3.0f}%"
+    fraction = max(0.0, min(1.0, fraction))
+    # Floor, not round: a full bar and "100%" only once the job is really done.
+    filled = int(fraction * BAR_WIDTH)
+    return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + f"] {int(fraction * 100):3d}%"
 
 
 class Client:

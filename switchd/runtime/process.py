@@ -23,6 +23,8 @@ from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, Runtime
 
 TAIL_LINES = 50
 _LINE_LIMIT = 1 << 20
+EXIT_POLL_SECONDS = 0.05
+OUTPUT_DRAIN_SECONDS = 2.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,6 +53,8 @@ class _Engine:
     info: EngineInfo
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     stopping: bool = False
+    killed: bool = False
+    grace_seconds: float = 0.0
     pump: asyncio.Task[None] | None = None
 
 
@@ -95,39 +99,58 @@ class ProcessRuntime:
         return info
 
     async def _pump(self, engine: _Engine) -> None:
-        """Forward output lines, then the exit, of one engine."""
+        """Forward the output lines, then the exit, of one engine."""
+        reader = asyncio.create_task(self._read_output(engine))
+        # Not process.wait(): on Python 3.11 it also waits for the output pipe, which
+        # a worker the engine forked keeps open after the engine itself has died.
+        while engine.process.returncode is None:  # noqa: ASYNC110 - no exit-only event exists
+            await asyncio.sleep(EXIT_POLL_SECONDS)
+        code = engine.process.returncode
+        self._kill_group(engine.process.pid, signal.SIGKILL)  # workers it left behind
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader, OUTPUT_DRAIN_SECONDS)
+        self._tails[engine.spec.name] = tuple(engine.tail)
+        if engine.killed:
+            grace = f"{engine.grace_seconds:g} s"
+            reason = f"stopped (killed by SIGKILL after the {grace} grace period)"
+        elif engine.stopping:
+            reason = "stopped"
+        else:
+            reason = _describe_exit(code)
+        self._events.put_nowait(
+            EngineExited(engine.spec.name, engine.info.instance, code, reason, tuple(engine.tail))
+        )
+
+    async def _read_output(self, engine: _Engine) -> None:
         stream = engine.process.stdout
         assert stream is not None
         while True:
             try:
-                raw = await stream.readline()
-            except ValueError:  # a line over the limit: take what is buffered
-                raw = await stream.read(_LINE_LIMIT)
+                raw = await stream.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                raw = await stream.read(exc.consumed)  # an overlong line, in pieces, intact
+            except asyncio.IncompleteReadError as exc:
+                raw = exc.partial  # the last line had no newline
             if not raw:
-                break
+                return
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             engine.tail.append(line)
             self._events.put_nowait(EngineOutput(engine.spec.name, engine.info.instance, line))
-        code = await engine.process.wait()
-        self._kill_group(engine.process.pid, signal.SIGKILL)  # workers it left behind
-        self._tails[engine.spec.name] = tuple(engine.tail)
-        reason = "stopped" if engine.stopping else _describe_exit(code)
-        self._events.put_nowait(
-            EngineExited(engine.spec.name, engine.info.instance, code, reason, tuple(engine.tail))
-        )
 
     async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
         engine = self._engines.get(spec.name)
         if engine is None:
             return
         engine.stopping = True
-        if engine.process.returncode is None:
-            self._kill_group(engine.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(engine.process.wait()), grace_seconds)
-            except TimeoutError:
-                self._kill_group(engine.process.pid, signal.SIGKILL)
-        if engine.pump is not None:
+        engine.grace_seconds = grace_seconds
+        assert engine.pump is not None
+        # The group, even when the engine itself is gone: its workers may not be.
+        self._kill_group(engine.process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(engine.pump), grace_seconds)
+        except TimeoutError:
+            engine.killed = engine.process.returncode is None
+            self._kill_group(engine.process.pid, signal.SIGKILL)
             await engine.pump  # output drained and the exit reported
         if self._engines.get(spec.name) is engine:
             del self._engines[spec.name]
