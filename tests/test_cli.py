@@ -21,6 +21,7 @@ from switchd import __version__
 from switchd.cli import GRACEFUL_SHUTDOWN_SECONDS, is_loopback, main
 from switchd.runtime.process import free_port
 from tests.integration.server import Server, engine_cmd, write_config
+from tests.processes import gone
 
 ENGINE = "${PYTHON} -m switchd.demo.engine --port ${PORT} --model ${MODEL} --load-seconds 0.3"
 MODELS: dict[str, Any] = {
@@ -52,18 +53,6 @@ def process_config(tmp_path: Path, **settings: Any) -> Path:
         **settings,
     }
     return write_yaml(tmp_path / "switchd.yaml", data)
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def wait_gone(pid: int, within: float) -> bool:

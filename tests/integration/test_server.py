@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -11,6 +10,7 @@ import httpx
 
 from tests.integration.conftest import ServerFactory
 from tests.integration.server import engine_cmd, read_events, seed_models
+from tests.processes import gone
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -342,25 +342,12 @@ async def test_sigterm_stops_every_engine_and_learning_survives_restart(
         pids = [status[m]["engine"]["pid"] for m in ("gpt-oss-20b", "mistral-7b-v0.1")]
         learned = status["gpt-oss-20b"]["estimated_load_time_seconds"]
     assert learned != 1.0, "the configured estimate was replaced by a measured one"
-    assert all(_alive(pid) for pid in pids)
+    assert not any(gone(pid) for pid in pids)
     assert server.stop() == 0
     for pid in pids:
-        assert not _alive(pid), f"engine {pid} outlived switchd"
+        assert gone(pid), f"engine {pid} outlived switchd"
     server.start()
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         again = await model_status(http, "gpt-oss-20b")
     assert again["status"] == "exited"
     assert again["estimated_load_time_seconds"] == learned
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes; only switchd could reap it.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False

@@ -18,6 +18,7 @@ import pytest
 from switchd.config import ModelSpec
 from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
 from switchd.runtime.process import TAIL_LINES, ProcessRuntime, free_port
+from tests.processes import gone
 
 EVENT_TIMEOUT = 10.0
 
@@ -55,19 +56,6 @@ def spec(
 
 def python(name: str, code: str, *args: str, url: str | None = None) -> ModelSpec:
     return spec(name, sys.executable, "-c", code, *args, url=url)
-
-
-def gone(pid: int) -> bool:
-    """No such process, or only a zombie waiting to be reaped."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 async def wait_gone(pid: int, within: float) -> bool:
