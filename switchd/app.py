@@ -18,6 +18,7 @@ from switchd.auth import BearerAuth
 from switchd.config import ConfigError, RuntimeKind, Settings
 from switchd.events import EventBus
 from switchd.gpu import GpuProbe, open_probe
+from switchd.metrics import Metrics
 from switchd.routes import ROUTES, Services
 from switchd.runtime.base import Runtime
 from switchd.runtime.process import ProcessRuntime
@@ -25,6 +26,12 @@ from switchd.stats import LearnedStats
 from switchd.switcher import Switcher
 
 log = logging.getLogger(__name__)
+
+# One pooled client for every engine. Streams can be slow and long, so no read
+# timeout (a client that leaves closes its upstream request); enough connections
+# that 128 concurrent streams never wait on the pool.
+ENGINE_LIMITS = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+ENGINE_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=30.0)
 
 
 def check_runtime(settings: Settings) -> None:
@@ -61,16 +68,22 @@ def create_app(
             stack.push_async_callback(probe.close)
             engines = runtime or ProcessRuntime(settings.stop_grace_seconds)
             stack.push_async_callback(engines.close)
-            http = await stack.enter_async_context(httpx.AsyncClient(transport=http_transport))
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    transport=http_transport, limits=ENGINE_LIMITS, timeout=ENGINE_TIMEOUT
+                )
+            )
             stats = LearnedStats(settings.state_dir)
             await stats.load()
             bus = EventBus()
+            metrics = Metrics()
+            bus.add_listener(metrics.observe)
             switcher = Switcher(
                 settings, runtime=engines, gpu=probe, bus=bus, stats=stats, http=http
             )
             await switcher.start()
             stack.push_async_callback(switcher.close)
-            app.state.services = Services(settings, switcher, bus)
+            app.state.services = Services(settings, switcher, bus, metrics, http)
             log.info(
                 "switchd ready: %d models, %s runtime, %s GPU",
                 len(settings.models),

@@ -72,6 +72,7 @@ class ModelSpec:
     ttl_seconds: float = 0.0
     gpus: tuple[int, ...] | None = None  # None: every device
     env: Mapping[str, str] = field(default_factory=dict)
+    api_key: str | None = None  # sent to the engine instead of the client's key
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class Settings:
     health_timeout_seconds: float = 900.0
     memory_release_timeout_seconds: float = 30.0
     stop_grace_seconds: float = 10.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_waiting_requests: int = 512  # proxied requests waiting for a load; then 503
     state_dir: Path = Path(".switchd-state")
 
     def resolve(self, name: str) -> ModelSpec | None:
@@ -117,6 +120,8 @@ _TOP_KEYS = {
     "health_timeout_seconds",
     "memory_release_timeout_seconds",
     "stop_grace_seconds",
+    "max_body_bytes",
+    "max_waiting_requests",
     "state_dir",
     "models",
 }
@@ -129,6 +134,7 @@ _MODEL_KEYS = {
     "size_gb",
     "load_time_seconds",
     "health_path",
+    "api_key",
     "pinned",
     "aliases",
     "ttl_seconds",
@@ -165,6 +171,12 @@ class _Reader:
         if value < minimum:
             raise self.error(name, f"must be >= {minimum:g}, got {value!r}")
         return float(value)
+
+    def whole(self, name: str, default: int, *, minimum: int = 0) -> int:
+        value = self.number(name, default, minimum=minimum)
+        if value != int(value):
+            raise self.error(name, f"must be a whole number, got {value!r}")
+        return int(value)
 
     def boolean(self, name: str, default: bool) -> bool:
         value = self.data.get(name, default)
@@ -271,6 +283,7 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
         aliases=tuple(aliases),
         ttl_seconds=reader.number("ttl_seconds", 0.0),
         gpus=_parse_gpus(reader),
+        api_key=reader.text("api_key"),
         # YAML's `true` would become "True"; engines expect the spelling they were given.
         env={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()},
     )
@@ -313,9 +326,7 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
     if not isinstance(simulated, dict):
         raise top.error("simulated_gpu", "must be a mapping")
     sim = _Reader(source, "simulated_gpu.", simulated, _SIMULATED_KEYS)
-    devices = sim.number("devices", 1, minimum=1)
-    if devices != int(devices):
-        raise sim.error("devices", f"must be a whole number, got {devices!r}")
+    devices = sim.whole("devices", 1, minimum=1)
 
     models_data = data.get("models")
     if not isinstance(models_data, dict) or not models_data:
@@ -334,7 +345,7 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         gpu=top.choice("gpu", GpuKind, GpuKind.AUTO),
         simulated_gpu=SimulatedGpuSettings(
             total_gb=sim.number("total_gb", 95.59, minimum=0.01),
-            devices=int(devices),
+            devices=devices,
             release_delay_seconds=sim.number("release_delay_seconds", 0.0),
         ),
         eviction=top.choice("eviction", EvictionPolicy, EvictionPolicy.LARGEST_FIRST),
@@ -344,6 +355,8 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         health_timeout_seconds=top.number("health_timeout_seconds", 900.0, minimum=0.1),
         memory_release_timeout_seconds=top.number("memory_release_timeout_seconds", 30.0),
         stop_grace_seconds=top.number("stop_grace_seconds", 10.0),
+        max_body_bytes=top.whole("max_body_bytes", 32 * 1024 * 1024, minimum=1),
+        max_waiting_requests=top.whole("max_waiting_requests", 512),
         state_dir=Path(os.path.expanduser(state_dir)),
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,7 @@ class EventBus:
     def __init__(self, ring_size: int = RING_SIZE) -> None:
         self._ring: deque[Event] = deque(maxlen=ring_size)
         self._subscribers: set[Subscription] = set()
+        self._listeners: list[Callable[[Event], None]] = []
         self._last_id = 0
 
     @property
@@ -84,9 +85,15 @@ class EventBus:
         self._last_id += 1
         event = Event(self._last_id, name, data)
         self._ring.append(event)
+        for listener in self._listeners:
+            listener(event)
         for subscriber in list(self._subscribers):
             subscriber.offer(event)
         return event
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """A synchronous callback for every event (metrics): must be quick, never blocks."""
+        self._listeners.append(listener)
 
     def missed_since(self, last_id: int) -> list[Event] | None:
         """Events after `last_id`, or None when the ring no longer holds them all."""

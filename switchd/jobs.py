@@ -33,6 +33,7 @@ class SwitchError(Exception):
     http_status: int
     message: str
     fields: dict[str, Any] = field(default_factory=dict)
+    retry_after_seconds: int | None = None  # for a 503: when trying again makes sense
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -42,10 +43,12 @@ class SwitchError(Exception):
 
 
 class Job:
-    def __init__(self, kind: JobKind, target: str) -> None:
+    def __init__(self, kind: JobKind, target: str, idle_for: float | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.kind = kind
         self.target = target
+        # An unload that only happens if the model is still idle this long (TTL).
+        self.idle_for = idle_for
         self.stage = Stage.QUEUED
         self.progress = 0.0
         self.events: list[Event] = []

@@ -11,15 +11,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Scope
 
 from switchd import __version__
 from switchd.config import Settings
 from switchd.events import Event, EventBus
 from switchd.jobs import Job, SwitchError
+from switchd.metrics import Metrics
+from switchd.proxy import Proxy, ProxyContext
 from switchd.switcher import Switcher
 
 PING_SECONDS = 15
@@ -36,11 +40,21 @@ class Services:
     settings: Settings
     switcher: Switcher
     bus: EventBus
+    metrics: Metrics
+    http: httpx.AsyncClient
+
+    def proxy_context(self) -> ProxyContext:
+        return ProxyContext(self.switcher, self.http, self.metrics, self.settings.max_body_bytes)
 
 
 def services(request: Request) -> Services:
     found: Services = request.app.state.services
     return found
+
+
+def proxy_context(scope: Scope) -> ProxyContext:
+    found: Services = scope["app"].state.services
+    return found.proxy_context()
 
 
 def error_response(status: int, code: str, message: str, **fields: Any) -> JSONResponse:
@@ -50,7 +64,10 @@ def error_response(status: int, code: str, message: str, **fields: Any) -> JSONR
 
 
 def switch_error_response(error: SwitchError) -> JSONResponse:
-    return error_response(error.http_status, error.code, error.message, **error.fields)
+    response = error_response(error.http_status, error.code, error.message, **error.fields)
+    if error.retry_after_seconds is not None:
+        response.headers["Retry-After"] = str(error.retry_after_seconds)
+    return response
 
 
 def wants_stream(request: Request) -> bool:
@@ -103,11 +120,17 @@ def sse(event: Event) -> ServerSentEvent:
     return ServerSentEvent(data=event.json(), event=event.name, id=str(event.id))
 
 
-def event_stream(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    streams = services(request).metrics.sse_streams
+
     async def with_retry() -> AsyncIterator[ServerSentEvent]:
-        yield ServerSentEvent(retry=RETRY_MILLISECONDS, comment="switchd")
-        async for event in events:
-            yield event
+        streams.inc()
+        try:
+            yield ServerSentEvent(retry=RETRY_MILLISECONDS, comment="switchd")
+            async for event in events:
+                yield event
+        finally:
+            streams.dec()
 
     return EventSourceResponse(
         with_retry(),
@@ -117,12 +140,12 @@ def event_stream(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
     )
 
 
-def job_stream(job: Job) -> EventSourceResponse:
+def job_stream(request: Request, job: Job) -> EventSourceResponse:
     async def events() -> AsyncIterator[ServerSentEvent]:
         async for event in job.follow():
             yield sse(event)
 
-    return event_stream(events())
+    return event_stream(request, events())
 
 
 # ---- routes -------------------------------------------------------------------
@@ -170,7 +193,7 @@ async def switch(request: Request) -> Response:
     except SwitchError as error:
         return switch_error_response(error)
     if wants_stream(request):
-        return job_stream(job)
+        return job_stream(request, job)
     # The job runs in the switcher's worker: this client leaving does not cancel it.
     wait_ready = request.query_params.get("wait") == "ready"
     await (job.done if wait_ready else job.started).wait()
@@ -193,7 +216,7 @@ async def unload(request: Request) -> Response:
     except SwitchError as error:
         return switch_error_response(error)
     if wants_stream(request):
-        return job_stream(job)
+        return job_stream(request, job)
     await job.done.wait()
     if job.error is not None:
         return switch_error_response(job.error)
@@ -216,7 +239,7 @@ async def job_status(request: Request) -> Response:
 
 async def job_events(request: Request) -> Response:
     job = _job(request)
-    return job if isinstance(job, Response) else job_stream(job)
+    return job if isinstance(job, Response) else job_stream(request, job)
 
 
 async def server_events(request: Request) -> Response:
@@ -244,11 +267,20 @@ async def server_events(request: Request) -> Response:
         finally:
             subscription.close()
 
-    return event_stream(events())
+    return event_stream(request, events())
+
+
+async def metrics(request: Request) -> Response:
+    found = services(request)
+    snapshot = await found.switcher.gpu_snapshot()
+    status = await found.switcher.status(snapshot)
+    body = found.metrics.render(status, snapshot, found.switcher.waiting)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 ROUTES = [
     Route("/health", health),
+    Route("/metrics", metrics),
     Route("/v1/models", list_models),
     Route("/v1/models/status", models_status),
     Route("/v1/models/switch", switch, methods=["POST"]),
@@ -256,4 +288,6 @@ ROUTES = [
     Route("/v1/switches/{job_id}", job_status),
     Route("/v1/switches/{job_id}/events", job_events),
     Route("/v1/events", server_events),
+    # Last: every other POST under /v1 is an OpenAI call for an engine.
+    Route("/v1/{path:path}", Proxy(proxy_context), methods=["POST"]),
 ]

@@ -2,8 +2,10 @@
 
 One job runs at a time, because the GPU is one shared resource: a worker task
 takes jobs from a FIFO queue. A request for a target that already has a job
-joins it. Callers ask for outcomes (`request_switch`, `ensure`, `lease`);
-they never read a state and act on it themselves.
+joins it. Callers ask for outcomes (`request_switch`, `ensure`, `serving`);
+they never read a state and act on it themselves. Idle models are unloaded
+after their TTL by the same worker, so that decision and a request racing it
+are ordered by one owner.
 
 Side effects go through the Runtime and GpuProbe protocols, so tests drive
 this class with recording fakes.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +42,7 @@ RELEASED_FRACTION = 0.75  # of a victim's memory that must show as free again
 MEMORY_POLL_SECONDS = 0.1
 HEALTH_BACKOFF = (0.05, 0.25, 1.5)  # first delay, cap, factor: fast at first
 LAST_LINES_IN_ERRORS = 20
+TTL_CHECK_SECONDS = 0.5
 
 # Share of the progress bar each phase owns: memory check 5%, unloads up to
 # 30%, loading from 30% towards 99% by elapsed over estimated time.
@@ -57,6 +61,7 @@ class ModelRecord:
     error: str | None = None
     measured_gb: float | None = None
     last_used: float = 0.0
+    ready_at: float = 0.0
     in_flight: int = 0
     draining: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -100,6 +105,7 @@ class Switcher:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._loading: dict[str, _Loading] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.waiting = 0  # proxied requests waiting for their model to load
 
     # ---- life cycle -------------------------------------------------------
 
@@ -115,6 +121,8 @@ class Switcher:
             asyncio.create_task(self._work(), name="switchd-worker"),
             asyncio.create_task(self._watch(), name="switchd-watcher"),
         ]
+        if any(spec.ttl_seconds > 0 for spec in self.settings.models.values()):
+            self._tasks.append(asyncio.create_task(self._expire_idle(), name="switchd-ttl"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -154,18 +162,58 @@ class Switcher:
             raise job.error
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[ModelRecord]:
-        """Count a request as in flight on `name`, for drain and last_used."""
-        record = self.records[self._known(name).name]
+    async def serving(self, name: str) -> AsyncIterator[EngineInfo]:
+        """Hold `name` running for one request: load it first if needed (auto_switch),
+        then count the request in flight, for drain, TTL and last_used."""
+        spec = self._known(name)
+        record = self.records[spec.name]
+        deadline = self._clock() + self.settings.request_timeout_seconds
+        while not (record.state is ModelState.RUNNING and not record.draining and record.engine):
+            await self._wait_for_load(record, deadline)
+        engine = record.engine
         record.in_flight += 1
         record.idle.clear()
+        record.last_used = time.time()
         try:
-            yield record
+            yield engine
         finally:
             record.in_flight -= 1
             record.last_used = time.time()
             if record.in_flight == 0:
                 record.idle.set()
+
+    async def _wait_for_load(self, record: ModelRecord, deadline: float) -> None:
+        spec = record.spec
+        retry_after = max(1, math.ceil(self._estimated_load_seconds(spec)))
+        if not self.settings.auto_switch:
+            raise SwitchError(
+                "model_not_loaded",
+                503,
+                f"{spec.name} is not loaded and auto_switch is off: switch to it first",
+                retry_after_seconds=retry_after,
+            )
+        if self.waiting >= self.settings.max_waiting_requests:
+            raise SwitchError(
+                "too_many_waiting",
+                503,
+                f"{self.waiting} requests already wait for models to load; try again later",
+                retry_after_seconds=retry_after,
+            )
+        job = self.request_switch(spec.name)
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(job.done.wait(), max(0.0, deadline - self._clock()))
+        except TimeoutError:
+            raise SwitchError(
+                "load_timeout",
+                503,
+                f"{spec.name} was not ready within {self.settings.request_timeout_seconds:g} s",
+                retry_after_seconds=retry_after,
+            ) from None
+        finally:
+            self.waiting -= 1
+        if job.error is not None:
+            raise job.error
 
     def job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -182,11 +230,11 @@ class Switcher:
             )
         return spec
 
-    def _enqueue(self, kind: JobKind, target: str) -> Job:
+    def _enqueue(self, kind: JobKind, target: str, idle_for: float | None = None) -> Job:
         for job in self._pending:
             if job.kind is kind and job.target == target and job.finished is None:
                 return job
-        job = Job(kind, target)
+        job = Job(kind, target, idle_for)
         self._jobs[job.id] = job
         while len(self._jobs) > JOB_HISTORY:
             self._jobs.popitem(last=False)
@@ -282,10 +330,9 @@ class Switcher:
                     "total_available_gb": choice.total_available_gb,
                 },
             )
-        freed = 0.0
-        for index, victim in enumerate(choice.victims):
-            share = (index + 1) / len(choice.victims)
-            freed += await self._unload(job, self.records[victim.name], victim.held_gb, share)
+        freed = await self._unload_all(
+            job, [(self.records[v.name], v.held_gb) for v in choice.victims]
+        )
         job.memory_info["freed_gb"] = round(freed, 2)
         if victims:
             after = self._available_gb(await self._gpu.snapshot(), spec)
@@ -301,6 +348,16 @@ class Switcher:
         return job.success_body(ready=True)
 
     async def _unload_job(self, job: Job) -> dict[str, Any]:
+        if job.idle_for is not None:
+            record = self.records[job.target]
+            if not self._idle_for(record, job.idle_for):
+                return {
+                    "status": "kept",
+                    "job": job.id,
+                    "unloaded_models": [],
+                    "freed_gb": 0.0,
+                    "message": f"{job.target} was used again: not unloaded",
+                }
         if job.target == "all":
             chosen = [
                 r
@@ -318,10 +375,7 @@ class Switcher:
                 "freed_gb": 0.0,
                 "message": f"Nothing to unload: {job.target} is not running",
             }
-        freed = 0.0
-        for index, record in enumerate(chosen):
-            held = self._held_gb(record)
-            freed += await self._unload(job, record, held, (index + 1) / len(chosen))
+        freed = await self._unload_all(job, [(r, self._held_gb(r)) for r in chosen])
         available = gib((await self._gpu.snapshot()).free_bytes())
         self._emit(
             job,
@@ -340,11 +394,25 @@ class Switcher:
 
     # ---- stages --------------------------------------------------------------
 
+    async def _unload_all(self, job: Job, victims: list[tuple[ModelRecord, float]]) -> float:
+        """Unload each victim in order; returns the GB measured as freed in all."""
+        # Every victim stops taking requests now, before the first await, so no
+        # request can start on a model this job is about to stop.
+        for record, _ in victims:
+            record.draining = True
+        try:
+            freed = 0.0
+            for index, (record, held_gb) in enumerate(victims):
+                freed += await self._unload(job, record, held_gb, (index + 1) / len(victims))
+            return freed
+        finally:
+            for record, _ in victims:
+                record.draining = False
+
     async def _unload(self, job: Job, record: ModelRecord, held_gb: float, share: float) -> float:
         """Drain, stop and verify one model; returns the GB measured as freed."""
         spec = record.spec
         if record.in_flight:
-            record.draining = True
             self._emit(
                 job,
                 Stage.DRAIN,
@@ -369,10 +437,8 @@ class Switcher:
         except Exception as exc:
             self._set_state(record, ModelState.FAILED, error=f"could not be stopped: {exc}")
             raise SwitchError(
-                "unload_failed", 502, f"Could not stop {spec.name}: {exc}", {"model": spec.name}
+                "unload_failed", 502, f"Could not stop {spec.name}: {exc}", {"victim": spec.name}
             ) from exc
-        finally:
-            record.draining = False
         record.engine = None
         self._set_state(record, ModelState.EXITED)
         freed_bytes, verified = await self._await_release(before, spec, held_gb)
@@ -540,6 +606,28 @@ class Switcher:
         record.engine = None
         self._set_state(record, ModelState.FAILED, error="did not become healthy in time")
 
+    # ---- idle models -----------------------------------------------------------
+
+    async def _expire_idle(self) -> None:
+        """Queue a TTL unload for each model idle past its ttl_seconds.
+
+        The unload job checks again when it runs: a request that came in the
+        meantime keeps the model (`kept`), one that comes after waits for a
+        clean reload.
+        """
+        while True:
+            await asyncio.sleep(TTL_CHECK_SECONDS)
+            for record in self.records.values():
+                ttl = record.spec.ttl_seconds
+                if ttl > 0 and record.state is ModelState.RUNNING and self._idle_for(record, ttl):
+                    self._enqueue(JobKind.UNLOAD, record.spec.name, idle_for=ttl)
+
+    @staticmethod
+    def _idle_for(record: ModelRecord, seconds: float) -> bool:
+        if record.in_flight or record.state is not ModelState.RUNNING:
+            return False
+        return time.time() - max(record.last_used, record.ready_at) >= seconds
+
     # ---- what the runtime reports ------------------------------------------
 
     async def _watch(self) -> None:
@@ -581,6 +669,8 @@ class Switcher:
         check(MODEL_TRANSITIONS, old, new)
         record.state = new
         record.error = error
+        if new is ModelState.RUNNING:
+            record.ready_at = time.time()
         spec = record.spec
         if new in (ModelState.LOADING, ModelState.RUNNING) and old not in (
             ModelState.LOADING,
@@ -674,8 +764,12 @@ class Switcher:
     def _last_lines(self, model: str) -> list[str]:
         return list(self._runtime.last_lines(model)[-LAST_LINES_IN_ERRORS:])
 
-    async def status(self) -> dict[str, Any]:
-        snapshot = await self._gpu.snapshot()
+    async def gpu_snapshot(self) -> GpuSnapshot:
+        return await self._gpu.snapshot()
+
+    async def status(self, snapshot: GpuSnapshot | None = None) -> dict[str, Any]:
+        if snapshot is None:
+            snapshot = await self._gpu.snapshot()
         current = self._pending[0] if self._pending else None
         return {
             "models": {name: self._model_status(r) for name, r in self.records.items()},

@@ -312,7 +312,7 @@ async def test_memory_that_never_comes_back_is_reported_as_measured(tmp_path: Pa
 async def test_drain_waits_for_requests_in_flight_before_unloading(tmp_path: Path) -> None:
     runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
     async with rig(make_settings(tmp_path), runtime) as r:
-        async with r.switcher.lease("gpt-oss-120b"):
+        async with r.switcher.serving("gpt-oss-120b"):
             job = r.switcher.request_switch("gpt-oss-20b")
             await asyncio.sleep(0.3)
             assert runtime.calls == [], "nothing stops while a request is in flight"

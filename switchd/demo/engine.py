@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -116,6 +117,10 @@ async def generate(request: Request, chat: bool) -> Response:
         answer = f"Completion from {engine.model} for: {prompt_text[:PROMPT_ECHO_CHARS]}"
     tokens = words(answer)[:budget]
     finish = "length" if len(words(answer)) > budget else "stop"
+    if body.get("ignore_eos") is True:
+        # vLLM's sampling flag: generate exactly max_tokens (benchmarks need long answers).
+        tokens = list(itertools.islice(itertools.cycle(words(answer)), budget))
+        finish = "length"
     usage = {
         "prompt_tokens": len(words(prompt_text)),
         "completion_tokens": len(tokens),

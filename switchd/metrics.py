@@ -1,0 +1,114 @@
+"""Prometheus metrics, in a registry of the app's own (no global state).
+
+Counters and histograms are fed as things happen: the proxy reports each
+request, and the event bus hands every stage event to `observe`, which turns
+consecutive stages of a job into stage and switch durations. Gauges are read
+from the status body at scrape time, so they can never drift from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from switchd.events import Event
+from switchd.gpu import GpuSnapshot
+from switchd.states import ModelState
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
+JOB_END = frozenset({"result", "error"})
+NOT_STAGES = frozenset({"log", "model_state", "snapshot"})
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "switchd_requests",
+            "Proxied requests by model and HTTP status",
+            ["model", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "switchd_request_duration_seconds",
+            "Proxied request duration, load waits included",
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.switch_seconds = Histogram(
+            "switchd_switch_duration_seconds",
+            "Switch and unload jobs, first to last event",
+            ["result"],
+            buckets=SWITCH_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "switchd_stage_duration_seconds",
+            "Time spent in each job stage",
+            ["stage"],
+            buckets=SWITCH_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "switchd_in_flight_requests", "Requests being served, by model", ["model"], registry=r
+        )
+        self.waiting = Gauge(
+            "switchd_waiting_requests", "Requests waiting for their model to load", registry=r
+        )
+        self.model_state = Gauge(
+            "switchd_model_state",
+            "1 for the state each model is in",
+            ["model", "state"],
+            registry=r,
+        )
+        self.gpu_memory = Gauge(
+            "switchd_gpu_memory_bytes", "GPU memory by device", ["device", "kind"], registry=r
+        )
+        self.sse_streams = Gauge(
+            "switchd_sse_streams", "Open Server-Sent Event streams", registry=r
+        )
+        self._jobs: dict[str, tuple[str, float, float]] = {}  # job: (stage, since, started)
+
+    def request_done(self, model: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, str(status)).inc()
+        self.request_seconds.labels(model).observe(seconds)
+
+    def observe(self, event: Event) -> None:
+        """Called by the event bus for every event it publishes."""
+        if event.name in NOT_STAGES:
+            return
+        job = str(event.data.get("job"))
+        now = time.monotonic()
+        previous = self._jobs.get(job)
+        if previous is not None:
+            stage, since, started = previous
+            if stage == event.name:
+                return  # another tick of the same stage (`loading`): it goes on
+            self.stage_seconds.labels(stage).observe(now - since)
+        else:
+            started = now
+        if event.name in JOB_END:
+            self._jobs.pop(job, None)
+            result = str(event.data.get("status") or event.data.get("error") or event.name)
+            self.switch_seconds.labels(result).observe(now - started)
+        else:
+            self._jobs[job] = (event.name, now, started)
+
+    def render(self, status: Mapping[str, Any], gpu: GpuSnapshot, waiting: int) -> bytes:
+        for name, model in status["models"].items():
+            self.in_flight.labels(name).set(model["in_flight"])
+            for state in ModelState:
+                self.model_state.labels(name, state.value).set(model["status"] == state.value)
+        for device in gpu.devices:
+            index = str(device.index)
+            self.gpu_memory.labels(index, "used").set(device.used_bytes)
+            self.gpu_memory.labels(index, "total").set(device.total_bytes)
+            self.gpu_memory.labels(index, "free").set(device.free_bytes)
+        self.waiting.set(waiting)
+        return generate_latest(self.registry)
