@@ -24,7 +24,8 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/status.py
+	$(BIN)/python -m bench.status
+	$(BIN)/python -m bench.proxy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

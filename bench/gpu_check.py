@@ -3,7 +3,7 @@
 Allocates known amounts of device memory (through PyTorch when present, else
 cudaMalloc from libcudart) and checks that switchd's NvmlProbe sees each one
 come and go, then times the probe's read. Elsewhere it says why it cannot run
-and exits 0. Run: `.venv/bin/python bench/gpu_check.py`.
+and exits 0. Run: `.venv/bin/python -m bench.gpu_check`.
 """
 
 from __future__ import annotations

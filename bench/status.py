@@ -3,7 +3,7 @@
 Starts `switchd serve` with the simulated GPU and two demo engines running,
 then times sequential keep-alive requests from one client. `/health` is the
 floor (uvicorn + HTTP + the client); the ratio shows what building the status
-body adds. Run: `.venv/bin/python bench/status.py [--requests N]`.
+body adds. Run: `.venv/bin/python -m bench.status [--requests N]`.
 """
 
 from __future__ import annotations

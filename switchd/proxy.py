@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 
 from switchd.jobs import SwitchError
@@ -88,7 +88,7 @@ class ProxyError(Exception):
 @dataclass(frozen=True)
 class ProxyContext:
     switcher: Switcher
-    http: httpx.AsyncClient
+    upstream: aiohttp.ClientSession
     metrics: Metrics
     max_body_bytes: int
 
@@ -121,10 +121,14 @@ def requested_model(body: bytes) -> tuple[str, dict[str, Any]]:
     return model, data
 
 
-def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[bytes, bytes]]:
-    headers = [(k, v) for k, v in scope["headers"] if k not in NOT_FORWARDED]
+def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[str, str]]:
+    headers = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in scope["headers"]
+        if k not in NOT_FORWARDED
+    ]
     if api_key:
-        headers.append((b"authorization", f"Bearer {api_key}".encode()))
+        headers.append(("authorization", f"Bearer {api_key}"))
     return headers
 
 
@@ -220,38 +224,40 @@ class _Call:
         return outcome["status"]
 
     async def _relay(self, engine: EngineInfo, body: bytes) -> int:
-        http = self.context.http
         spec = self.context.switcher.settings.models[engine.model]
         query = self.scope.get("query_string", b"").decode("latin-1")
         url = engine.url + self.scope["path"] + (f"?{query}" if query else "")
         headers = upstream_headers(self.scope, spec.api_key)
-        request = http.build_request(self.scope["method"], url, headers=headers, content=body)
         try:
-            upstream = await http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            upstream = await self.context.upstream.request(
+                self.scope["method"], url, data=body, headers=headers
+            )
+        except (aiohttp.ClientError, OSError) as exc:
             message = f"{engine.model} did not answer: {exc!r}"
             raise ProxyError(502, "engine_unreachable", message, "server_error") from None
         try:
             await relay_response(self.send, upstream)
         finally:
-            await upstream.aclose()  # returns the connection to the pool, or drops it
-        return upstream.status_code
+            # An answer read to its end returns its connection to the pool; one cut
+            # short (client gone, engine died) closes it, so nothing leaks.
+            upstream.close() if not upstream.content.at_eof() else upstream.release()
+        return upstream.status
 
 
-async def relay_response(send: Send, upstream: httpx.Response) -> None:
+async def relay_response(send: Send, upstream: aiohttp.ClientResponse) -> None:
     """The engine's answer as it comes: status, headers, then each chunk."""
     dropped = HOP_BY_HOP | SERVER_SET
-    headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in dropped]
-    if "content-length" in upstream.headers:
-        headers.append((b"content-length", upstream.headers["content-length"].encode()))
+    headers = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in dropped]
+    if length := upstream.headers.get("content-length"):
+        headers.append((b"content-length", length.encode()))
     events = upstream.headers.get("content-type", "").startswith("text/event-stream")
     if events and "x-accel-buffering" not in upstream.headers:
         headers.append((b"x-accel-buffering", b"no"))  # nginx in front: do not buffer
-    start: Message = {"type": "http.response.start", "status": upstream.status_code}
+    start: Message = {"type": "http.response.start", "status": upstream.status}
     await send({**start, "headers": headers})
     pending = b""
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.content.iter_any():
             if not events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
@@ -260,6 +266,6 @@ async def relay_response(send: Send, upstream: httpx.Response) -> None:
             if end := event_boundary(pending):
                 complete, pending = pending[:end], pending[end:]
                 await send({"type": "http.response.body", "body": complete, "more_body": True})
-    except httpx.HTTPError:
+    except (aiohttp.ClientError, OSError):
         pass  # the engine died mid-answer: end what was sent cleanly
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -41,10 +41,12 @@ class Services:
     switcher: Switcher
     bus: EventBus
     metrics: Metrics
-    http: httpx.AsyncClient
+    upstream: aiohttp.ClientSession
 
     def proxy_context(self) -> ProxyContext:
-        return ProxyContext(self.switcher, self.http, self.metrics, self.settings.max_body_bytes)
+        return ProxyContext(
+            self.switcher, self.upstream, self.metrics, self.settings.max_body_bytes
+        )
 
 
 def services(request: Request) -> Services:

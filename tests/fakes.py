@@ -19,6 +19,7 @@ class FakeRuntime:
 
     load_seconds: dict[str, float] = field(default_factory=dict)
     default_load_seconds: float = 0.05
+    stop_seconds: float = 0.0
     fail_start: set[str] = field(default_factory=set)
     adopted: list[EngineInfo] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
@@ -43,6 +44,7 @@ class FakeRuntime:
     async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
         self.calls.append(f"stop {spec.name}")
         self.ready_at.pop(spec.name, None)
+        await asyncio.sleep(self.stop_seconds)
         instance = self.instances.pop(spec.name, None)
         if instance is not None:
             self._queue.put_nowait(EngineExited(spec.name, instance, 0, "stopped", ()))

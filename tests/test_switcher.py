@@ -415,3 +415,56 @@ async def test_closing_fails_the_running_and_queued_jobs(tmp_path: Path) -> None
             assert job.error is not None
             assert job.error.code == "shutting_down"
             assert job.events[-1].name == "error"
+
+
+async def test_serving_loads_on_demand_and_counts_the_request_in_flight(tmp_path: Path) -> None:
+    async with rig(make_settings(tmp_path)) as r:
+        async with r.switcher.serving("20b") as engine:
+            record = r.switcher.records["gpt-oss-20b"]
+            assert engine.model == "gpt-oss-20b"
+            assert record.state is ModelState.RUNNING
+            assert record.in_flight == 1
+        assert record.in_flight == 0
+        assert record.last_used > 0
+
+
+async def test_serving_without_auto_switch_refuses_with_503(tmp_path: Path) -> None:
+    async with rig(make_settings(tmp_path, auto_switch=False)) as r:
+        with pytest.raises(SwitchError) as refused:
+            async with r.switcher.serving("gpt-oss-20b"):
+                pass
+        assert (refused.value.code, refused.value.http_status) == ("model_not_loaded", 503)
+        assert refused.value.retry_after_seconds == 3
+        assert r.runtime.calls == []
+
+
+def ttl_models(ttl: float) -> dict[str, Any]:
+    return {"m": {"cmd": "e", "size_gb": 10, "ttl_seconds": ttl}}
+
+
+async def wait_for_state(r: Rig, model: str, state: ModelState, within: float) -> None:
+    async with asyncio.timeout(within):
+        while r.switcher.records[model].state is not state:
+            await asyncio.sleep(0.02)
+
+
+async def test_ttl_unloads_an_idle_model_but_never_one_in_use(tmp_path: Path) -> None:
+    async with rig(make_settings(tmp_path, ttl_models(0.3))) as r:
+        async with r.switcher.serving("m"):
+            await asyncio.sleep(1.2)  # well past the TTL, but a request is in flight
+            assert r.switcher.records["m"].state is ModelState.RUNNING
+        started = time.monotonic()
+        await wait_for_state(r, "m", ModelState.EXITED, within=3)
+        assert time.monotonic() - started >= 0.3, "idle is counted from the last request"
+        assert r.runtime.calls == ["start m", "stop m"]
+
+
+async def test_a_request_racing_a_ttl_unload_waits_for_a_clean_reload(tmp_path: Path) -> None:
+    runtime = FakeRuntime(stop_seconds=0.5)
+    async with rig(make_settings(tmp_path, ttl_models(0.2)), runtime) as r:
+        await r.switcher.ensure("m")
+        await wait_for_state(r, "m", ModelState.STOPPING, within=3)
+        async with asyncio.timeout(5), r.switcher.serving("m") as engine:
+            assert r.switcher.records["m"].state is ModelState.RUNNING
+            assert engine.instance == "m#2", "served by the reloaded engine"
+        assert runtime.calls == ["start m", "stop m", "start m"]
