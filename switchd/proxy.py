@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,18 @@ HOP_BY_HOP = frozenset(
 )
 # The server in front sets its own; the engine's copies would be duplicates.
 SERVER_SET = frozenset({b"date", b"server"})
-NOT_FORWARDED = HOP_BY_HOP | {b"authorization"}  # switchd's key is not the engine's
+# switchd's key is not the engine's; the body is read already, so no 100-continue.
+NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"expect"}
+
+
+def named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Headers a `Connection` field names: hop-by-hop too (RFC 9110, 7.6.1)."""
+    return {
+        name.strip().lower()
+        for key, value in headers
+        if key.lower() == b"connection"
+        for name in value.split(b",")
+    }
 
 
 class ClientGone(Exception):
@@ -122,10 +133,9 @@ def requested_model(body: bytes) -> tuple[str, dict[str, Any]]:
 
 
 def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[str, str]]:
+    dropped = NOT_FORWARDED | named_in_connection(scope["headers"])
     headers = [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in scope["headers"]
-        if k not in NOT_FORWARDED
+        (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in dropped
     ]
     if api_key:
         headers.append(("authorization", f"Bearer {api_key}"))
@@ -246,7 +256,7 @@ class _Call:
 
 async def relay_response(send: Send, upstream: aiohttp.ClientResponse) -> None:
     """The engine's answer as it comes: status, headers, then each chunk."""
-    dropped = HOP_BY_HOP | SERVER_SET
+    dropped = HOP_BY_HOP | SERVER_SET | named_in_connection(upstream.raw_headers)
     headers = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in dropped]
     if length := upstream.headers.get("content-length"):
         headers.append((b"content-length", length.encode()))

@@ -444,7 +444,7 @@ def ttl_models(ttl: float) -> dict[str, Any]:
 
 async def wait_for_state(r: Rig, model: str, state: ModelState, within: float) -> None:
     async with asyncio.timeout(within):
-        while r.switcher.records[model].state is not state:
+        while r.switcher.records[model].state is not state:  # noqa: ASYNC110 - polling a state in a test
             await asyncio.sleep(0.02)
 
 

@@ -1,0 +1,464 @@
+"""The proxy in-process, for what a real engine cannot easily be made to do.
+
+switchd runs under a real uvicorn on a free port, with a FakeRuntime whose
+engines are raw TCP servers in the test: each records the requests it gets
+and answers with exactly the bytes a test writes (a 422, a stream cut off
+mid-event, a connection dropped). Health checks go through an httpx
+MockTransport that follows the FakeRuntime's load times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from switchd.app import create_app
+from switchd.config import ModelSpec, Settings, parse_settings
+from switchd.gpu import SimulatedGpu
+from switchd.routes import Services
+from switchd.runtime.base import EngineInfo
+from tests.fakes import FakeRuntime
+
+CHAT = "/v1/chat/completions"
+CLIENT_KEY = "client-key"
+ENGINE_KEY = "engine-secret"
+MODELS: dict[str, Any] = {
+    "gpt-oss-20b": {"cmd": "engine", "size_gb": 24, "aliases": ["20b"], "api_key": ENGINE_KEY},
+    "mistral-7b-v0.1": {"cmd": "engine", "size_gb": 18},
+}
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def make_settings(tmp_path: Path, **extra: Any) -> Settings:
+    data: dict[str, Any] = {
+        "runtime": "process",
+        "gpu": "simulated",
+        "simulated_gpu": {"total_gb": 95.59},
+        "memory_release_timeout_seconds": 2,
+        "health_timeout_seconds": 5,
+        "drain_timeout_seconds": 5,
+        "state_dir": str(tmp_path / "state"),
+        "models": MODELS,
+    }
+    data.update(extra)
+    return parse_settings(data, "test.yaml", {})
+
+
+def chat(model: str, text: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def closed_port() -> int:
+    """A port that nothing listens on (bound once, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# ---- a raw engine ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as it arrived at the engine, headers in their order."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    @property
+    def names(self) -> set[str]:
+        return {key.lower() for key, _ in self.headers}
+
+
+# Writes the whole answer; returns False to close the connection afterwards.
+Responder = Callable[[Received, asyncio.StreamWriter], Awaitable[bool]]
+
+
+def response_bytes(status: str, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"content-length: {len(body)}"]
+    lines += [f"{key}: {value}" for key, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def answer_json(received: Received, writer: asyncio.StreamWriter) -> bool:
+    """The default engine: 200 with a small JSON answer naming what it got."""
+    body = json.dumps({"object": "chat.completion", "path": received.target}).encode()
+    writer.write(response_bytes("200 OK", body, (("content-type", "application/json"),)))
+    await writer.drain()
+    return True
+
+
+@dataclass
+class RawEngines:
+    """One raw HTTP server per model, answering with `respond`; every request is kept."""
+
+    respond: Responder = answer_json
+    received: list[Received] = field(default_factory=list)
+    _servers: dict[str, asyncio.Server] = field(default_factory=dict)
+
+    def port(self, model: str) -> int:
+        port: int = self._servers[model].sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, model: str) -> str:
+        self._servers[model] = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.port(model)}"
+
+    async def close(self) -> None:
+        for server in self._servers.values():
+            server.close()
+        for server in self._servers.values():
+            await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                request_line, *lines = head.removesuffix("\r\n\r\n").split("\r\n")
+                method, target, _ = request_line.split(" ", 2)
+                headers = tuple(
+                    (key.strip(), value.strip())
+                    for key, value in (line.split(":", 1) for line in lines)
+                )
+                length = sum(int(v) for k, v in headers if k.lower() == "content-length")
+                received = Received(method, target, headers, await reader.readexactly(length))
+                self.received.append(received)
+                if not await self.respond(received, writer):
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the proxy closed the connection
+        finally:
+            writer.close()
+
+
+@dataclass
+class EngineRuntime(FakeRuntime):
+    """A FakeRuntime whose engines answer at the URLs of test servers."""
+
+    urls: dict[str, str] = field(default_factory=dict)
+
+    async def start(self, spec: ModelSpec) -> EngineInfo:
+        info = await super().start(spec)
+        return dataclasses.replace(info, url=self.urls[spec.name])
+
+    def health(self) -> httpx.MockTransport:
+        """200 on /health once a model's load time has passed, else 503."""
+        models = {httpx.URL(url).port: model for model, url in self.urls.items()}
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            ready_at = self.ready_at.get(models.get(request.url.port, ""))
+            if ready_at is not None and time.monotonic() >= ready_at:
+                return httpx.Response(200, json={"status": "ok"})
+            return httpx.Response(503, json={"status": "loading"})
+
+        return httpx.MockTransport(handle)
+
+
+@dataclass
+class Running:
+    http: httpx.AsyncClient
+    engine: RawEngines
+    runtime: EngineRuntime
+    services: Services
+
+    async def in_flight(self, model: str) -> int:
+        status = (await self.http.get("/v1/models/status")).json()
+        count: int = status["models"][model]["in_flight"]
+        return count
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    settings: Settings,
+    respond: Responder = answer_json,
+    runtime: EngineRuntime | None = None,
+    unreachable: frozenset[str] = frozenset(),
+) -> AsyncIterator[Running]:
+    """switchd under a real uvicorn on a free port, each model's engine a raw server,
+    except those in `unreachable`, whose URL has nothing listening."""
+    engine = RawEngines(respond)
+    runtime = runtime or EngineRuntime()
+    for model in settings.models:
+        if model in unreachable:
+            runtime.urls[model] = f"http://127.0.0.1:{closed_port()}"
+        else:
+            runtime.urls[model] = await engine.start(model)
+    app: Starlette = create_app(
+        settings,
+        runtime=runtime,
+        gpu=SimulatedGpu(settings.simulated_gpu),
+        http_transport=runtime.health(),
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                assert not task.done(), "uvicorn stopped at start"
+                await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        services: Services = app.state.services
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            yield Running(http, engine, runtime, services)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        await engine.close()
+
+
+def openai_error(message: str, kind: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+# ---- the engine fails ----------------------------------------------------------------------
+
+
+async def test_engine_unreachable_is_502(tmp_path: Path) -> None:
+    unreachable = frozenset({"gpt-oss-20b"})
+    async with serve(make_settings(tmp_path), unreachable=unreachable) as running:
+        response = await running.http.post(CHAT, json=chat("gpt-oss-20b"))
+        assert response.status_code == 502
+        assert response.headers["content-type"] == "application/json"
+        body = response.json()
+        assert body == openai_error(body["error"]["message"], "server_error", "engine_unreachable")
+        assert body["error"]["message"].startswith("gpt-oss-20b did not answer: ")
+        assert await running.in_flight("gpt-oss-20b") == 0
+        metrics = (await running.http.get("/metrics")).text
+        assert 'switchd_requests_total{code="502",model="gpt-oss-20b"} 1.0' in metrics
+
+
+async def test_engine_dropping_the_connection_unanswered_is_502(tmp_path: Path) -> None:
+    async def hang_up(received: Received, writer: asyncio.StreamWriter) -> bool:
+        return False  # closes the connection without a byte of answer
+
+    async with serve(make_settings(tmp_path), hang_up) as running:
+        response = await running.http.post(CHAT, json=chat("gpt-oss-20b"))
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "engine_unreachable")
+        assert await running.in_flight("gpt-oss-20b") == 0
+
+
+async def test_engine_dying_mid_stream_ends_the_stream_after_the_whole_events(
+    tmp_path: Path,
+) -> None:
+    async def die(received: Received, writer: asyncio.StreamWriter) -> bool:
+        if json.loads(received.body).get("stream") is not True:
+            return await answer_json(received, writer)
+        head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        writer.write(f"{head}transfer-encoding: chunked\r\n\r\n".encode())
+        # Two whole events and half of a third, cut across chunks; then the engine dies.
+        for piece in (b'data: {"n": 1}\n\ndata: {"n"', b': 2}\n\ndata: {"n": 3, "te'):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.transport.abort()
+        return False
+
+    async with serve(make_settings(tmp_path), die) as running:
+        body = chat("gpt-oss-20b", stream=True)
+        async with asyncio.timeout(5):  # no hang
+            async with running.http.stream("POST", CHAT, json=body) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"] == "text/event-stream"
+                assert response.headers["x-accel-buffering"] == "no"
+                chunks = [chunk async for chunk in response.aiter_raw()]
+        # Exactly the two whole events, each as soon as it was whole; no half event.
+        assert chunks == [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n']
+        assert await running.in_flight("gpt-oss-20b") == 0
+        # The next request goes through as usual.
+        response = await running.http.post(CHAT, json=chat("gpt-oss-20b"))
+        assert response.status_code == 200
+        assert response.json() == {"object": "chat.completion", "path": CHAT}
+
+
+# ---- what is forwarded ----------------------------------------------------------------------
+
+
+async def test_hop_by_hop_and_client_authorization_stay_behind(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, api_keys=[CLIENT_KEY])
+    async with serve(settings) as running:
+        headers = {
+            "Authorization": f"Bearer {CLIENT_KEY}",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Trailer": "X-Checksum",
+            "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+            "Proxy-Connection": "keep-alive",
+            "X-Request-Id": "abc-123",
+            "OpenAI-Organization": "org-1",
+        }
+        for model in ("20b", "mistral-7b-v0.1"):
+            response = await running.http.post(CHAT, json=chat(model), headers=headers)
+            assert response.status_code == 200, response.text
+
+        with_key, without_key = running.engine.received
+        for received in (with_key, without_key):
+            assert not received.names & HOP_BY_HOP
+            assert received.header("x-request-id") == ["abc-123"]
+            assert received.header("openai-organization") == ["org-1"]
+            assert received.header("content-type") == ["application/json"]
+            assert received.header("content-length") == [str(len(received.body))]
+            assert received.method == "POST"
+        assert with_key.header("host") == [f"127.0.0.1:{running.engine.port('gpt-oss-20b')}"]
+        assert without_key.header("host") == [f"127.0.0.1:{running.engine.port('mistral-7b-v0.1')}"]
+        # The model's own key replaces the client's; a model without one gets none.
+        assert with_key.header("authorization") == [f"Bearer {ENGINE_KEY}"]
+        assert without_key.header("authorization") == []
+
+
+async def test_headers_named_in_connection_stay_behind(tmp_path: Path) -> None:
+    async with serve(make_settings(tmp_path)) as running:
+        headers = {"Connection": "keep-alive, X-Hop-Secret", "X-Hop-Secret": "for-the-proxy"}
+        response = await running.http.post(CHAT, json=chat("gpt-oss-20b"), headers=headers)
+        assert response.status_code == 200
+        (received,) = running.engine.received
+        assert received.header("x-hop-secret") == []
+
+
+async def test_a_clients_expect_100_continue_does_not_hold_the_body_back(
+    tmp_path: Path,
+) -> None:
+    async with serve(make_settings(tmp_path)) as running:
+        # curl sends this for large bodies; the server in front already answered it.
+        headers = {"Expect": "100-continue"}
+        response = await running.http.post(
+            CHAT, json=chat("gpt-oss-20b"), headers=headers, timeout=1.5
+        )
+        assert response.status_code == 200
+        (received,) = running.engine.received
+        assert received.header("expect") == []
+
+
+async def test_alias_rewrites_the_body_and_a_model_name_leaves_it_alone(tmp_path: Path) -> None:
+    async with serve(make_settings(tmp_path)) as running:
+        body = chat("20b", "x", temperature=0.5)
+        response = await running.http.post(CHAT, json=body)
+        assert response.status_code == 200
+        # A request naming the model itself is passed on byte for byte.
+        raw = b'{"model":"gpt-oss-20b",  "input":"keep  my   spacing"}'
+        response = await running.http.post("/v1/embeddings", content=raw)
+        assert response.status_code == 200
+        rewritten, untouched = running.engine.received
+        assert json.loads(rewritten.body) == {**body, "model": "gpt-oss-20b"}
+        assert rewritten.header("content-length") == [str(len(rewritten.body))]
+        assert untouched.body == raw
+
+
+async def test_path_and_query_string_are_preserved(tmp_path: Path) -> None:
+    async with serve(make_settings(tmp_path)) as running:
+        target = "/v1/embeddings?x=1&y=a%20b&api-version=2024-02-01"
+        response = await running.http.post(target, json={"model": "gpt-oss-20b", "input": "x"})
+        assert response.status_code == 200
+        response = await running.http.post(
+            "/v1/audio/transcriptions", json={"model": "mistral-7b-v0.1"}
+        )
+        assert response.status_code == 200
+        first, second = running.engine.received
+        assert first.target == target
+        assert second.target == "/v1/audio/transcriptions"
+
+
+async def test_the_engines_status_headers_and_body_are_passed_through(tmp_path: Path) -> None:
+    error = b'{"object":"error","message":"max_tokens is too large","code":422}'
+
+    async def refuse(received: Received, writer: asyncio.StreamWriter) -> bool:
+        headers = (
+            ("content-type", "application/json"),
+            ("x-engine", "vllm"),
+            ("server", "engine-server"),
+            ("date", "Thu, 01 Jan 1970 00:00:00 GMT"),
+        )
+        writer.write(response_bytes("422 Unprocessable Entity", error, headers))
+        await writer.drain()
+        return True
+
+    async with serve(make_settings(tmp_path), refuse) as running:
+        response = await running.http.post(CHAT, json=chat("gpt-oss-20b", max_tokens=10**9))
+        assert response.status_code == 422
+        assert response.content == error
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers.get_list("content-length") == [str(len(error))]
+        assert response.headers["x-engine"] == "vllm"
+        # The server in front sets these itself; the engine's copies are not duplicated.
+        assert response.headers.get_list("server") == ["uvicorn"]
+        assert len(response.headers.get_list("date")) == 1
+        assert response.headers["date"] != "Thu, 01 Jan 1970 00:00:00 GMT"
+        metrics = (await running.http.get("/metrics")).text
+        assert 'switchd_requests_total{code="422",model="gpt-oss-20b"} 1.0' in metrics
+
+
+async def test_without_the_api_key_a_proxied_request_is_401(tmp_path: Path) -> None:
+    runtime = EngineRuntime()
+    async with serve(make_settings(tmp_path, api_keys=[CLIENT_KEY]), runtime=runtime) as running:
+        expected = openai_error(
+            "Missing or invalid API key: send 'Authorization: Bearer KEY'",
+            "authentication_error",
+            "invalid_api_key",
+        )
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": CLIENT_KEY}):
+            response = await running.http.post(CHAT, json=chat("gpt-oss-20b"), headers=headers)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == 'Bearer realm="switchd"'
+            assert response.json() == expected
+        # Nothing reached an engine, and nothing was loaded for it.
+        assert running.engine.received == []
+        assert runtime.calls == []
+        response = await running.http.post(
+            CHAT, json=chat("gpt-oss-20b"), headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+        )
+        assert response.status_code == 200
+
+
+# ---- a client that leaves -------------------------------------------------------------------
+
+
+async def test_a_client_leaving_while_its_model_loads_frees_its_place(tmp_path: Path) -> None:
+    runtime = EngineRuntime(load_seconds={"gpt-oss-20b": 1.5})
+    async with serve(make_settings(tmp_path), runtime=runtime) as running:
+        switcher = running.services.switcher
+        with pytest.raises(httpx.ReadTimeout):
+            await running.http.post(CHAT, json=chat("gpt-oss-20b"), timeout=0.4)
+        async with asyncio.timeout(2):
+            while switcher.waiting:  # noqa: ASYNC110 - a plain counter, no event to wait on
+                await asyncio.sleep(0.02)
+        metrics = (await running.http.get("/metrics")).text
+        assert "switchd_waiting_requests 0.0" in metrics
+        assert 'switchd_requests_total{code="499",model="gpt-oss-20b"} 1.0' in metrics
+        assert running.engine.received == []
+        # The load it started goes on, and the next request is served.
+        response = await running.http.post(CHAT, json=chat("gpt-oss-20b"), timeout=10)
+        assert response.status_code == 200
+        assert runtime.calls == ["start gpt-oss-20b"]
+        assert await running.in_flight("gpt-oss-20b") == 0
