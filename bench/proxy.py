@@ -20,7 +20,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,44 +27,20 @@ from pathlib import Path
 
 import aiohttp
 import httpx
-import yaml
 
-from bench.status import free_port, percentile
+from bench.server import percentile, start_switchd
 
 MODEL = "bench-engine"
 TOKENS_PER_SECOND = 1000
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-def start_switchd(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_engine_behind_switchd(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     engine = (
         "${PYTHON} -m switchd.demo.engine --port ${PORT} --model ${MODEL} "
         f"--load-seconds 0.2 --tokens-per-second {TOKENS_PER_SECOND}"
     )
-    config = {
-        "listen": f"127.0.0.1:{port}",
-        "runtime": "process",
-        "gpu": "simulated",
-        "state_dir": str(folder / "state"),
-        "models": {MODEL: {"cmd": engine, "size_gb": 10}},
-    }
-    path = folder / "switchd.yaml"
-    path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "switchd", "serve", "--config", str(path)]
-    process = subprocess.Popen(
-        [*command, "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise SystemExit("switchd did not start")
+    return start_switchd(folder, {MODEL: {"cmd": engine, "size_gb": 10}})
 
 
 async def timed_chat(client: aiohttp.ClientSession, base: str) -> float:
@@ -194,7 +169,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples, for a smoke run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        process, url = start_switchd(Path(folder))
+        process, url = start_engine_behind_switchd(Path(folder))
         try:
             load = {"target_model": MODEL, "wait": "ready"}
             httpx.post(f"{url}/v1/models/switch", params=load, timeout=60).raise_for_status()

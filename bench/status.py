@@ -11,56 +11,25 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import yaml
+
+from bench.server import percentile, start_switchd
 
 ENGINE = "${PYTHON} -m switchd.demo.engine --port ${PORT} --model ${MODEL} --load-seconds 0.2"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def start_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    config = {
-        "listen": f"127.0.0.1:{port}",
-        "runtime": "process",
-        "gpu": "simulated",
-        "state_dir": str(folder / "state"),
-        "models": {
-            name: {"cmd": ENGINE, "size_gb": size}
-            for name, size in [("gpt-oss-20b", 24), ("mistral-7b-v0.1", 18), ("idle", 30)]
-        },
+    models = {
+        name: {"cmd": ENGINE, "size_gb": size}
+        for name, size in [("gpt-oss-20b", 24), ("mistral-7b-v0.1", 18), ("idle", 30)]
     }
-    path = folder / "switchd.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "switchd", "serve", "--config", str(path), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise SystemExit("switchd did not start")
+    return start_switchd(folder, models)
 
 
 def timings(client: httpx.Client, path: str, count: int) -> list[float]:
@@ -73,11 +42,6 @@ def timings(client: httpx.Client, path: str, count: int) -> list[float]:
         samples.append((time.perf_counter() - started) * 1000)
         response.raise_for_status()
     return samples
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def main() -> int:

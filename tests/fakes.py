@@ -6,10 +6,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import httpx
 
-from switchd.config import ModelSpec
+from switchd.config import ModelSpec, Settings, parse_settings
 from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
 
 
@@ -89,3 +91,26 @@ class FakeRuntime:
             return httpx.Response(503, json={"status": "loading"})
 
         return httpx.MockTransport(handle)
+
+
+SEED_MODELS: dict[str, Any] = {
+    "gpt-oss-120b": {"cmd": "engine", "size_gb": 80, "load_time_seconds": 8},
+    "gpt-oss-20b": {"cmd": "engine", "size_gb": 24, "load_time_seconds": 3, "aliases": ["20b"]},
+    "deepseek-coder-33b-instruct": {"cmd": "engine", "size_gb": 40},
+    "mistral-7b-v0.1": {"cmd": "engine", "size_gb": 18},
+}
+
+
+def make_settings(tmp_path: Path, models: dict[str, Any] | None = None, **extra: Any) -> Settings:
+    data: dict[str, Any] = {
+        "runtime": "process",
+        "gpu": "simulated",
+        "simulated_gpu": {"total_gb": 95.59},
+        "memory_release_timeout_seconds": 2,
+        "health_timeout_seconds": 5,
+        "drain_timeout_seconds": 5,
+        "state_dir": str(tmp_path / "state"),
+        "models": models or SEED_MODELS,
+    }
+    data.update(extra)
+    return parse_settings(data, "test.yaml", {})

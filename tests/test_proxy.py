@@ -26,10 +26,11 @@ import uvicorn
 from starlette.applications import Starlette
 
 from switchd.app import create_app
-from switchd.config import ModelSpec, Settings, parse_settings
+from switchd.config import ModelSpec, Settings
 from switchd.gpu import SimulatedGpu
 from switchd.routes import Services
 from switchd.runtime.base import EngineInfo
+from tests import fakes
 from tests.fakes import FakeRuntime
 
 CHAT = "/v1/chat/completions"
@@ -55,18 +56,7 @@ HOP_BY_HOP = frozenset(
 
 
 def make_settings(tmp_path: Path, **extra: Any) -> Settings:
-    data: dict[str, Any] = {
-        "runtime": "process",
-        "gpu": "simulated",
-        "simulated_gpu": {"total_gb": 95.59},
-        "memory_release_timeout_seconds": 2,
-        "health_timeout_seconds": 5,
-        "drain_timeout_seconds": 5,
-        "state_dir": str(tmp_path / "state"),
-        "models": MODELS,
-    }
-    data.update(extra)
-    return parse_settings(data, "test.yaml", {})
+    return fakes.make_settings(tmp_path, MODELS, **extra)
 
 
 def chat(model: str, text: str = "hi", **extra: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from switchd.config import Settings, parse_settings
+from switchd.config import Settings
 from switchd.events import Event, EventBus
 from switchd.gpu import SimulatedGpu
 from switchd.jobs import Job, SwitchError
@@ -21,29 +21,7 @@ from switchd.runtime.base import EngineInfo
 from switchd.states import ModelState
 from switchd.stats import LearnedStats
 from switchd.switcher import Switcher
-from tests.fakes import FakeRuntime
-
-SEED_MODELS: dict[str, Any] = {
-    "gpt-oss-120b": {"cmd": "engine", "size_gb": 80, "load_time_seconds": 8},
-    "gpt-oss-20b": {"cmd": "engine", "size_gb": 24, "load_time_seconds": 3, "aliases": ["20b"]},
-    "deepseek-coder-33b-instruct": {"cmd": "engine", "size_gb": 40},
-    "mistral-7b-v0.1": {"cmd": "engine", "size_gb": 18},
-}
-
-
-def make_settings(tmp_path: Path, models: dict[str, Any] | None = None, **extra: Any) -> Settings:
-    data: dict[str, Any] = {
-        "runtime": "process",
-        "gpu": "simulated",
-        "simulated_gpu": {"total_gb": 95.59},
-        "memory_release_timeout_seconds": 2,
-        "health_timeout_seconds": 5,
-        "drain_timeout_seconds": 5,
-        "state_dir": str(tmp_path / "state"),
-        "models": models or SEED_MODELS,
-    }
-    data.update(extra)
-    return parse_settings(data, "test.yaml", {})
+from tests.fakes import FakeRuntime, make_settings
 
 
 @dataclass
