@@ -57,6 +57,21 @@ class SimulatedGpuSettings:
 
 
 @dataclass(frozen=True)
+class DockerOptions:
+    """How switchd creates a model's container itself (`image:` models)."""
+
+    volumes: tuple[str, ...] = ()  # "host:container[:ro]"
+    network: str | None = None
+    ports: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # "8000/tcp": (ip, port)
+    port: int = 8000  # the engine's port inside the container
+    shm_size: str | None = None
+    ipc: str | None = None
+    request_gpus: bool = True  # ask Docker for the model's GPUs (device requests)
+    gpu_count: int | None = None  # `gpus: N`: any N devices
+    remove: bool = False  # remove the container on unload instead of keeping it stopped
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     size_gb: float
@@ -73,6 +88,7 @@ class ModelSpec:
     gpus: tuple[int, ...] | None = None  # None: every device
     env: Mapping[str, str] = field(default_factory=dict)
     api_key: str | None = None  # sent to the engine instead of the client's key
+    docker: DockerOptions = DockerOptions()
 
 
 @dataclass(frozen=True)
@@ -140,6 +156,14 @@ _MODEL_KEYS = {
     "ttl_seconds",
     "gpus",
     "env",
+    "volumes",
+    "network",
+    "ports",
+    "port",
+    "shm_size",
+    "ipc",
+    "request_gpus",
+    "remove",
 }
 _SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds"}
 
@@ -228,17 +252,58 @@ def parse_listen(source: str, value: object) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _parse_gpus(reader: _Reader) -> tuple[int, ...] | None:
+def _parse_gpus(reader: _Reader) -> tuple[tuple[int, ...] | None, int | None]:
+    """`all`, a count N (any N devices), or device indexes: (indexes, count)."""
     value = reader.data.get("gpus")
     if value is None or value == "all":
-        return None
+        return None, None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return None, value
     if (
         not isinstance(value, list)
         or not value
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     ):
-        raise reader.error("gpus", f"must be a list of device indexes like [0, 1], got {value!r}")
-    return tuple(value)
+        raise reader.error(
+            "gpus", f"must be all, a count, or device indexes like [0, 1], got {value!r}"
+        )
+    return tuple(value), None
+
+
+def _parse_ports(reader: _Reader) -> dict[str, tuple[str, int]]:
+    """Compose-style "[IP:]HOST:CONTAINER" strings into the Docker SDK's mapping."""
+    value = reader.data.get("ports", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise reader.error("ports", 'must be a list like ["127.0.0.1:8001:8000"]')
+    ports: dict[str, tuple[str, int]] = {}
+    for entry in value:
+        parts = entry.split(":")
+        if len(parts) == 2:
+            parts.insert(0, "0.0.0.0")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise reader.error("ports", f"{entry!r} is not [IP:]HOST_PORT:CONTAINER_PORT")
+        ports[f"{parts[2]}/tcp"] = (parts[0], int(parts[1]))
+    return ports
+
+
+def _parse_docker(reader: _Reader, gpu_count: int | None) -> DockerOptions:
+    volumes = reader.data.get("volumes", [])
+    if not isinstance(volumes, list) or not all(isinstance(v, str) and ":" in v for v in volumes):
+        raise reader.error("volumes", 'must be a list like ["/srv/models:/models:ro"]')
+    port = reader.number("port", 8000, minimum=1)
+    if port != int(port) or port > 65535:
+        raise reader.error("port", f"must be a port number, got {port!r}")
+    return DockerOptions(
+        volumes=tuple(volumes),
+        network=reader.text("network"),
+        ports=_parse_ports(reader),
+        port=int(port),
+        shm_size=reader.text("shm_size"),
+        ipc=reader.text("ipc"),
+        request_gpus=reader.boolean("request_gpus", True),
+        gpu_count=gpu_count,
+        remove=reader.boolean("remove", False),
+    )
 
 
 def _parse_model(source: str, name: str, data: object) -> ModelSpec:
@@ -269,6 +334,13 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
     url = reader.text("url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise reader.error("url", f"must start with http:// or https://, got {url!r}")
+    gpus, gpu_count = _parse_gpus(reader)
+    if container and image:
+        raise ConfigError(
+            source,
+            f"models.{name}",
+            "has both `container` (one compose made) and `image` (one switchd makes): keep one",
+        )
     return ModelSpec(
         name=name,
         size_gb=reader.number("size_gb", None, minimum=0.0),
@@ -282,8 +354,9 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
         pinned=reader.boolean("pinned", False),
         aliases=tuple(aliases),
         ttl_seconds=reader.number("ttl_seconds", 0.0),
-        gpus=_parse_gpus(reader),
+        gpus=gpus,
         api_key=reader.text("api_key"),
+        docker=_parse_docker(reader, gpu_count),
         # YAML's `true` would become "True"; engines expect the spelling they were given.
         env={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()},
     )

@@ -41,7 +41,8 @@ class IllegalTransition(RuntimeError):
 
 
 MODEL_TRANSITIONS: Mapping[ModelState, frozenset[ModelState]] = {
-    ModelState.EXITED: frozenset({ModelState.LOADING, ModelState.RUNNING}),  # RUNNING: adopted
+    # RUNNING: an engine adopted at start-up; FAILED: one that cannot run at all.
+    ModelState.EXITED: frozenset({ModelState.LOADING, ModelState.RUNNING, ModelState.FAILED}),
     ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.RUNNING, ModelState.EXITED}),
     ModelState.LOADING: frozenset(
         {ModelState.RUNNING, ModelState.STOPPING, ModelState.FAILED, ModelState.EXITED}

@@ -111,12 +111,18 @@ class Switcher:
 
     async def start(self) -> None:
         """Adopt what the runtime already runs, then start the worker and watcher."""
-        for info in await self._runtime.discover():
+        found = await self._runtime.discover()
+        for info in found.running:
             record = self.records.get(info.model)
             if record is not None and record.state is ModelState.EXITED:
                 record.engine = info
                 self._set_state(record, ModelState.RUNNING)
                 log.info("adopted running engine of %s (%s)", info.model, info.instance)
+        for model, why in found.unavailable.items():
+            record = self.records.get(model)
+            if record is not None and record.state is ModelState.EXITED:
+                self._set_state(record, ModelState.FAILED, error=why)
+                log.error("%s cannot run: %s", model, why)
         self._tasks = [
             asyncio.create_task(self._work(), name="switchd-worker"),
             asyncio.create_task(self._watch(), name="switchd-watcher"),

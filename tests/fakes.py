@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,14 @@ from typing import Any
 import httpx
 
 from switchd.config import ModelSpec, Settings, parse_settings
-from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
+from switchd.runtime.base import (
+    Discovery,
+    EngineExited,
+    EngineInfo,
+    EngineOutput,
+    RuntimeEvent,
+    StartFailed,
+)
 
 
 @dataclass
@@ -24,6 +31,7 @@ class FakeRuntime:
     stop_seconds: float = 0.0
     fail_start: set[str] = field(default_factory=set)
     adopted: list[EngineInfo] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     ready_at: dict[str, float] = field(default_factory=dict)
     instances: dict[str, str] = field(default_factory=dict)
@@ -51,11 +59,11 @@ class FakeRuntime:
         if instance is not None:
             self._queue.put_nowait(EngineExited(spec.name, instance, 0, "stopped", ()))
 
-    async def discover(self) -> Sequence[EngineInfo]:
+    async def discover(self) -> Discovery:
         for info in self.adopted:
             self.instances[info.model] = info.instance
             self.ready_at[info.model] = 0.0
-        return list(self.adopted)
+        return Discovery(list(self.adopted), dict(self.unavailable))
 
     async def events(self) -> AsyncIterator[RuntimeEvent]:
         while (event := await self._queue.get()) is not None:

@@ -442,7 +442,13 @@ def test_pinned_must_be_a_real_boolean(value: object) -> None:
 def test_gpus_must_be_a_list_of_non_negative_ints(gpus: object) -> None:
     error = refused(models={"m": model(gpus=gpus)})
     assert (error.source, error.key) == (SOURCE, "models.m.gpus")
-    assert error.problem == f"must be a list of device indexes like [0, 1], got {gpus!r}"
+    assert error.problem == (f"must be all, a count, or device indexes like [0, 1], got {gpus!r}")
+
+
+def test_gpus_as_a_count_asks_docker_for_any_n_devices() -> None:
+    settings = parse(models={"m": model(gpus=2)})
+    assert settings.models["m"].gpus is None
+    assert settings.models["m"].docker.gpu_count == 2
 
 
 def test_gpus_list_and_all() -> None:

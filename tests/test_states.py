@@ -30,6 +30,7 @@ S = Stage
 LEGAL_MODEL: set[tuple[ModelState, ModelState]] = {
     (M.EXITED, M.LOADING),
     (M.EXITED, M.RUNNING),  # an engine found running at start-up is adopted
+    (M.EXITED, M.FAILED),  # a model found unable to run at start-up (no container)
     (M.FAILED, M.LOADING),
     (M.FAILED, M.RUNNING),
     (M.FAILED, M.EXITED),
@@ -141,9 +142,9 @@ def test_no_model_state_follows_itself() -> None:
         assert_illegal(MODEL_TRANSITIONS, state, state)
 
 
-def test_exited_cannot_be_stopped_or_fail() -> None:
+def test_exited_cannot_be_stopped_but_can_be_found_unusable() -> None:
     assert_illegal(MODEL_TRANSITIONS, M.EXITED, M.STOPPING)
-    assert_illegal(MODEL_TRANSITIONS, M.EXITED, M.FAILED)
+    check(MODEL_TRANSITIONS, M.EXITED, M.FAILED)  # e.g. its container does not exist
 
 
 @pytest.mark.parametrize("terminal", [S.DONE, S.FAILED])

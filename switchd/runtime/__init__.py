@@ -1,6 +1,7 @@
 """Runtimes start and stop engines: the Runtime protocol and its implementations."""
 
 from switchd.runtime.base import (
+    Discovery,
     EngineExited,
     EngineInfo,
     EngineOutput,
@@ -9,4 +10,12 @@ from switchd.runtime.base import (
     StartFailed,
 )
 
-__all__ = ["EngineExited", "EngineInfo", "EngineOutput", "Runtime", "RuntimeEvent", "StartFailed"]
+__all__ = [
+    "Discovery",
+    "EngineExited",
+    "EngineInfo",
+    "EngineOutput",
+    "Runtime",
+    "RuntimeEvent",
+    "StartFailed",
+]

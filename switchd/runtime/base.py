@@ -7,8 +7,8 @@ about a crash outside switchd the same way it hears about its own stops.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from switchd.config import ModelSpec
@@ -47,6 +47,14 @@ class EngineExited:
 RuntimeEvent = EngineOutput | EngineExited
 
 
+@dataclass(frozen=True)
+class Discovery:
+    """What a runtime found at start-up: engines to adopt, models it cannot run."""
+
+    running: Sequence[EngineInfo] = ()
+    unavailable: Mapping[str, str] = field(default_factory=dict)  # model: why
+
+
 class Runtime(Protocol):
     async def start(self, spec: ModelSpec) -> EngineInfo:
         """Start the engine; returns once it runs (not once it is healthy)."""
@@ -56,8 +64,9 @@ class Runtime(Protocol):
         """Stop the engine and return only once it has really stopped."""
         ...
 
-    async def discover(self) -> Sequence[EngineInfo]:
-        """Engines of the catalog already running (adopted at start-up)."""
+    async def discover(self) -> Discovery:
+        """Engines of the catalog already running (adopted at start-up), and the
+        models that cannot run at all (a container that does not exist)."""
         ...
 
     def events(self) -> AsyncIterator[RuntimeEvent]:

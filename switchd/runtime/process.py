@@ -19,7 +19,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from switchd.config import ModelSpec
-from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
+from switchd.runtime.base import (
+    Discovery,
+    EngineExited,
+    EngineInfo,
+    EngineOutput,
+    RuntimeEvent,
+    StartFailed,
+)
 
 TAIL_LINES = 50
 _LINE_LIMIT = 1 << 20
@@ -160,9 +167,9 @@ class ProcessRuntime:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
 
-    async def discover(self) -> Sequence[EngineInfo]:
+    async def discover(self) -> Discovery:
         # Engines die with the switchd that started them: nothing to adopt.
-        return ()
+        return Discovery()
 
     async def events(self) -> AsyncIterator[RuntimeEvent]:
         while (event := await self._events.get()) is not None:
