@@ -22,6 +22,7 @@ from switchd.gpu import GpuProbe, open_probe
 from switchd.metrics import Metrics
 from switchd.routes import ROUTES, Services
 from switchd.runtime.base import Runtime
+from switchd.runtime.docker import DockerRuntime
 from switchd.runtime.process import ProcessRuntime
 from switchd.stats import LearnedStats
 from switchd.switcher import Switcher
@@ -46,20 +47,24 @@ def upstream_session() -> aiohttp.ClientSession:
 
 
 def check_runtime(settings: Settings) -> None:
-    """Refuse, before serving, a runtime this version cannot provide."""
-    if settings.runtime is not RuntimeKind.PROCESS:
-        raise ConfigError(
-            settings.source,
-            "runtime",
-            "the docker runtime is not in this version yet; use `runtime: process` with `cmd:`",
-        )
-    missing = [spec.name for spec in settings.models.values() if not spec.cmd]
+    """Refuse, before serving, a catalog its runtime cannot run."""
+    if settings.runtime is RuntimeKind.PROCESS:
+        missing, needs = [s.name for s in settings.models.values() if not s.cmd], "`cmd`"
+    else:
+        missing = [s.name for s in settings.models.values() if not (s.container or s.image)]
+        needs = "`container` or `image`"
     if missing:
         raise ConfigError(
             settings.source,
-            f"models.{missing[0]}.cmd",
-            "the process runtime needs `cmd` for every model",
+            f"models.{missing[0]}",
+            f"the {settings.runtime.value} runtime needs {needs} for every model",
         )
+
+
+async def open_runtime(settings: Settings) -> Runtime:
+    if settings.runtime is RuntimeKind.DOCKER:
+        return await DockerRuntime.open(settings.models, settings.stop_grace_seconds)
+    return ProcessRuntime(settings.stop_grace_seconds)
 
 
 def create_app(
@@ -77,7 +82,7 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             probe = gpu or await open_probe(settings.gpu, settings.simulated_gpu)
             stack.push_async_callback(probe.close)
-            engines = runtime or ProcessRuntime(settings.stop_grace_seconds)
+            engines = runtime or await open_runtime(settings)
             stack.push_async_callback(engines.close)
             # Health checks: a few requests a second during loads, injectable in tests.
             http = await stack.enter_async_context(httpx.AsyncClient(transport=http_transport))

@@ -16,7 +16,8 @@ import uvicorn
 from switchd import __version__
 from switchd.app import create_app
 from switchd.client import run_client
-from switchd.config import ConfigError, Settings, load_settings, parse_listen
+from switchd.config import ConfigError, RuntimeKind, Settings, load_settings, parse_listen
+from switchd.runtime.docker import DockerUnavailable, connect_docker
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 GRACEFUL_SHUTDOWN_SECONDS = 5
@@ -46,6 +47,12 @@ def serve(settings: Settings, listen: str | None, insecure: bool, log_level: str
             file=sys.stderr,
         )
         return 2
+    if settings.runtime is RuntimeKind.DOCKER:
+        try:
+            connect_docker().close()  # one clear line now, not a traceback from the lifespan
+        except DockerUnavailable as exc:
+            print(f"switchd: {exc}", file=sys.stderr)
+            return 2
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -62,6 +62,7 @@ class ModelRecord:
     measured_gb: float | None = None
     last_used: float = 0.0
     ready_at: float = 0.0
+    last_exit: dict[str, Any] | None = None  # how its engine last ended, if not by switchd
     in_flight: int = 0
     draining: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -593,6 +594,7 @@ class Switcher:
     async def _engine_died(self, record: ModelRecord, exited: EngineExited) -> None:
         spec = record.spec
         lines = list(exited.last_lines[-LAST_LINES_IN_ERRORS:])
+        record.last_exit = _exit_summary(exited)
         summary = f"{spec.name} {exited.reason} while loading"
         detail = "\n".join(lines[-5:])
         record.engine = None
@@ -663,6 +665,7 @@ class Switcher:
             return  # an engine switchd already stopped, or an earlier run
         if record.state is ModelState.RUNNING:
             record.engine = None
+            record.last_exit = _exit_summary(event)
             lines = "\n".join(event.last_lines[-5:])
             error = f"{event.reason} outside switchd" + (f":\n{lines}" if lines else "")
             failed = event.exit_code not in (0, None)
@@ -677,6 +680,8 @@ class Switcher:
         record.error = error
         if new is ModelState.RUNNING:
             record.ready_at = time.time()
+        if new is ModelState.LOADING:
+            record.last_exit = None
         spec = record.spec
         if new in (ModelState.LOADING, ModelState.RUNNING) and old not in (
             ModelState.LOADING,
@@ -811,6 +816,8 @@ class Switcher:
             body["health"] = "healthy"
         if record.state is ModelState.FAILED:
             body["error"] = record.error
+        if record.last_exit is not None and record.state in (ModelState.EXITED, ModelState.FAILED):
+            body["last_exit"] = record.last_exit
         if record.engine is not None:
             body["engine"] = {
                 "pid": record.engine.pid,
@@ -819,6 +826,10 @@ class Switcher:
                 "started_at": iso_timestamp(record.engine.started_at),
             }
         return body
+
+
+def _exit_summary(event: EngineExited) -> dict[str, Any]:
+    return {"exit_code": event.exit_code, "reason": event.reason, "at": iso_timestamp(time.time())}
 
 
 def _overlaps(a: ModelSpec, b: ModelSpec) -> bool:

@@ -276,17 +276,34 @@ def test_serve_with_a_missing_or_unreadable_file(
 
 
 @pytest.mark.usefixtures("no_server")
-def test_serve_with_the_docker_runtime_says_it_is_not_in_this_version(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_serve_without_a_docker_daemon_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    socket = tmp_path / "no-docker.sock"
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{socket}")
     data = {"runtime": "docker", "models": {"x": {"container": "vllm-x", "size_gb": 10}}}
     config = write_yaml(tmp_path / "docker.yaml", data)
     assert main(["serve", "--config", str(config)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"switchd: bad configuration: {config}: runtime: ")
-    assert "the docker runtime is not in this version" in captured.err
-    assert captured.err.count("\n") == 1
+    assert captured.err == (
+        f"switchd: no Docker daemon answers at unix://{socket}: start it (`dockerd`), or, "
+        "with switchd in a container, mount the socket: "
+        "-v /var/run/docker.sock:/var/run/docker.sock\n"
+    )
+
+
+@pytest.mark.usefixtures("no_server")
+def test_serve_docker_runtime_needs_a_container_or_image_for_every_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {"runtime": "docker", "models": {"x": {"cmd": "engine", "size_gb": 1}}}
+    config = write_yaml(tmp_path / "nocontainer.yaml", data)
+    assert main(["serve", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"switchd: bad configuration: {config}: models.x: "
+        "the docker runtime needs `container` or `image` for every model\n"
+    )
 
 
 @pytest.mark.usefixtures("no_server")
@@ -300,7 +317,7 @@ def test_serve_process_runtime_needs_cmd_for_every_model(
     config = write_yaml(tmp_path / "nocmd.yaml", data)
     assert main(["serve", "--config", str(config)]) == 2
     assert capsys.readouterr().err == (
-        f"switchd: bad configuration: {config}: models.y.cmd: "
+        f"switchd: bad configuration: {config}: models.y: "
         "the process runtime needs `cmd` for every model\n"
     )
 
