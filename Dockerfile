@@ -6,6 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY switchd ./switchd
+COPY static ./static
+ENV SWITCHD_STATIC_DIR=/src/static
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /var/lib/switchd switchd \
     && mkdir -p /var/lib/switchd /etc/switchd \

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from switchd.auth import BearerAuth
 from switchd.config import ConfigError, RuntimeKind, Settings
@@ -44,6 +50,12 @@ def upstream_session() -> aiohttp.ClientSession:
         auto_decompress=False,  # pass the engine's bytes through as they are
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
     )
+
+
+def static_dir() -> Path:
+    """The UI's files: SWITCHD_STATIC_DIR (the image sets it), else the checkout's."""
+    configured = os.environ.get("SWITCHD_STATIC_DIR")
+    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "static"
 
 
 def check_runtime(settings: Settings) -> None:
@@ -107,8 +119,18 @@ def create_app(
             yield
         log.info("switchd stopped; every engine it started is stopped")
 
+    ui = static_dir()
+
+    async def index(request: Request) -> FileResponse:
+        return FileResponse(ui / "index.html")
+
+    routes = [
+        *ROUTES,
+        Route("/", index),
+        Mount("/static", StaticFiles(directory=ui), name="static"),
+    ]
     return Starlette(
-        routes=ROUTES,
+        routes=routes,
         middleware=[Middleware(BearerAuth, keys=settings.api_keys)],
         lifespan=lifespan,
     )

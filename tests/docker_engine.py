@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import os
 import sys
 import tarfile
 import time
@@ -173,6 +172,7 @@ def image_model(
         "command": engine_command(model, load_seconds=load_seconds, fail_after=fail_after),
         "volumes": engine_volumes(),
         "request_gpus": False,  # no GPU here: no device requests
+        "env": {"PYTHONPATH": str(REPO_ROOT)},  # switchd creates it without a working dir
         "size_gb": size_gb,
         "load_time_seconds": max(1.0, load_seconds),
     }
@@ -286,8 +286,3 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {within} s: {what}")
         await asyncio.sleep(interval)
-
-
-def docker_host_env() -> dict[str, str]:
-    """DOCKER_HOST as the tests see it, for a switchd started from them."""
-    return {k: v for k, v in os.environ.items() if k.startswith("DOCKER_")}

@@ -1,0 +1,403 @@
+// The switchd page: live status, switching with a progress bar, and chat.
+// One event stream per page (/v1/events), resumed with Last-Event-ID.
+
+import { api, apiKey, readEvents, saveApiKey, Unauthorized } from "./api.js";
+
+const $ = (id) => document.getElementById(id);
+const STAGE_EVENTS = new Set([
+  "queued", "memory_check", "drain", "unload", "unloaded", "freed",
+  "start", "loading", "log", "ready", "result", "error",
+]);
+const LOG_LINES = 40;
+
+const state = {
+  status: null,      // the last /v1/models/status body
+  lastEventId: null, // for Last-Event-ID on reconnect
+  job: null,         // {id, target, done, progress}
+  sending: false,    // a chat answer is streaming
+  keyWanted: null,   // resolves when a key is saved
+};
+
+// ---- the API key --------------------------------------------------------------
+
+function askForKey(message) {
+  $("key-panel").hidden = false;
+  $("key-error").textContent = message || "";
+  $("api-key").focus();
+  if (!state.keyWanted) {
+    state.keyWanted = new Promise((resolve) => { state.resolveKey = resolve; });
+  }
+  return state.keyWanted;
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  saveApiKey($("api-key").value.trim());
+  $("key-panel").hidden = true;
+  $("key-error").textContent = "";
+  const resolve = state.resolveKey;
+  state.keyWanted = null;
+  if (resolve) resolve();
+  refreshStatus();
+});
+
+// ---- status: GPU bars, models table, model select -------------------------------
+
+function gb(value) {
+  return value == null ? "–" : `${Number(value).toFixed(2)} GB`;
+}
+
+function heldGb(model) {
+  return model.gpu_memory_used_gb ?? model.size_gb;
+}
+
+function renderStatus() {
+  const status = state.status;
+  if (!status) return;
+  renderDevices(status);
+  renderModels(status.models);
+  renderSelect(status.models);
+}
+
+function renderDevices(status) {
+  const devices = $("devices");
+  devices.replaceChildren();
+  for (const device of status.gpu.devices) {
+    const box = document.createElement("div");
+    box.className = "device";
+    const label = document.createElement("div");
+    label.className = "device-label";
+    label.innerHTML = "<span></span><span></span>";
+    label.children[0].textContent = `GPU ${device.index}: ${device.name}`;
+    label.children[1].textContent =
+      `${device.used_gb.toFixed(2)} of ${device.total_gb.toFixed(2)} GB used, ${device.available_gb.toFixed(2)} GB free`;
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.setAttribute("role", "img");
+    let accounted = 0;
+    const parts = [];
+    for (const [name, model] of Object.entries(status.models)) {
+      if (model.status !== "running" && model.status !== "loading") continue;
+      const onDevice = model.gpus === "all" || model.gpus.includes(device.index);
+      if (!onDevice) continue;
+      const held = Math.min(heldGb(model), device.total_gb - accounted);
+      accounted += held;
+      parts.push({ name, held, css: `model ${model.status}` });
+    }
+    const other = device.used_gb - accounted;
+    if (other > 0.05) parts.push({ name: "other", held: other, css: "other" });
+    for (const part of parts) {
+      const span = document.createElement("span");
+      span.className = part.css;
+      span.style.width = `${(100 * part.held) / device.total_gb}%`;
+      span.textContent = `${part.name} ${part.held.toFixed(1)} GB`;
+      span.title = span.textContent;
+      bar.append(span);
+    }
+    bar.setAttribute("aria-label",
+      `${label.children[1].textContent}: ${parts.map((p) => `${p.name} ${p.held.toFixed(1)} GB`).join(", ") || "empty"}`);
+    box.append(label, bar);
+    devices.append(box);
+  }
+}
+
+function renderModels(models) {
+  const body = $("models").tBodies[0];
+  body.replaceChildren();
+  for (const [name, model] of Object.entries(models)) {
+    const row = body.insertRow();
+    row.dataset.model = name;
+    row.insertCell().textContent = name;
+    const status = row.insertCell();
+    const badge = document.createElement("span");
+    badge.className = `status ${model.status}`;
+    badge.textContent = model.status;
+    status.append(badge);
+    if (model.error) {
+      const why = document.createElement("span");
+      why.className = "status-error";
+      why.textContent = model.error.split("\n")[0];
+      status.append(why);
+    }
+    row.insertCell().textContent = gb(model.status === "running" ? heldGb(model) : model.size_gb);
+    row.insertCell().textContent = `~${model.estimated_load_time_seconds} s`;
+    row.insertCell().textContent = String(model.in_flight);
+    row.insertCell().textContent = model.pinned ? "pinned" : "";
+  }
+}
+
+function renderSelect(models) {
+  const select = $("model");
+  const chosen = select.value;
+  select.replaceChildren();
+  for (const [name, model] of Object.entries(models)) {
+    const option = new Option(`${name} (${model.status})`, name);
+    select.append(option);
+  }
+  if (chosen && models[chosen]) select.value = chosen;
+  else {
+    const running = Object.keys(models).find((name) => models[name].status === "running");
+    if (running) select.value = running;
+  }
+}
+
+let refreshing = null;
+function refreshStatus() {
+  // Coalesce bursts of model_state events into one read.
+  if (refreshing) return refreshing;
+  refreshing = (async () => {
+    try {
+      const response = await api("/v1/models/status");
+      if (response.ok) {
+        state.status = await response.json();
+        renderStatus();
+      }
+    } catch (error) {
+      if (error instanceof Unauthorized) askForKey("That key was refused. Enter the API key.");
+    } finally {
+      refreshing = null;
+    }
+  })();
+  return refreshing;
+}
+
+// ---- a switch in progress -------------------------------------------------------
+
+function stageSentence(name, data) {
+  const victim = data.victim;
+  switch (name) {
+    case "queued": return `Waiting for the switch to ${data.behind} to finish…`;
+    case "memory_check":
+      return data.to_unload.length
+        ? `${data.model} needs ${gb(data.required_gb)}; ${gb(data.available_gb)} free: unloading ${data.to_unload.join(", ")}…`
+        : `${data.model} needs ${gb(data.required_gb)}; ${gb(data.available_gb)} free.`;
+    case "drain": return `Waiting for ${data.in_flight} request(s) on ${victim} to finish…`;
+    case "unload": return `Unloading ${victim}…`;
+    case "unloaded": return `${victim} unloaded: ${gb(data.freed_gb)} freed.`;
+    case "freed": return `Freed ${gb(data.freed_gb)}; ${gb(data.available_gb)} free.`;
+    case "start": return `Starting ${data.model}…`;
+    case "loading":
+      return `Loading ${data.model} — ${Math.round(data.elapsed_seconds)} s of ~${Math.round(data.estimated_load_time_seconds)} s`;
+    case "ready": return `${data.model} is ready (loaded in ${data.load_seconds} s).`;
+    case "result":
+      return data.status === "already_loaded" ? `${data.model} is already running.` : data.message;
+    case "error": return `Switch failed: ${data.message}`;
+    default: return data.message;
+  }
+}
+
+function beginJob(data) {
+  state.job = { id: data.job, target: data.model, done: false, progress: 0 };
+  $("banner").hidden = false;
+  $("banner").className = "banner";
+  $("timeline").replaceChildren();
+  $("log").textContent = "";
+  setProgress(0);
+  lockChat();
+}
+
+function setProgress(fraction) {
+  const percent = Math.round(fraction * 100);
+  // The bar never goes back within a job.
+  if (state.job && percent < state.job.progress) return;
+  if (state.job) state.job.progress = percent;
+  $("progress").value = percent;
+  $("progress-text").textContent = `${percent}%`;
+}
+
+function addTimeline(name, text) {
+  const timeline = $("timeline");
+  const last = timeline.lastElementChild;
+  if (name === "loading" && last && last.dataset.stage === "loading") {
+    last.textContent = text;
+    return;
+  }
+  const item = document.createElement("li");
+  item.dataset.stage = name;
+  item.textContent = text;
+  timeline.append(item);
+}
+
+function appendLog(lines) {
+  const log = $("log");
+  const kept = (log.textContent ? log.textContent.split("\n") : []).concat(lines).slice(-LOG_LINES);
+  log.textContent = kept.join("\n");
+  log.scrollTop = log.scrollHeight;
+}
+
+function onStageEvent(name, data) {
+  if (!state.job || state.job.id !== data.job) {
+    if (name === "log") return; // a line of a job this page did not see start
+    beginJob(data);
+  }
+  if (name === "log") {
+    appendLog([data.line]);
+    return;
+  }
+  setProgress(data.progress);
+  const sentence = stageSentence(name, data);
+  $("stage-text").textContent = sentence;
+  addTimeline(name, sentence);
+  if (name === "result" || name === "error") {
+    state.job.done = true;
+    $("banner").className = `banner ${name === "error" ? "failed" : "done"}`;
+    if (name === "error" && data.last_lines) appendLog(data.last_lines);
+    unlockChat();
+    refreshStatus();
+  }
+}
+
+function showRunningSwitch(current) {
+  // A snapshot taken mid-switch: show where it is until its events arrive.
+  if (!current || (state.job && state.job.id === current.id)) return;
+  beginJob({ job: current.id, model: current.target });
+  setProgress(current.progress);
+  $("stage-text").textContent = `Switching to ${current.target}: ${current.stage}…`;
+}
+
+// ---- the page's one event stream ---------------------------------------------------
+
+async function followEvents() {
+  let delay = 500;
+  for (;;) {
+    try {
+      const headers = { Accept: "text/event-stream" };
+      if (state.lastEventId) headers["Last-Event-ID"] = state.lastEventId;
+      const response = await api("/v1/events", { headers });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      $("connection").textContent = "Live";
+      delay = 500;
+      for await (const message of readEvents(response)) {
+        if (message.id) state.lastEventId = message.id;
+        handleEvent(message.event, JSON.parse(message.data));
+      }
+      throw new Error("the stream ended");
+    } catch (error) {
+      if (error instanceof Unauthorized) {
+        $("connection").textContent = "API key needed";
+        await askForKey(apiKey() ? "That key was refused. Enter the API key." : "");
+        continue;
+      }
+      $("connection").textContent = "Reconnecting…";
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      delay = Math.min(delay * 2, 5000);
+    }
+  }
+}
+
+function handleEvent(name, data) {
+  if (name === "snapshot") {
+    state.status = data;
+    renderStatus();
+    if (state.job && !state.job.done && !data.switch) {
+      // The job ended while we were away (or switchd restarted): do not stay locked.
+      state.job.done = true;
+      unlockChat();
+    }
+    showRunningSwitch(data.switch);
+  } else if (name === "model_state") {
+    refreshStatus();
+  } else if (STAGE_EVENTS.has(name)) {
+    onStageEvent(name, data);
+  }
+}
+
+// ---- switching and chat ------------------------------------------------------------
+
+$("switch-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const model = $("model").value;
+  if (!model) return;
+  try {
+    const response = await api(`/v1/models/switch?target_model=${encodeURIComponent(model)}`, { method: "POST" });
+    if (!response.ok && response.status >= 400 && response.status < 500) {
+      const body = await response.json();
+      if (!state.job || state.job.done) {
+        $("banner").hidden = false;
+        $("banner").className = "banner failed";
+        $("stage-text").textContent = `Switch refused: ${body.message}`;
+      }
+    }
+  } catch (error) {
+    if (error instanceof Unauthorized) askForKey("Enter the API key to switch models.");
+  }
+});
+
+function chatLocked() {
+  return state.sending || Boolean(state.job && !state.job.done);
+}
+
+function lockChat() {
+  $("message").disabled = true;
+  $("send").disabled = true;
+}
+
+function unlockChat() {
+  if (chatLocked()) return;
+  $("message").disabled = false;
+  $("send").disabled = false;
+}
+
+function addMessage(role, text) {
+  const box = document.createElement("div");
+  box.className = `message ${role}`;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : role === "error" ? "Error" : $("model").value;
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  box.append(who, body);
+  $("messages").append(box);
+  return body;
+}
+
+const history = [];
+
+$("chat-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = $("message").value.trim();
+  const model = $("model").value;
+  if (!text || !model || chatLocked()) return;
+  $("message").value = "";
+  addMessage("user", text);
+  history.push({ role: "user", content: text });
+  state.sending = true;
+  lockChat();
+  const answer = addMessage("assistant", "");
+  try {
+    const response = await api("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model, messages: history, stream: true }),
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
+    }
+    for await (const message of readEvents(response)) {
+      if (message.data === "[DONE]") break;
+      const delta = JSON.parse(message.data).choices?.[0]?.delta?.content;
+      if (delta) answer.textContent += delta;
+    }
+    history.push({ role: "assistant", content: answer.textContent });
+  } catch (error) {
+    answer.parentElement.remove();
+    history.pop();
+    if (error instanceof Unauthorized) askForKey("Enter the API key to chat.");
+    else addMessage("error", String(error.message || error));
+  } finally {
+    state.sending = false;
+    unlockChat();
+    $("message").focus();
+  }
+});
+
+$("message").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("chat-form").requestSubmit();
+  }
+});
+
+followEvents();
