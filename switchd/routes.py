@@ -6,12 +6,14 @@ error before any event stream starts, so `curl -N` sees a plain status code.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,6 +31,7 @@ from switchd.switcher import Switcher
 PING_SECONDS = 15
 RETRY_MILLISECONDS = 3000
 SEND_TIMEOUT_SECONDS = 30  # a client that stops reading is let go
+SHUTDOWN_GRACE_SECONDS = 1.0  # well inside uvicorn's graceful-shutdown timeout
 MAX_CONTROL_BODY = 64 * 1024
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -122,14 +125,37 @@ def sse(event: Event) -> ServerSentEvent:
     return ServerSentEvent(data=event.json(), event=event.name, id=str(event.id))
 
 
+async def until_set(
+    shutdown: anyio.Event, events: AsyncIterator[ServerSentEvent]
+) -> AsyncIterator[ServerSentEvent]:
+    """`events` until `shutdown` is set, so the stream can end with its last chunk."""
+    stop = asyncio.ensure_future(shutdown.wait())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(events))
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                return
+            try:
+                yield following.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stop.cancel()
+
+
 def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
     streams = services(request).metrics.sse_streams
+    # Set by sse-starlette when the server shuts down: the stream then ends properly
+    # (its final chunk sent) instead of being cut, and clients reconnect cleanly.
+    shutdown = anyio.Event()
 
     async def with_retry() -> AsyncIterator[ServerSentEvent]:
         streams.inc()
         try:
             yield ServerSentEvent(retry=RETRY_MILLISECONDS, comment="switchd")
-            async for event in events:
+            async for event in until_set(shutdown, events):
                 yield event
         finally:
             streams.dec()
@@ -139,6 +165,8 @@ def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> Ev
         ping=PING_SECONDS,
         headers=STREAM_HEADERS,
         send_timeout=SEND_TIMEOUT_SECONDS,
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
     )
 
 

@@ -53,8 +53,9 @@ MODEL_TRANSITIONS: Mapping[ModelState, frozenset[ModelState]] = {
 
 # `log` and `loading` repeat while loading, so LOADING may follow itself.
 JOB_TRANSITIONS: Mapping[Stage, frozenset[Stage]] = {
+    # QUEUED -> START: an engine adopted at start-up while still loading.
     Stage.QUEUED: frozenset(
-        {Stage.MEMORY_CHECK, Stage.DRAIN, Stage.UNLOAD, Stage.DONE, Stage.FAILED}
+        {Stage.MEMORY_CHECK, Stage.DRAIN, Stage.UNLOAD, Stage.START, Stage.DONE, Stage.FAILED}
     ),
     Stage.MEMORY_CHECK: frozenset(
         {Stage.DRAIN, Stage.UNLOAD, Stage.START, Stage.DONE, Stage.FAILED}

@@ -113,12 +113,21 @@ class Switcher:
     async def start(self) -> None:
         """Adopt what the runtime already runs, then start the worker and watcher."""
         found = await self._runtime.discover()
+        still_loading: list[str] = []
         for info in found.running:
             record = self.records.get(info.model)
-            if record is not None and record.state is ModelState.EXITED:
-                record.engine = info
+            if record is None or record.state is not ModelState.EXITED:
+                continue
+            record.engine = info
+            if await self._healthy(info.url + record.spec.health_path):
                 self._set_state(record, ModelState.RUNNING)
                 log.info("adopted running engine of %s (%s)", info.model, info.instance)
+            else:
+                # Started before a crash and not answering yet: a job waits for it, and
+                # requests wait for that job, as for any load.
+                self._set_state(record, ModelState.LOADING)
+                still_loading.append(info.model)
+                log.info("adopted %s (%s), still loading", info.model, info.instance)
         for model, why in found.unavailable.items():
             record = self.records.get(model)
             if record is not None and record.state is ModelState.EXITED:
@@ -130,6 +139,8 @@ class Switcher:
         ]
         if any(spec.ttl_seconds > 0 for spec in self.settings.models.values()):
             self._tasks.append(asyncio.create_task(self._expire_idle(), name="switchd-ttl"))
+        for model in still_loading:
+            self._enqueue(JobKind.SWITCH, model)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -288,6 +299,9 @@ class Switcher:
     async def _switch(self, job: Job) -> dict[str, Any]:
         record = self.records[job.target]
         spec = record.spec
+        if record.state is ModelState.LOADING and record.engine is not None:
+            await self._finish_adopted_load(job, record)
+            return job.success_body(ready=True)
         if record.state is ModelState.RUNNING:
             return {
                 "status": "already_loaded",
@@ -536,6 +550,40 @@ class Switcher:
             progress=1.0,
             load_seconds=load_seconds,
             gpu_memory_used_gb=record.measured_gb,
+        )
+
+    async def _finish_adopted_load(self, job: Job, record: ModelRecord) -> None:
+        """Wait for an engine found loading at start-up; it was started before."""
+        spec = record.spec
+        assert record.engine is not None
+        estimate = self._estimated_load_seconds(spec)
+        job.estimated_load_time_seconds = estimate
+        loading = _Loading(job, instance=record.engine.instance)
+        self._loading[spec.name] = loading
+        where = {"container": record.engine.container} if record.engine.container else {}
+        try:
+            self._emit(
+                job,
+                Stage.START,
+                f"Found {spec.name} still loading after a restart; waiting for it",
+                progress=PROGRESS_FREED,
+                estimated_load_time_seconds=estimate,
+                adopted=True,
+                **where,
+            )
+            job.started.set()
+            started = self._clock() - max(0.0, time.time() - record.engine.started_at)
+            await self._wait_healthy(job, record, loading, started, estimate)
+        finally:
+            del self._loading[spec.name]
+        self._set_state(record, ModelState.RUNNING)
+        self._emit(
+            job,
+            Stage.READY,
+            f"{spec.name} is ready",
+            progress=1.0,
+            load_seconds=round(time.time() - record.engine.started_at, 2),
+            gpu_memory_used_gb=None,
         )
 
     async def _wait_healthy(

@@ -268,16 +268,6 @@ def containers(docker_client: docker.DockerClient) -> Iterator[Containers]:
 # ---- waiting ----------------------------------------------------------------------
 
 
-def wait_until(
-    predicate: Callable[[], bool], within: float, what: str, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        time.sleep(interval)
-
-
 async def eventually(
     predicate: Callable[[], bool], within: float, what: str, interval: float = 0.05
 ) -> None:

@@ -49,6 +49,7 @@ LEGAL_JOB: set[tuple[Stage, Stage]] = {
     (S.QUEUED, S.MEMORY_CHECK),
     (S.QUEUED, S.DRAIN),
     (S.QUEUED, S.UNLOAD),
+    (S.QUEUED, S.START),  # an engine adopted at start-up while it still loads
     (S.QUEUED, S.DONE),
     (S.QUEUED, S.FAILED),
     (S.MEMORY_CHECK, S.DRAIN),

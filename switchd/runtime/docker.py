@@ -62,6 +62,10 @@ def started_ns(container: Container) -> int:
     return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9])
 
 
+def name_taken(name: str) -> str:
+    return f"the name {name} is taken by a container switchd did not make"
+
+
 def describe_exit(code: int | None, oom: bool) -> str:
     if oom:
         return "killed: out of GPU host memory (OOM killer)"
@@ -168,7 +172,7 @@ class DockerRuntime:
             container = self._create(spec)
         else:
             if spec.image and container.labels.get(LABEL) != spec.name:
-                raise StartFailed(f"the name {name} is taken by a container switchd did not make")
+                raise StartFailed(name_taken(name))
         try:
             container.start()
             container.reload()
@@ -258,6 +262,9 @@ class DockerRuntime:
                     unavailable[spec.name] = (
                         f"container {name} does not exist (create it with `docker compose create`)"
                     )
+                continue
+            if spec.image and container.labels.get(LABEL) != spec.name:
+                unavailable[spec.name] = name_taken(name)
                 continue
             if container.status != "running":
                 continue

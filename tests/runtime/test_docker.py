@@ -413,6 +413,22 @@ async def test_discover_ignores_stopped_containers(
     assert dict(found.unavailable) == {}
 
 
+async def test_discover_does_not_adopt_a_container_switchd_did_not_make(
+    open_runtime: OpenRuntime,
+    containers: Containers,
+    docker_client: docker.DockerClient,
+    engine_image: str,
+) -> None:
+    model = containers.model("foreign")
+    foreign, _ = create_engine_container(docker_client, engine_image, f"switchd-{model}", model)
+    foreign.start()
+    harness = await open_runtime({model: image_model(engine_image, model)})
+
+    found = await harness.runtime.discover()
+
+    assert list(found.running) == []
+
+
 async def test_close_ends_events_and_leaves_containers_running(
     open_runtime: OpenRuntime, containers: Containers, engine_image: str
 ) -> None:
