@@ -141,24 +141,30 @@ function renderSelect(models) {
   }
 }
 
-let refreshing = null;
-function refreshStatus() {
-  // Coalesce bursts of model_state events into one read.
-  if (refreshing) return refreshing;
-  refreshing = (async () => {
-    try {
+let refreshing = false;
+let refreshAgain = false;
+async function refreshStatus() {
+  // Bursts of model_state events become one read, plus one more if a change came
+  // in while a read was on its way (that read may predate the change).
+  if (refreshing) {
+    refreshAgain = true;
+    return;
+  }
+  refreshing = true;
+  try {
+    do {
+      refreshAgain = false;
       const response = await api("/v1/models/status");
       if (response.ok) {
         state.status = await response.json();
         renderStatus();
       }
-    } catch (error) {
-      if (error instanceof Unauthorized) askForKey("That key was refused. Enter the API key.");
-    } finally {
-      refreshing = null;
-    }
-  })();
-  return refreshing;
+    } while (refreshAgain);
+  } catch (error) {
+    if (error instanceof Unauthorized) askForKey("That key was refused. Enter the API key.");
+  } finally {
+    refreshing = false;
+  }
 }
 
 // ---- a switch in progress -------------------------------------------------------
@@ -187,13 +193,15 @@ function stageSentence(name, data) {
 }
 
 function beginJob(data) {
-  state.job = { id: data.job, target: data.model, done: false, progress: 0 };
+  // An unload changes no model the chat could be waiting for: it locks nothing.
+  const locks = data.kind !== "unload";
+  state.job = { id: data.job, target: data.model, done: false, progress: 0, locks };
   $("banner").hidden = false;
   $("banner").className = "banner";
   $("timeline").replaceChildren();
   $("log").textContent = "";
   setProgress(0);
-  lockChat();
+  if (locks) lockChat();
 }
 
 function setProgress(fraction) {
@@ -228,6 +236,11 @@ function appendLog(lines) {
 function onStageEvent(name, data) {
   if (!state.job || state.job.id !== data.job) {
     if (name === "log") return; // a line of a job this page did not see start
+    if (name === "queued" && state.job && !state.job.done) {
+      // Another switch waits behind the one on show: note it, keep following this one.
+      addTimeline("queued", `Then: ${data.model} (queued)`);
+      return;
+    }
     beginJob(data);
   }
   if (name === "log") {
@@ -250,7 +263,7 @@ function onStageEvent(name, data) {
 function showRunningSwitch(current) {
   // A snapshot taken mid-switch: show where it is until its events arrive.
   if (!current || (state.job && state.job.id === current.id)) return;
-  beginJob({ job: current.id, model: current.target });
+  beginJob({ job: current.id, model: current.target, kind: current.kind });
   setProgress(current.progress);
   $("stage-text").textContent = `Switching to ${current.target}: ${current.stage}…`;
 }
@@ -324,7 +337,7 @@ $("switch-form").addEventListener("submit", async (event) => {
 });
 
 function chatLocked() {
-  return state.sending || Boolean(state.job && !state.job.done);
+  return state.sending || Boolean(state.job && state.job.locks && !state.job.done);
 }
 
 function lockChat() {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -67,11 +68,14 @@ class Subscription:
 
 
 class EventBus:
-    def __init__(self, ring_size: int = RING_SIZE) -> None:
+    def __init__(self, ring_size: int = RING_SIZE, first_id: int | None = None) -> None:
         self._ring: deque[Event] = deque(maxlen=ring_size)
         self._subscribers: set[Subscription] = set()
         self._listeners: list[Callable[[Event], None]] = []
-        self._last_id = 0
+        # Ids start at the boot time in microseconds, so an id from an earlier run of
+        # switchd is always older than this run's: its client gets a fresh snapshot,
+        # never this run's events replayed as if they followed its own.
+        self._last_id = time.time_ns() // 1000 if first_id is None else first_id
 
     @property
     def last_id(self) -> int:

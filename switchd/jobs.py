@@ -52,6 +52,7 @@ class Job:
         self.stage = Stage.QUEUED
         self.progress = 0.0
         self.events: list[Event] = []
+        self.log_lines = 0
         self.created = time.time()
         self.finished: float | None = None
         self.result: dict[str, Any] | None = None
@@ -91,8 +92,6 @@ class Job:
 
     def success_body(self, *, ready: bool) -> dict[str, Any]:
         """The seed-compatible JSON answer of a switch that succeeded so far."""
-        if self.result is not None and self.result.get("status") == "already_loaded":
-            return self.result
         return {
             "status": "success",
             "model": self.target,

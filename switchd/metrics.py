@@ -73,6 +73,9 @@ class Metrics:
         self.sse_streams = Gauge(
             "switchd_sse_streams", "Open Server-Sent Event streams", registry=r
         )
+        self.subscribers = Gauge(
+            "switchd_event_subscribers", "Readers of the server's event bus", registry=r
+        )
         self._jobs: dict[str, tuple[str, float, float]] = {}  # job: (stage, since, started)
 
     def request_done(self, model: str, status: int, seconds: float) -> None:
@@ -100,7 +103,9 @@ class Metrics:
         else:
             self._jobs[job] = (event.name, now, started)
 
-    def render(self, status: Mapping[str, Any], gpu: GpuSnapshot, waiting: int) -> bytes:
+    def render(
+        self, status: Mapping[str, Any], gpu: GpuSnapshot, waiting: int, subscribers: int = 0
+    ) -> bytes:
         for name, model in status["models"].items():
             self.in_flight.labels(name).set(model["in_flight"])
             for state in ModelState:
@@ -111,4 +116,5 @@ class Metrics:
             self.gpu_memory.labels(index, "total").set(device.total_bytes)
             self.gpu_memory.labels(index, "free").set(device.free_bytes)
         self.waiting.set(waiting)
+        self.subscribers.set(subscribers)
         return generate_latest(self.registry)

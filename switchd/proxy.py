@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
@@ -22,6 +22,8 @@ from switchd.jobs import SwitchError
 from switchd.metrics import Metrics
 from switchd.runtime.base import EngineInfo
 from switchd.switcher import Switcher
+
+_T = TypeVar("_T")
 
 # RFC 9110 hop-by-hop fields, plus what httpx and the server set themselves.
 HOP_BY_HOP = frozenset(
@@ -132,6 +134,17 @@ def requested_model(body: bytes) -> tuple[str, dict[str, Any]]:
     return model, data
 
 
+LARGE_BODY = 1 << 20  # parsing more than this on the loop would stall every stream
+
+
+async def off_loop_if(large: bool, work: Callable[..., _T], *args: Any) -> _T:
+    return await asyncio.to_thread(work, *args) if large else work(*args)
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode()
+
+
 def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[str, str]]:
     dropped = NOT_FORWARDED | named_in_connection(scope["headers"])
     headers = [
@@ -197,7 +210,8 @@ class _Call:
         status = 500
         try:
             body = await read_body(self.receive, self.context.max_body_bytes)
-            name, data = requested_model(body)
+            large = len(body) > LARGE_BODY
+            name, data = await off_loop_if(large, requested_model, body)
             spec = self.context.switcher.resolve(name)
             if spec is None:
                 known = ", ".join(sorted(self.context.switcher.settings.models))
@@ -208,7 +222,7 @@ class _Call:
                 )
             model = spec.name
             if name != spec.name:  # an alias: the engine knows the model by its own name
-                body = json.dumps({**data, "model": spec.name}).encode()
+                body = await off_loop_if(large, encode, {**data, "model": spec.name})
             status = await self._forward(model, body)
         except ProxyError as error:
             status = error.status

@@ -7,6 +7,7 @@ error before any event stream starts, so `curl -N` sees a plain status code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -130,19 +131,29 @@ async def until_set(
 ) -> AsyncIterator[ServerSentEvent]:
     """`events` until `shutdown` is set, so the stream can end with its last chunk."""
     stop = asyncio.ensure_future(shutdown.wait())
+    following: asyncio.Future[ServerSentEvent] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(events))
             await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
-                following.cancel()
                 return
             try:
-                yield following.result()
+                event = following.result()
             except StopAsyncIteration:
                 return
+            yield event
     finally:
+        # Whether shut down, ended or cancelled (the client left): release the source,
+        # or its subscription would stay on the bus.
         stop.cancel()
+        if following is not None and not following.done():
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await following
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
@@ -170,10 +181,21 @@ def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> Ev
     )
 
 
-def job_stream(request: Request, job: Job) -> EventSourceResponse:
+def last_event_id(request: Request) -> int | None:
+    value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def job_stream(request: Request, job: Job) -> Response:
+    """The job's events from its first, or after Last-Event-ID; 204 once all were seen."""
+    after = last_event_id(request) or 0
+    if job.finished is not None and all(event.id <= after for event in job.events):
+        return Response(status_code=204)  # tells an EventSource to stop reconnecting
+
     async def events() -> AsyncIterator[ServerSentEvent]:
         async for event in job.follow():
-            yield sse(event)
+            if event.id > after:
+                yield sse(event)
 
     return event_stream(request, events())
 
@@ -275,10 +297,8 @@ async def job_events(request: Request) -> Response:
 async def server_events(request: Request) -> Response:
     found = services(request)
     bus = found.bus
-    missed = None
-    last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    if last_id is not None and last_id.strip().isdigit():
-        missed = bus.missed_since(int(last_id))
+    last_id = last_event_id(request)
+    missed = bus.missed_since(last_id) if last_id is not None else None
     # Subscribe before reading the status, so nothing between the two is lost.
     subscription = bus.subscribe(missed)
     snapshot_id = bus.last_id
@@ -304,7 +324,9 @@ async def metrics(request: Request) -> Response:
     found = services(request)
     snapshot = await found.switcher.gpu_snapshot()
     status = await found.switcher.status(snapshot)
-    body = found.metrics.render(status, snapshot, found.switcher.waiting)
+    body = found.metrics.render(
+        status, snapshot, found.switcher.waiting, found.bus.subscriber_count
+    )
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -43,6 +44,8 @@ MEMORY_POLL_SECONDS = 0.1
 HEALTH_BACKOFF = (0.05, 0.25, 1.5)  # first delay, cap, factor: fast at first
 LAST_LINES_IN_ERRORS = 20
 TTL_CHECK_SECONDS = 0.5
+HEALTH_REQUEST_SECONDS = 1.0  # short, so `loading` still ticks every second
+MAX_LOG_EVENTS_PER_JOB = 500  # more lines still reach /v1/events, not the job's replay
 
 # Share of the progress bar each phase owns: memory check 5%, unloads up to
 # 30%, loading from 30% towards 99% by elapsed over estimated time.
@@ -139,6 +142,8 @@ class Switcher:
         ]
         if any(spec.ttl_seconds > 0 for spec in self.settings.models.values()):
             self._tasks.append(asyncio.create_task(self._expire_idle(), name="switchd-ttl"))
+        for task in self._tasks:
+            task.add_done_callback(_report_crash)
         for model in still_loading:
             self._enqueue(JobKind.SWITCH, model)
 
@@ -177,7 +182,7 @@ class Switcher:
         job = self.request_switch(spec.name)
         await job.done.wait()
         if job.error is not None:
-            raise job.error
+            raise dataclasses.replace(job.error)  # a copy: each waiter its own traceback
 
     @contextlib.asynccontextmanager
     async def serving(self, name: str) -> AsyncIterator[EngineInfo]:
@@ -231,7 +236,7 @@ class Switcher:
         finally:
             self.waiting -= 1
         if job.error is not None:
-            raise job.error
+            raise dataclasses.replace(job.error)
 
     def job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -251,6 +256,8 @@ class Switcher:
     def _enqueue(self, kind: JobKind, target: str, idle_for: float | None = None) -> Job:
         for job in self._pending:
             if job.kind is kind and job.target == target and job.finished is None:
+                if idle_for is None:
+                    job.idle_for = None  # an explicit unload joining a TTL one: unconditional
                 return job
         job = Job(kind, target, idle_for)
         self._jobs[job.id] = job
@@ -293,8 +300,12 @@ class Switcher:
 
     def _fail(self, job: Job, error: SwitchError) -> None:
         fields = {"error": error.code, **error.fields}
-        self._emit(job, Stage.FAILED, error.message, event="error", **fields)
-        job.finish(None, error)
+        try:
+            self._emit(job, Stage.FAILED, error.message, event="error", **fields)
+        except Exception:
+            log.exception("could not report the failure of job %s", job.id)
+        finally:
+            job.finish(None, error)  # waiters are released whatever happened above
 
     async def _switch(self, job: Job) -> dict[str, Any]:
         record = self.records[job.target]
@@ -450,6 +461,8 @@ class Switcher:
             victim=spec.name,
             expected_gb=round(held_gb, 2),
         )
+        if record.state not in (ModelState.RUNNING, ModelState.LOADING):
+            return await self._already_gone(job, record, share)
         started = self._clock()
         before = (await self._gpu.snapshot()).free_bytes(spec.gpus)
         self._set_state(record, ModelState.STOPPING)
@@ -466,9 +479,7 @@ class Switcher:
         freed = gib(freed_bytes)
         seconds = round(self._clock() - started, 2)
         job.unloaded_models.append(spec.name)
-        progress = PROGRESS_CHECKED + (PROGRESS_FREED - PROGRESS_CHECKED) * share
-        if job.kind is JobKind.UNLOAD:
-            progress = share * 0.99
+        progress = self._unload_progress(job, share)
         message = f"{spec.name} unloaded: {freed:.2f} GB freed in {seconds:.2f} s"
         if not verified:
             message += (
@@ -487,6 +498,30 @@ class Switcher:
             verified=verified,
         )
         return freed
+
+    async def _already_gone(self, job: Job, record: ModelRecord, share: float) -> float:
+        """A victim whose engine exited on its own while this job waited its turn."""
+        spec = record.spec
+        with contextlib.suppress(Exception):  # make sure: nothing of it may keep running
+            await self._runtime.stop(spec, self.settings.stop_grace_seconds)
+        job.unloaded_models.append(spec.name)
+        self._emit(
+            job,
+            Stage.UNLOADED,
+            f"{spec.name} had already exited ({record.state.value}); its memory was "
+            "released before this switch could measure it",
+            progress=self._unload_progress(job, share),
+            victim=spec.name,
+            freed_gb=0.0,
+            seconds=0.0,
+            verified=False,
+        )
+        return 0.0
+
+    def _unload_progress(self, job: Job, share: float) -> float:
+        if job.kind is JobKind.UNLOAD:
+            return share * 0.99
+        return PROGRESS_CHECKED + (PROGRESS_FREED - PROGRESS_CHECKED) * share
 
     async def _await_release(
         self, free_before: int, spec: ModelSpec, held_gb: float
@@ -634,7 +669,7 @@ class Switcher:
 
     async def _healthy(self, url: str) -> bool:
         try:
-            response = await self._http.get(url, timeout=5.0)
+            response = await self._http.get(url, timeout=HEALTH_REQUEST_SECONDS)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -768,11 +803,21 @@ class Switcher:
         self._publish(job, event or stage.value, message, fields)
 
     def _emit_log(self, job: Job, model: str, line: str) -> None:
-        self._publish(job, "log", line, {"line": line, "source": model})
+        fields = {"line": line, "source": model}
+        if job.log_lines >= MAX_LOG_EVENTS_PER_JOB:
+            self._bus.publish("log", self._payload(job, "log", line, fields))
+            return
+        job.log_lines += 1
+        self._publish(job, "log", line, fields)
 
     def _publish(self, job: Job, name: str, message: str, fields: dict[str, Any]) -> None:
-        data = {
+        job.record(self._bus.publish(name, self._payload(job, name, message, fields)))
+
+    @staticmethod
+    def _payload(job: Job, name: str, message: str, fields: dict[str, Any]) -> dict[str, Any]:
+        return {
             "job": job.id,
+            "kind": job.kind.value,
             "seq": len(job.events) + 1,
             "stage": name,
             "model": job.target,
@@ -781,7 +826,6 @@ class Switcher:
             "message": message,
             **fields,
         }
-        job.record(self._bus.publish(name, data))
 
     # ---- figures -------------------------------------------------------------
 
@@ -874,6 +918,12 @@ class Switcher:
                 "started_at": iso_timestamp(record.engine.started_at),
             }
         return body
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """These tasks run for switchd's whole life: one ending early is a bug, said loudly."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s stopped: %r", task.get_name(), task.exception())
 
 
 def _exit_summary(event: EngineExited) -> dict[str, Any]:

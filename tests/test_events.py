@@ -42,7 +42,7 @@ def ids(events: list[Event] | None) -> list[int] | None:
 
 
 def test_ids_increase_by_one() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     assert bus.last_id == 0
     first = bus.publish("queued", {"job": "a"})
     second = bus.publish("memory_check", {"job": "a"})
@@ -58,7 +58,7 @@ def test_event_json_is_compact() -> None:
 
 
 def test_missed_since_returns_exactly_what_came_after() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     for n in range(5):
         bus.publish("log", {"n": n})
     missed = bus.missed_since(2)
@@ -70,13 +70,13 @@ def test_missed_since_returns_exactly_what_came_after() -> None:
 
 
 def test_missed_since_on_an_empty_bus() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     assert bus.missed_since(0) == []
     assert bus.missed_since(1) is None
 
 
 def test_missed_since_an_id_older_than_the_ring() -> None:
-    bus = EventBus(ring_size=3)
+    bus = EventBus(ring_size=3, first_id=0)
     for n in range(6):
         bus.publish("log", {"n": n})
     # The ring holds 4, 5, 6.
@@ -88,7 +88,7 @@ def test_missed_since_an_id_older_than_the_ring() -> None:
 
 
 def test_missed_since_an_id_from_the_future() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     bus.publish("log", {})
     bus.publish("log", {})
     assert bus.missed_since(3) is None  # an id from before a restart
@@ -96,7 +96,7 @@ def test_missed_since_an_id_from_the_future() -> None:
 
 
 async def test_subscribe_with_replay_then_live_in_order() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     for n in range(4):
         bus.publish("log", {"n": n})
     subscription = bus.subscribe(bus.missed_since(2))
@@ -109,7 +109,7 @@ async def test_subscribe_with_replay_then_live_in_order() -> None:
 
 
 async def test_subscribe_without_replay_gets_only_new_events() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     bus.publish("log", {"n": "old"})
     subscription = bus.subscribe()
     bus.publish("log", {"n": "new"})
@@ -118,7 +118,7 @@ async def test_subscribe_without_replay_gets_only_new_events() -> None:
 
 
 async def test_live_events_reach_a_waiting_reader() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     subscription = bus.subscribe()
     reader = asyncio.create_task(take(subscription, 3))
     await asyncio.sleep(0)  # the reader is now waiting on an empty queue
@@ -133,7 +133,7 @@ async def test_live_events_reach_a_waiting_reader() -> None:
 
 
 async def test_a_subscriber_that_never_reads_is_dropped() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     stalled = bus.subscribe()
     reader = bus.subscribe()
     assert bus.subscriber_count == 2
@@ -170,7 +170,7 @@ async def test_a_subscriber_that_never_reads_is_dropped() -> None:
 
 
 async def test_dropped_subscriber_waiting_in_iteration_wakes_up() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     subscription = bus.subscribe()
     for _ in range(SUBSCRIBER_QUEUE_SIZE):
         bus.publish("log", {})
@@ -189,7 +189,7 @@ async def test_dropped_subscriber_waiting_in_iteration_wakes_up() -> None:
 
 
 def test_publish_never_blocks_on_a_stalled_subscriber() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     stalled = bus.subscribe()
     started = time.perf_counter()
     for n in range(SUBSCRIBER_QUEUE_SIZE * 3):
@@ -201,7 +201,7 @@ def test_publish_never_blocks_on_a_stalled_subscriber() -> None:
 
 
 async def test_replay_does_not_count_against_the_live_allowance() -> None:
-    bus = EventBus(ring_size=SUBSCRIBER_QUEUE_SIZE * 2)
+    bus = EventBus(ring_size=SUBSCRIBER_QUEUE_SIZE * 2, first_id=0)
     for _ in range(SUBSCRIBER_QUEUE_SIZE + 5):
         bus.publish("log", {})
     subscription = bus.subscribe(bus.missed_since(0))
@@ -213,7 +213,7 @@ async def test_replay_does_not_count_against_the_live_allowance() -> None:
 
 
 def test_close_unsubscribes() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     first = bus.subscribe()
     second = bus.subscribe()
     assert bus.subscriber_count == 2
@@ -227,7 +227,7 @@ def test_close_unsubscribes() -> None:
 
 
 async def test_closing_the_iteration_unsubscribes() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     subscription = bus.subscribe()
     bus.publish("log", {})
     iterator = cast(AsyncGenerator[Event, None], aiter(subscription))
@@ -239,7 +239,7 @@ async def test_closing_the_iteration_unsubscribes() -> None:
 
 
 async def test_cancelled_reader_unsubscribes() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     subscription = bus.subscribe()
     task = asyncio.create_task(drain(subscription))
     await asyncio.sleep(0.01)
@@ -251,7 +251,7 @@ async def test_cancelled_reader_unsubscribes() -> None:
 
 
 async def test_closed_subscription_gets_no_new_events() -> None:
-    bus = EventBus()
+    bus = EventBus(first_id=0)
     subscription = bus.subscribe()
     bus.publish("log", {"n": 1})
     subscription.close()
@@ -261,3 +261,15 @@ async def test_closed_subscription_gets_no_new_events() -> None:
     iterator = aiter(subscription)
     with pytest.raises(TimeoutError):  # nothing published after close() arrives
         await asyncio.wait_for(anext(iterator), 0.05)
+
+
+def test_an_id_from_an_earlier_run_gets_a_snapshot_not_this_runs_events() -> None:
+    before_restart = EventBus()
+    for _ in range(5):
+        before_restart.publish("loading", {"job": "old"})
+    seen = before_restart.last_id
+    after_restart = EventBus()
+    for _ in range(20):
+        after_restart.publish("model_state", {"model": "m"})
+    assert after_restart.last_id - 20 > seen, "a later run's ids start above an earlier run's"
+    assert after_restart.missed_since(seen) is None

@@ -446,3 +446,51 @@ async def test_a_request_racing_a_ttl_unload_waits_for_a_clean_reload(tmp_path: 
             assert r.switcher.records["m"].state is ModelState.RUNNING
             assert engine.instance == "m#2", "served by the reloaded engine"
         assert runtime.calls == ["start m", "stop m", "start m"]
+
+
+async def test_a_victim_that_dies_while_draining_does_not_fail_the_switch(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
+    async with rig(make_settings(tmp_path), runtime) as r:
+        async with r.switcher.serving("gpt-oss-120b"):
+            job = r.switcher.request_switch("gpt-oss-20b")
+            await asyncio.sleep(0.1)  # the job drains gpt-oss-120b
+            runtime.crash("gpt-oss-120b", code=1)
+            await asyncio.sleep(0.1)
+        events = await finish(job)
+        assert job.error is None
+        assert stages(events)[:4] == ["memory_check", "drain", "unload", "unloaded"]
+        unloaded = by_stage(events, "unloaded")
+        assert unloaded["freed_gb"] == 0.0
+        assert "had already exited" in unloaded["message"]
+        assert r.switcher.records["gpt-oss-20b"].state is ModelState.RUNNING
+
+
+async def test_an_explicit_unload_joining_a_ttl_unload_always_unloads(tmp_path: Path) -> None:
+    models = {
+        "a": {"cmd": "e", "size_gb": 10, "ttl_seconds": 0.8},
+        "slow": {"cmd": "e", "size_gb": 10},
+    }
+    runtime = FakeRuntime(adopted=adopted("a"), load_seconds={"slow": 2.0})
+    async with rig(make_settings(tmp_path, models), runtime) as r:
+        busy = r.switcher.request_switch("slow")  # holds the worker while the TTL job queues
+        await asyncio.sleep(1.6)
+        async with r.switcher.serving("a"):
+            pass  # used again: the TTL job alone would keep it
+        explicit = r.switcher.request_unload("a")
+        await finish(busy)
+        await finish(explicit)
+        assert explicit.result is not None
+        assert explicit.result["status"] == "success"
+        assert r.switcher.records["a"].state is ModelState.EXITED
+
+
+async def test_each_waiter_gets_its_own_copy_of_the_jobs_error(tmp_path: Path) -> None:
+    runtime = FakeRuntime(fail_start={"gpt-oss-20b"})
+    async with rig(make_settings(tmp_path), runtime) as r:
+        errors = await asyncio.gather(
+            *(r.switcher.ensure("gpt-oss-20b") for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(e, SwitchError) and e.code == "engine_failed" for e in errors)
+        assert len({id(e) for e in errors}) == 3

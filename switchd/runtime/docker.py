@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LABEL = "switchd.model"
 TAIL_LINES = 50
+RECONNECT_SECONDS = 1.0
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 
 
@@ -134,6 +135,9 @@ class DockerRuntime:
         self._events: asyncio.Queue[RuntimeEvent | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._event_stream: Any = None
+        # `die` events that came before their run was registered: container id ->
+        # (time in ns, exit code). Bounded by the catalog: the events are filtered to it.
+        self._early_deaths: dict[str, tuple[int, int | None]] = {}
         self._reports: set[asyncio.Future[None]] = set()
         self._closed = False
 
@@ -158,6 +162,10 @@ class DockerRuntime:
         run = self._run_of(spec, container, url)
         self._runs[spec.name] = run
         self._follow_logs(run)
+        death = self._early_deaths.pop(container.id, None)
+        if death is not None and death[0] >= run.started_ns:
+            # It died before this run was registered (a crash at once): report it now.
+            self._on_death(run, death[1])
         return run.info
 
     def _start_blocking(self, spec: ModelSpec) -> Container:
@@ -216,8 +224,14 @@ class DockerRuntime:
         """Where the engine answers: its network name, else its published port."""
         if spec.docker.network:
             return f"http://{container.name}:{spec.docker.port}"
-        bindings = container.attrs["NetworkSettings"]["Ports"] or {}
-        published = bindings.get(f"{spec.docker.port}/tcp") or []
+        port = f"{spec.docker.port}/tcp"
+        # What is published now, else what was asked for (a container that already
+        # exited publishes nothing, and its exit is what must be reported).
+        published = (
+            (container.attrs["NetworkSettings"]["Ports"] or {}).get(port)
+            or (container.attrs["HostConfig"].get("PortBindings") or {}).get(port)
+            or []
+        )
         for binding in published:
             host = binding["HostIp"] or "127.0.0.1"
             host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -316,53 +330,68 @@ class DockerRuntime:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     async def _follow_events(self) -> None:
-        names = list(self._by_container)
-        since = int(time.time())
-        self._event_stream = await asyncio.to_thread(
-            self._client.events,
-            decode=True,
-            since=since,
-            filters={"type": "container", "container": names},
-        )
-        threading.Thread(
-            target=self._pump_events, args=(self._event_stream,), name="docker-events", daemon=True
-        ).start()
+        self._event_stream = await asyncio.to_thread(self._open_event_stream, int(time.time()))
+        threading.Thread(target=self._pump_events, name="docker-events", daemon=True).start()
 
-    def _pump_events(self, stream: Iterator[dict[str, Any]]) -> None:
-        try:
-            for event in stream:
-                self._loop.call_soon_threadsafe(self._on_docker_event, event)
-        except Exception:  # the stream breaks when closed, or when dockerd dies
-            if not self._closed:
-                log.exception("lost Docker's event stream")
+    def _open_event_stream(self, since: int) -> Any:
+        names = list(self._by_container)
+        filters = {"type": "container", "container": names}
+        return self._client.events(decode=True, since=since, filters=filters)
+
+    def _pump_events(self) -> None:
+        """Forward Docker's events to the loop; reconnect if the stream breaks."""
+        last_seen = int(time.time())
+        while not self._closed:
+            try:
+                for event in self._event_stream:
+                    last_seen = int(event.get("time", last_seen))
+                    self._loop.call_soon_threadsafe(self._on_docker_event, event)
+            except Exception as exc:  # closed by us, or dockerd went away
+                if self._closed:
+                    return
+                log.warning("Docker's event stream broke (%s); reconnecting", exc)
+            while not self._closed:
+                time.sleep(RECONNECT_SECONDS)
+                try:  # from the last event seen, so nothing in between is missed
+                    self._event_stream = self._open_event_stream(last_seen)
+                    break
+                except Exception as exc:
+                    log.warning("Docker's event stream: %s; retrying", exc)
 
     def _on_docker_event(self, event: dict[str, Any]) -> None:
         """On the loop: a container event, turned into what the switcher needs."""
         action = str(event.get("Action") or event.get("status") or "")
-        name = str(event.get("Actor", {}).get("Attributes", {}).get("name", ""))
-        spec = self._by_container.get(name)
-        run = self._runs.get(spec.name) if spec is not None else None
-        if spec is None or run is None or event.get("id") != run.container_id:
+        attributes = event.get("Actor", {}).get("Attributes", {})
+        spec = self._by_container.get(str(attributes.get("name", "")))
+        if spec is None:
+            return
+        run = self._runs.get(spec.name)
+        code = int(attributes["exitCode"]) if "exitCode" in attributes else None
+        if run is None or event.get("id") != run.container_id:
+            if action == "die":  # perhaps of a run start() has not registered yet
+                self._early_deaths[str(event.get("id"))] = (int(event.get("timeNano", 0)), code)
             return
         if int(event.get("timeNano", 0)) < run.started_ns:
             return  # about an earlier run of this container
         if action == "oom":
             run.oom = True
         elif action == "die":
-            attributes = event.get("Actor", {}).get("Attributes", {})
-            code = int(attributes["exitCode"]) if "exitCode" in attributes else None
-            if not run.stopping:
-                del self._runs[spec.name]
-            task = asyncio.ensure_future(self._report_exit(run, code))
-            self._reports.add(task)  # held until done: the loop keeps weak references only
-            task.add_done_callback(self._reports.discard)
+            self._on_death(run, code)
+
+    def _on_death(self, run: _Run, code: int | None) -> None:
+        if not run.stopping and self._runs.get(run.spec.name) is run:
+            del self._runs[run.spec.name]
+        task = asyncio.ensure_future(self._report_exit(run, code))
+        self._reports.add(task)  # held until done: the loop keeps weak references only
+        task.add_done_callback(self._reports.discard)
 
     async def _report_exit(self, run: _Run, code: int | None) -> None:
         lines = tuple(run.tail)
-        if not lines and not run.stopping:
-            # An adopted engine had no log follower: ask Docker for its last lines.
+        if not run.stopping:
+            # Docker's own record of the last lines: the log follower may lag behind it,
+            # and an adopted engine has none.
             with contextlib.suppress(docker.errors.DockerException):
-                lines = await asyncio.to_thread(self._log_tail, run.container_id)
+                lines = await asyncio.to_thread(self._log_tail, run.container_id) or lines
         self._tails[run.spec.name] = lines
         reason = "stopped" if run.stopping else describe_exit(code, run.oom)
         self._events.put_nowait(EngineExited(run.spec.name, run.info.instance, code, reason, lines))

@@ -151,6 +151,9 @@ class ProcessRuntime:
         engine.stopping = True
         engine.grace_seconds = grace_seconds
         assert engine.pump is not None
+        if engine.pump.done():  # it exited before: its group is gone, its pgid maybe reused
+            del self._engines[spec.name]
+            return
         # The group, even when the engine itself is gone: its workers may not be.
         self._kill_group(engine.process.pid, signal.SIGTERM)
         try:

@@ -351,3 +351,38 @@ async def test_sigterm_stops_every_engine_and_learning_survives_restart(
         again = await model_status(http, "gpt-oss-20b")
     assert again["status"] == "exited"
     assert again["estimated_load_time_seconds"] == learned
+
+
+async def test_event_streams_that_clients_close_leave_nothing_behind(
+    client: httpx.AsyncClient,
+) -> None:
+    for _ in range(5):
+        async with client.stream("GET", "/v1/events") as resp:
+            await read_events(resp, stop=frozenset({"snapshot"}))
+    # No event is published meanwhile: nothing but the closing itself may release them.
+    deadline = time.monotonic() + 3
+    while True:
+        metrics = (await client.get("/metrics")).text
+        if "switchd_event_subscribers 0.0" in metrics and "switchd_sse_streams 0.0" in metrics:
+            break
+        assert time.monotonic() < deadline, metrics
+        await asyncio.sleep(0.1)
+
+
+async def test_job_events_resume_after_last_event_id_and_end_with_204(
+    client: httpx.AsyncClient,
+) -> None:
+    params = {"target_model": "mistral-7b-v0.1", "wait": "ready"}
+    job = (await client.post("/v1/models/switch", params=params)).json()["job"]
+    async with client.stream("GET", f"/v1/switches/{job}/events") as resp:
+        everything = [event for _, event in await read_events(resp)]
+    middle = everything[len(everything) // 2]
+    headers = {"Last-Event-ID": middle.id or ""}
+    async with client.stream("GET", f"/v1/switches/{job}/events", headers=headers) as resp:
+        rest = [event for _, event in await read_events(resp)]
+    assert [e.id for e in rest] == [
+        e.id for e in everything if int(e.id or 0) > int(middle.id or 0)
+    ]
+    headers = {"Last-Event-ID": everything[-1].id or ""}
+    response = await client.get(f"/v1/switches/{job}/events", headers=headers)
+    assert response.status_code == 204

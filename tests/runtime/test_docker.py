@@ -356,6 +356,21 @@ async def test_a_crash_while_loading_reports_code_1_and_the_error_lines(
     assert containers.inspect(f"switchd-{model}")["State"]["ExitCode"] == 1
 
 
+async def test_a_container_that_dies_at_once_is_reported_not_waited_for(
+    open_runtime: OpenRuntime, containers: Containers, engine_image: str
+) -> None:
+    model = containers.model("instant")
+    command = ["/bin/sh", "-c", "echo boom; exit 3"]  # gone before start() returns
+    harness = await open_runtime({model: image_model(engine_image, model, command=command)})
+    info = await harness.runtime.start(harness.specs[model])
+
+    exited = await harness.exit_of(model)
+
+    assert exited.instance == info.instance
+    assert (exited.exit_code, exited.reason) == (3, "exited with code 3")
+    assert exited.last_lines == ("boom",)
+
+
 # ---- adoption, closing ---------------------------------------------------------------
 
 
