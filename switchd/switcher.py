@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from switchd import planner
+from switchd.catalog import Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.events import EventBus
 from switchd.gpu import GpuProbe, GpuSnapshot
@@ -52,23 +53,6 @@ MAX_LOG_EVENTS_PER_JOB = 500  # more lines still reach /v1/events, not the job's
 PROGRESS_CHECKED = 0.05
 PROGRESS_FREED = 0.30
 PROGRESS_LOADING_CAP = 0.99
-
-
-@dataclass
-class ModelRecord:
-    """What switchd knows about one model right now; changed by the Switcher only."""
-
-    spec: ModelSpec
-    state: ModelState = ModelState.EXITED
-    engine: EngineInfo | None = None
-    error: str | None = None
-    measured_gb: float | None = None
-    last_used: float = 0.0
-    ready_at: float = 0.0
-    last_exit: dict[str, Any] | None = None  # how its engine last ended, if not by switchd
-    in_flight: int = 0
-    draining: bool = False
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -101,9 +85,8 @@ class Switcher:
         self._stats = stats
         self._http = http
         self._clock = clock
-        self.records = {name: ModelRecord(spec) for name, spec in settings.models.items()}
-        for record in self.records.values():
-            record.idle.set()
+        self.catalog = Catalog(settings, stats)
+        self.records = self.catalog.records
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._pending: list[Job] = []  # the running job first, then the queue, FIFO
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -207,7 +190,7 @@ class Switcher:
 
     async def _wait_for_load(self, record: ModelRecord, deadline: float) -> None:
         spec = record.spec
-        retry_after = max(1, math.ceil(self._estimated_load_seconds(spec)))
+        retry_after = max(1, math.ceil(self.catalog.estimated_load_seconds(spec)))
         if not self.settings.auto_switch:
             raise SwitchError(
                 "model_not_loaded",
@@ -323,12 +306,12 @@ class Switcher:
         learned = self._stats.get(spec.name)
         required = learned.footprint_gb or spec.size_gb
         snapshot = await self._gpu.snapshot()
-        available = self._available_gb(snapshot, spec)
+        available = self.catalog.available_gb(snapshot, spec)
         choice = planner.plan(
             required,
             available,
             gib(snapshot.total_bytes(spec.gpus)),
-            self._candidates(spec),
+            self.catalog.candidates(spec),
             self.settings.eviction,
         )
         victims = [v.name for v in choice.victims]
@@ -367,7 +350,7 @@ class Switcher:
         )
         job.memory_info["freed_gb"] = round(freed, 2)
         if victims:
-            after = self._available_gb(await self._gpu.snapshot(), spec)
+            after = self.catalog.available_gb(await self._gpu.snapshot(), spec)
             self._emit(
                 job,
                 Stage.FREED,
@@ -407,7 +390,7 @@ class Switcher:
                 "freed_gb": 0.0,
                 "message": f"Nothing to unload: {job.target} is not running",
             }
-        freed = await self._unload_all(job, [(r, self._held_gb(r)) for r in chosen])
+        freed = await self._unload_all(job, [(r, self.catalog.held_gb(r)) for r in chosen])
         available = gib((await self._gpu.snapshot()).free_bytes())
         self._emit(
             job,
@@ -539,7 +522,7 @@ class Switcher:
 
     async def _load(self, job: Job, record: ModelRecord) -> None:
         spec = record.spec
-        estimate = self._estimated_load_seconds(spec)
+        estimate = self.catalog.estimated_load_seconds(spec)
         job.estimated_load_time_seconds = estimate
         free_before = (await self._gpu.snapshot()).free_bytes(spec.gpus)
         loading = _Loading(job)
@@ -591,7 +574,7 @@ class Switcher:
         """Wait for an engine found loading at start-up; it was started before."""
         spec = record.spec
         assert record.engine is not None
-        estimate = self._estimated_load_seconds(spec)
+        estimate = self.catalog.estimated_load_seconds(spec)
         job.estimated_load_time_seconds = estimate
         loading = _Loading(job, instance=record.engine.instance)
         self._loading[spec.name] = loading
@@ -770,7 +753,7 @@ class Switcher:
             ModelState.LOADING,
             ModelState.RUNNING,
         ):
-            expected = self._stats.get(spec.name).footprint_gb or spec.size_gb
+            expected = self.catalog.expected_gb(spec)
             self._gpu.engine_started(spec.name, gib_to_bytes(expected), spec.gpus)
         if new in (ModelState.EXITED, ModelState.FAILED) and old in (
             ModelState.LOADING,
@@ -827,43 +810,6 @@ class Switcher:
             **fields,
         }
 
-    # ---- figures -------------------------------------------------------------
-
-    def _estimated_load_seconds(self, spec: ModelSpec) -> float:
-        learned = self._stats.get(spec.name).load_seconds
-        return round(learned if learned is not None else spec.load_time_seconds, 2)
-
-    def _held_gb(self, record: ModelRecord) -> float:
-        if record.measured_gb is not None:
-            return record.measured_gb
-        return self._stats.get(record.spec.name).footprint_gb or record.spec.size_gb
-
-    def _available_gb(self, snapshot: GpuSnapshot, spec: ModelSpec) -> float:
-        """The smaller of the driver's free figure and total minus reservations.
-
-        The driver's figure lags behind an engine that is still allocating, so
-        models loading and not yet measured count at their expected size.
-        """
-        free = snapshot.free_bytes(spec.gpus)
-        reserved = sum(
-            gib_to_bytes(self._held_gb(r))
-            for r in self.records.values()
-            if r.state in (ModelState.LOADING, ModelState.RUNNING)
-            and r.measured_gb is None
-            and _overlaps(r.spec, spec)
-        )
-        by_ledger = snapshot.total_bytes(spec.gpus) - reserved
-        return gib(max(0, min(free, by_ledger)))
-
-    def _candidates(self, target: ModelSpec) -> list[planner.Candidate]:
-        return [
-            planner.Candidate(r.spec.name, self._held_gb(r), r.last_used, r.spec.pinned)
-            for r in self.records.values()
-            if r.spec.name != target.name
-            and r.state in (ModelState.RUNNING, ModelState.LOADING)
-            and _overlaps(r.spec, target)
-        ]
-
     def _last_lines(self, model: str) -> list[str]:
         return list(self._runtime.last_lines(model)[-LAST_LINES_IN_ERRORS:])
 
@@ -875,7 +821,7 @@ class Switcher:
             snapshot = await self._gpu.snapshot()
         current = self._pending[0] if self._pending else None
         return {
-            "models": {name: self._model_status(r) for name, r in self.records.items()},
+            "models": self.catalog.models_json(),
             "gpu": snapshot.as_json(),
             "switch": None
             if current is None
@@ -889,36 +835,6 @@ class Switcher:
             },
         }
 
-    def _model_status(self, record: ModelRecord) -> dict[str, Any]:
-        spec = record.spec
-        body: dict[str, Any] = {
-            "status": record.state.value,
-            "size_gb": spec.size_gb,
-            "estimated_load_time_seconds": self._estimated_load_seconds(spec),
-            "gpu_memory_used_gb": record.measured_gb
-            if record.state in (ModelState.RUNNING, ModelState.LOADING)
-            else None,
-            "pinned": spec.pinned,
-            "last_used": iso_timestamp(record.last_used) if record.last_used else None,
-            "in_flight": record.in_flight,
-            "gpus": list(spec.gpus) if spec.gpus is not None else "all",
-            "aliases": list(spec.aliases),
-        }
-        if record.state is ModelState.RUNNING:
-            body["health"] = "healthy"
-        if record.state is ModelState.FAILED:
-            body["error"] = record.error
-        if record.last_exit is not None and record.state in (ModelState.EXITED, ModelState.FAILED):
-            body["last_exit"] = record.last_exit
-        if record.engine is not None:
-            body["engine"] = {
-                "pid": record.engine.pid,
-                "container": record.engine.container,
-                "url": record.engine.url,
-                "started_at": iso_timestamp(record.engine.started_at),
-            }
-        return body
-
 
 def _report_crash(task: asyncio.Task[None]) -> None:
     """These tasks run for switchd's whole life: one ending early is a bug, said loudly."""
@@ -928,10 +844,6 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 
 def _exit_summary(event: EngineExited) -> dict[str, Any]:
     return {"exit_code": event.exit_code, "reason": event.reason, "at": iso_timestamp(time.time())}
-
-
-def _overlaps(a: ModelSpec, b: ModelSpec) -> bool:
-    return a.gpus is None or b.gpus is None or bool(set(a.gpus) & set(b.gpus))
 
 
 def _result_message(result: dict[str, Any]) -> str:
