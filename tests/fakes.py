@@ -17,6 +17,7 @@ from switchd.runtime.base import (
     EngineExited,
     EngineInfo,
     EngineOutput,
+    EventQueue,
     RuntimeEvent,
     StartFailed,
 )
@@ -36,7 +37,7 @@ class FakeRuntime:
     ready_at: dict[str, float] = field(default_factory=dict)
     instances: dict[str, str] = field(default_factory=dict)
     lines: dict[str, list[str]] = field(default_factory=dict)
-    _queue: asyncio.Queue[RuntimeEvent | None] = field(default_factory=asyncio.Queue)
+    _events: EventQueue = field(default_factory=EventQueue)
     _counter: int = 0
 
     async def start(self, spec: ModelSpec) -> EngineInfo:
@@ -57,7 +58,7 @@ class FakeRuntime:
         await asyncio.sleep(self.stop_seconds)
         instance = self.instances.pop(spec.name, None)
         if instance is not None:
-            self._queue.put_nowait(EngineExited(spec.name, instance, 0, "stopped", ()))
+            self._events.put(EngineExited(spec.name, instance, 0, "stopped", ()))
 
     async def discover(self) -> Discovery:
         for info in self.adopted:
@@ -65,28 +66,27 @@ class FakeRuntime:
             self.ready_at[info.model] = 0.0
         return Discovery(list(self.adopted), dict(self.unavailable))
 
-    async def events(self) -> AsyncIterator[RuntimeEvent]:
-        while (event := await self._queue.get()) is not None:
-            yield event
+    def events(self) -> AsyncIterator[RuntimeEvent]:
+        return aiter(self._events)
 
     def last_lines(self, model: str) -> tuple[str, ...]:
         return tuple(self.lines.get(model, []))
 
     async def close(self) -> None:
-        self._queue.put_nowait(None)
+        self._events.end()
 
     # ---- what a test makes an engine do -----------------------------------------
 
     def print_line(self, model: str, line: str) -> None:
         self.lines.setdefault(model, []).append(line)
-        self._queue.put_nowait(EngineOutput(model, self.instances[model], line))
+        self._events.put(EngineOutput(model, self.instances[model], line))
 
     def crash(self, model: str, code: int = 1) -> None:
         instance = self.instances.pop(model)
         self.ready_at.pop(model, None)
         tail = tuple(self.lines.get(model, []))
         reason = f"exited with code {code}"
-        self._queue.put_nowait(EngineExited(model, instance, code, reason, tail))
+        self._events.put(EngineExited(model, instance, code, reason, tail))
 
     def transport(self) -> httpx.MockTransport:
         """Health answers for the fake engines: 200 once loaded, else 503."""

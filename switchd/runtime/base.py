@@ -7,6 +7,7 @@ about a crash outside switchd the same way it hears about its own stops.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,6 +46,23 @@ class EngineExited:
 
 
 RuntimeEvent = EngineOutput | EngineExited
+
+
+class EventQueue:
+    """The RuntimeEvents a runtime hands the switcher, in order, until it ends."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[RuntimeEvent | None] = asyncio.Queue()
+
+    def put(self, event: RuntimeEvent) -> None:
+        self._queue.put_nowait(event)
+
+    def end(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[RuntimeEvent]:
+        while (event := await self._queue.get()) is not None:
+            yield event
 
 
 @dataclass(frozen=True)

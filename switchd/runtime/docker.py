@@ -33,6 +33,7 @@ from switchd.runtime.base import (
     EngineExited,
     EngineInfo,
     EngineOutput,
+    EventQueue,
     RuntimeEvent,
     StartFailed,
 )
@@ -132,7 +133,7 @@ class DockerRuntime:
         self._grace = stop_grace_seconds
         self._runs: dict[str, _Run] = {}
         self._tails: dict[str, tuple[str, ...]] = {}
-        self._events: asyncio.Queue[RuntimeEvent | None] = asyncio.Queue()
+        self._events = EventQueue()
         self._loop = asyncio.get_running_loop()
         self._event_stream: Any = None
         # `die` events that came before their run was registered: container id ->
@@ -305,9 +306,8 @@ class DockerRuntime:
         )
         return _Run(spec, container.id, started, info)
 
-    async def events(self) -> AsyncIterator[RuntimeEvent]:
-        while (event := await self._events.get()) is not None:
-            yield event
+    def events(self) -> AsyncIterator[RuntimeEvent]:
+        return aiter(self._events)
 
     def last_lines(self, model: str) -> tuple[str, ...]:
         run = self._runs.get(model)
@@ -320,14 +320,14 @@ class DockerRuntime:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._event_stream.close)
         await asyncio.to_thread(self._client.close)
-        self._events.put_nowait(None)
+        self._events.end()
 
     # ---- threads that follow Docker --------------------------------------------
 
     def _emit(self, event: RuntimeEvent) -> None:
         """From a follower thread: hand an event to the loop."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: switchd is gone
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._events.put, event)
 
     async def _follow_events(self) -> None:
         self._event_stream = await asyncio.to_thread(self._open_event_stream, int(time.time()))
@@ -394,7 +394,7 @@ class DockerRuntime:
                 lines = await asyncio.to_thread(self._log_tail, run.container_id) or lines
         self._tails[run.spec.name] = lines
         reason = "stopped" if run.stopping else describe_exit(code, run.oom)
-        self._events.put_nowait(EngineExited(run.spec.name, run.info.instance, code, reason, lines))
+        self._events.put(EngineExited(run.spec.name, run.info.instance, code, reason, lines))
 
     def _log_tail(self, container_id: str) -> tuple[str, ...]:
         raw: bytes = self._client.containers.get(container_id).logs(tail=TAIL_LINES)

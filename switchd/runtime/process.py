@@ -24,6 +24,7 @@ from switchd.runtime.base import (
     EngineExited,
     EngineInfo,
     EngineOutput,
+    EventQueue,
     RuntimeEvent,
     StartFailed,
 )
@@ -70,7 +71,7 @@ class ProcessRuntime:
         self._stop_grace_seconds = stop_grace_seconds
         self._engines: dict[str, _Engine] = {}
         self._tails: dict[str, tuple[str, ...]] = {}
-        self._events: asyncio.Queue[RuntimeEvent | None] = asyncio.Queue()
+        self._events = EventQueue()
 
     async def start(self, spec: ModelSpec) -> EngineInfo:
         current = self._engines.get(spec.name)
@@ -124,7 +125,7 @@ class ProcessRuntime:
             reason = "stopped"
         else:
             reason = _describe_exit(code)
-        self._events.put_nowait(
+        self._events.put(
             EngineExited(engine.spec.name, engine.info.instance, code, reason, tuple(engine.tail))
         )
 
@@ -142,7 +143,7 @@ class ProcessRuntime:
                 return
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             engine.tail.append(line)
-            self._events.put_nowait(EngineOutput(engine.spec.name, engine.info.instance, line))
+            self._events.put(EngineOutput(engine.spec.name, engine.info.instance, line))
 
     async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
         engine = self._engines.get(spec.name)
@@ -174,9 +175,8 @@ class ProcessRuntime:
         # Engines die with the switchd that started them: nothing to adopt.
         return Discovery()
 
-    async def events(self) -> AsyncIterator[RuntimeEvent]:
-        while (event := await self._events.get()) is not None:
-            yield event
+    def events(self) -> AsyncIterator[RuntimeEvent]:
+        return aiter(self._events)
 
     def last_lines(self, model: str) -> tuple[str, ...]:
         engine = self._engines.get(model)
@@ -185,7 +185,7 @@ class ProcessRuntime:
     async def close(self) -> None:
         grace = self._stop_grace_seconds
         await asyncio.gather(*(self.stop(e.spec, grace) for e in list(self._engines.values())))
-        self._events.put_nowait(None)
+        self._events.end()
 
 
 def _describe_exit(code: int) -> str:
