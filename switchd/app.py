@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from switchd.auth import BearerAuth
@@ -56,6 +56,18 @@ def static_dir() -> Path:
     """The UI's files: SWITCHD_STATIC_DIR (the image sets it), else the checkout's."""
     configured = os.environ.get("SWITCHD_STATIC_DIR")
     return Path(configured) if configured else Path(__file__).resolve().parents[1] / "static"
+
+
+def ui_routes(ui: Path) -> list[BaseRoute]:
+    """`/` and `/static/`: the browser UI, when its files are there."""
+    if not (ui / "index.html").is_file():
+        log.warning("no UI at %s (set SWITCHD_STATIC_DIR): serving the API only", ui)
+        return []
+
+    async def index(request: Request) -> FileResponse:
+        return FileResponse(ui / "index.html")
+
+    return [Route("/", index), Mount("/static", StaticFiles(directory=ui), name="static")]
 
 
 def check_runtime(settings: Settings) -> None:
@@ -117,20 +129,10 @@ def create_app(
                 probe.source,
             )
             yield
-        log.info("switchd stopped; every engine it started is stopped")
+        log.info("switchd stopped")
 
-    ui = static_dir()
-
-    async def index(request: Request) -> FileResponse:
-        return FileResponse(ui / "index.html")
-
-    routes = [
-        *ROUTES,
-        Route("/", index),
-        Mount("/static", StaticFiles(directory=ui), name="static"),
-    ]
     return Starlette(
-        routes=routes,
+        routes=[*ROUTES, *ui_routes(static_dir())],
         middleware=[Middleware(BearerAuth, keys=settings.api_keys)],
         lifespan=lifespan,
     )
