@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -90,6 +91,7 @@ class ProcessRuntime:
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # its own process group, for a clean stop
+                preexec_fn=_die_with_parent,
                 limit=_LINE_LIMIT,
             )
         except OSError as exc:
@@ -186,6 +188,20 @@ class ProcessRuntime:
         grace = self._stop_grace_seconds
         await asyncio.gather(*(self.stop(e.spec, grace) for e in list(self._engines.values())))
         self._events.end()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it if switchd dies, even by `kill -9`.
+
+    Otherwise an engine outlives a crashed switchd, holding its GPU memory with
+    nobody left to stop it. Linux only; elsewhere engines stop with a clean exit.
+    """
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _describe_exit(code: int) -> str:
