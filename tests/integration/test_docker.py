@@ -148,6 +148,21 @@ def docker_state(containers: Containers, name: str) -> dict[str, Any]:
     return state
 
 
+def serve_two(
+    make_server: ServerFactory,
+    engine_image: str,
+    a: str,
+    b: str,
+    load_b: float = 0.5,
+) -> Server:
+    """switchd with two image models that do not fit on the card together."""
+    models = {
+        a: image_model(engine_image, a, size_gb=SIZE_GB),
+        b: image_model(engine_image, b, size_gb=SIZE_GB, load_seconds=load_b),
+    }
+    return serve(make_server, models)
+
+
 # ---- switching -------------------------------------------------------------------
 
 
@@ -155,13 +170,7 @@ async def test_switching_between_two_engine_containers(
     containers: Containers, make_server: ServerFactory, engine_image: str
 ) -> None:
     a, b = containers.model("a"), containers.model("b")
-    server = serve(
-        make_server,
-        {
-            a: image_model(engine_image, a, size_gb=SIZE_GB),
-            b: image_model(engine_image, b, size_gb=SIZE_GB, load_seconds=1.0),
-        },
-    )
+    server = serve_two(make_server, engine_image, a, b, load_b=1.0)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         await switch_and_wait(http, a)
         assert docker_state(containers, f"switchd-{a}")["Running"] is True
@@ -205,13 +214,7 @@ async def test_containers_stopped_or_killed_outside_show_at_once(
     containers: Containers, make_server: ServerFactory, engine_image: str
 ) -> None:
     a, b = containers.model("stopped"), containers.model("killed")
-    server = serve(
-        make_server,
-        {
-            a: image_model(engine_image, a, size_gb=SIZE_GB),
-            b: image_model(engine_image, b, size_gb=SIZE_GB),
-        },
-    )
+    server = serve_two(make_server, engine_image, a, b)
     async with (
         httpx.AsyncClient(base_url=server.url, timeout=30) as http,
         event_feed(http) as feed,
@@ -251,13 +254,7 @@ async def test_a_running_engine_is_adopted_after_kill_9_with_its_start_time(
     containers: Containers, make_server: ServerFactory, engine_image: str
 ) -> None:
     a, b = containers.model("a"), containers.model("b")
-    server = serve(
-        make_server,
-        {
-            a: image_model(engine_image, a, size_gb=SIZE_GB),
-            b: image_model(engine_image, b, size_gb=SIZE_GB),
-        },
-    )
+    server = serve_two(make_server, engine_image, a, b)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         await switch_and_wait(http, b)
         before = await model_status(http, b)
@@ -290,13 +287,7 @@ async def test_kill_9_during_a_switch_converges_to_what_docker_runs(
     containers: Containers, make_server: ServerFactory, engine_image: str
 ) -> None:
     a, b = containers.model("a"), containers.model("b")
-    server = serve(
-        make_server,
-        {
-            a: image_model(engine_image, a, size_gb=SIZE_GB),
-            b: image_model(engine_image, b, size_gb=SIZE_GB, load_seconds=3.0),
-        },
-    )
+    server = serve_two(make_server, engine_image, a, b, load_b=3.0)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         await switch_and_wait(http, a)
         async with http.stream(
