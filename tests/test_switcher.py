@@ -494,3 +494,60 @@ async def test_each_waiter_gets_its_own_copy_of_the_jobs_error(tmp_path: Path) -
         )
         assert all(isinstance(e, SwitchError) and e.code == "engine_failed" for e in errors)
         assert len({id(e) for e in errors}) == 3
+
+
+class HookedGpu(SimulatedGpu):
+    """A simulated GPU that runs `hook` inside a snapshot: the await a race needs."""
+
+    hook: Any = None
+
+    async def snapshot(self) -> Any:
+        if self.hook is not None:
+            await self.hook()
+        return await super().snapshot()
+
+
+async def test_race_engine_exit_while_ready_is_measured_is_not_lost(tmp_path: Path) -> None:
+    runtime = FakeRuntime(load_seconds={"gpt-oss-20b": 0.2})
+    settings = make_settings(tmp_path)
+    async with rig(settings, runtime) as r:
+        gpu = HookedGpu(settings.simulated_gpu)
+        r.switcher._gpu = gpu  # the race needs an await at the instant after health
+        record = r.switcher.records["gpt-oss-20b"]
+
+        async def crash_once_healthy() -> None:
+            ready = runtime.ready_at.get("gpt-oss-20b")
+            if record.state is ModelState.LOADING and ready and time.monotonic() >= ready:
+                gpu.hook = None
+                runtime.crash("gpt-oss-20b", code=137)
+                await asyncio.sleep(0.05)  # the runtime's report arrives during the await
+
+        gpu.hook = crash_once_healthy
+        job = r.switcher.request_switch("gpt-oss-20b")
+        await finish(job)
+        await asyncio.sleep(0.1)
+        assert job.error is not None and job.error.code == "engine_failed"
+        assert record.state is ModelState.FAILED
+
+
+async def test_race_victim_exit_before_stopping_does_not_fail_the_switch(tmp_path: Path) -> None:
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
+    settings = make_settings(tmp_path)
+    async with rig(settings, runtime) as r:
+        gpu = HookedGpu(settings.simulated_gpu)
+        r.switcher._gpu = gpu
+        victim = r.switcher.records["gpt-oss-120b"]
+        calls = 0
+
+        async def crash_on_second_snapshot() -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 2 and victim.state is ModelState.RUNNING:  # the unload's own read
+                runtime.crash("gpt-oss-120b", code=1)
+                await asyncio.sleep(0.05)
+
+        gpu.hook = crash_on_second_snapshot
+        job = r.switcher.request_switch("gpt-oss-20b")
+        await finish(job)
+        assert job.error is None, job.error
+        assert r.switcher.records["gpt-oss-20b"].state is ModelState.RUNNING
