@@ -30,8 +30,8 @@ from switchd.routes import ROUTES, Services
 from switchd.runtime.base import Runtime
 from switchd.runtime.docker import DockerRuntime
 from switchd.runtime.process import ProcessRuntime
+from switchd.scheduler import Scheduler
 from switchd.stats import LearnedStats
-from switchd.switcher import Switcher
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,18 @@ def create_app(
             bus = EventBus()
             metrics = Metrics()
             bus.add_listener(metrics.observe)
-            switcher = Switcher(
-                settings, runtime=engines, gpu=probe, bus=bus, stats=stats, http=http
+            scheduler = Scheduler(
+                settings,
+                runtime=engines,
+                gpu=probe,
+                bus=bus,
+                stats=stats,
+                http=http,
+                on_wait=metrics.waited,
             )
-            await switcher.start()
-            stack.push_async_callback(switcher.close)
-            app.state.services = Services(settings, switcher, bus, metrics, upstream)
+            await scheduler.start()
+            stack.push_async_callback(scheduler.close)
+            app.state.services = Services(settings, scheduler, bus, metrics, upstream)
             log.info(
                 "switchd ready: %d models, %s runtime, %s GPU",
                 len(settings.models),

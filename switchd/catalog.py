@@ -1,37 +1,61 @@
-"""The catalog: what switchd knows about each model, and the figures derived from it.
+"""The catalog: each model's record, its state changes and the figures derived from it.
 
-The Switcher alone changes a ModelRecord; this module only reads them, to plan
-(held and available memory, load estimates) and to report (the status body).
+`transition` is the only code that changes a model's state, and only the
+scheduler's worker calls it (asserted): runtime reports and requests reach the
+state as messages to that one owner, never as a second writer. Every change
+names the states it expects (compare-and-set); finding another one raises
+StateConflict, which the caller handles on purpose.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from switchd import planner
+from switchd import planner, wire
 from switchd.config import ModelSpec, Settings
-from switchd.gpu import GpuSnapshot
+from switchd.events import EventBus
+from switchd.gpu import GpuProbe, GpuSnapshot
 from switchd.runtime.base import EngineInfo
-from switchd.states import ModelState
+from switchd.states import MODEL_TRANSITIONS, ModelState, check
 from switchd.stats import LearnedStats
 from switchd.units import gib, gib_to_bytes, iso_timestamp
 
 ACTIVE = (ModelState.RUNNING, ModelState.LOADING)
+HOLDING = (ModelState.RUNNING, ModelState.LOADING, ModelState.STOPPING)
+
+
+class StateConflict(RuntimeError):
+    """A model was not in the state a change expected: the caller decides what it means."""
+
+    def __init__(self, model: str, found: ModelState, expected: Collection[ModelState]) -> None:
+        wanted = " or ".join(sorted(s.value for s in expected))
+        super().__init__(f"{model} is {found.value}, not {wanted}")
+        self.found = found
 
 
 @dataclass
 class ModelRecord:
-    """What switchd knows about one model right now; changed by the Switcher only."""
+    """What switchd knows about one model right now.
+
+    `state`, `engine` and `error` change only through Catalog.transition; the
+    request counters are kept by the scheduler as requests start and end.
+    """
 
     spec: ModelSpec
     state: ModelState = ModelState.EXITED
     engine: EngineInfo | None = None
     error: str | None = None
     measured_gb: float | None = None
-    last_used: float = 0.0
-    ready_at: float = 0.0
+    last_used: float = 0.0  # epoch seconds, for status and TTL
+    ready_at: float = 0.0  # epoch seconds
+    resident_since: float = 0.0  # time.monotonic() when it became ready
+    last_active: float = 0.0  # time.monotonic() when its last request ended
+    failures: int = 0  # consecutive failed loads
+    cooldown_until: float = 0.0  # epoch seconds: no load on demand before then
     last_exit: dict[str, Any] | None = None  # how its engine last ended, if not by switchd
     in_flight: int = 0
     draining: bool = False
@@ -47,9 +71,66 @@ def overlaps(a: ModelSpec, b: ModelSpec) -> bool:
 
 
 class Catalog:
-    def __init__(self, settings: Settings, stats: LearnedStats) -> None:
+    def __init__(
+        self, settings: Settings, stats: LearnedStats, gpu: GpuProbe, bus: EventBus
+    ) -> None:
         self._stats = stats
+        self._gpu = gpu
+        self._bus = bus
         self.records = {name: ModelRecord(spec) for name, spec in settings.models.items()}
+        self.owner: asyncio.Task[Any] | None = None  # the one task allowed to change states
+
+    def transition(
+        self,
+        record: ModelRecord,
+        expected: ModelState | Collection[ModelState],
+        new: ModelState,
+        *,
+        engine: EngineInfo | None = None,
+        error: str | None = None,
+    ) -> ModelState:
+        """Move `record` to `new` if it is in `expected`; returns the state it left.
+
+        `engine` is the engine of a LOADING or RUNNING model (kept when not
+        given); leaving those states drops it.
+        """
+        assert self.owner is None or asyncio.current_task() is self.owner, (
+            "model state changed outside the scheduler's worker"
+        )
+        allowed = {expected} if isinstance(expected, ModelState) else set(expected)
+        old = record.state
+        if old not in allowed:
+            raise StateConflict(record.spec.name, old, allowed)
+        check(MODEL_TRANSITIONS, old, new)
+        record.state = new
+        record.error = error
+        if new in ACTIVE:
+            record.engine = engine or record.engine
+        elif new is not ModelState.STOPPING:
+            record.engine = None
+        spec = record.spec
+        if new is ModelState.RUNNING:
+            record.ready_at = time.time()
+            record.resident_since = record.last_active = time.monotonic()
+        if new is ModelState.LOADING:
+            record.last_exit = None
+        if new in ACTIVE and old not in HOLDING:
+            self._gpu.engine_started(spec.name, gib_to_bytes(self.expected_gb(spec)), spec.gpus)
+        if new not in HOLDING and old in HOLDING:
+            self._gpu.engine_stopped(spec.name)
+            record.measured_gb = None
+        data: dict[str, Any] = {"model": spec.name, "from": old.value, "to": new.value}
+        if error:
+            data["error"] = error
+        self._bus.publish(wire.MODEL_STATE, data)
+        return old
+
+    def attach(self, record: ModelRecord, engine: EngineInfo) -> None:
+        """The engine that a LOADING model's start produced."""
+        assert self.owner is None or asyncio.current_task() is self.owner
+        if record.state is not ModelState.LOADING:
+            raise StateConflict(record.spec.name, record.state, (ModelState.LOADING,))
+        record.engine = engine
 
     def estimated_load_seconds(self, spec: ModelSpec) -> float:
         learned = self._stats.get(spec.name).load_seconds
@@ -103,6 +184,10 @@ class Catalog:
             "in_flight": record.in_flight,
             "gpus": list(spec.gpus) if spec.gpus is not None else "all",
             "aliases": list(spec.aliases),
+            "failures": record.failures,
+            "cooldown_until": iso_timestamp(record.cooldown_until)
+            if record.cooldown_until > time.time()
+            else None,
         }
         if record.state is ModelState.RUNNING:
             body["health"] = "healthy"

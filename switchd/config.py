@@ -89,6 +89,7 @@ class ModelSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     api_key: str | None = None  # sent to the engine instead of the client's key
     docker: DockerOptions = DockerOptions()
+    priority: int = 0  # breaks ties between models whose waiters waited as long
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,15 @@ class Settings:
     stop_grace_seconds: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024
     max_waiting_requests: int = 512  # proxied requests waiting for a load; then 503
+    # The scheduler (switchd/policy.py): a loaded model keeps the GPU at least its
+    # residency (this floor or its learned load time, the larger), then at most
+    # max_hold_seconds while requests for models that do not fit beside it wait.
+    min_residency_seconds: float = 5.0
+    max_hold_seconds: float = 60.0
+    # After a failed load, requests for that model are refused (503 + Retry-After)
+    # for this long, doubling per consecutive failure up to the maximum.
+    load_failure_cooldown_seconds: float = 10.0
+    max_load_failure_cooldown_seconds: float = 300.0
     state_dir: Path = Path(".switchd-state")
 
     def resolve(self, name: str) -> ModelSpec | None:
@@ -138,6 +148,10 @@ _TOP_KEYS = {
     "stop_grace_seconds",
     "max_body_bytes",
     "max_waiting_requests",
+    "min_residency_seconds",
+    "max_hold_seconds",
+    "load_failure_cooldown_seconds",
+    "max_load_failure_cooldown_seconds",
     "state_dir",
     "models",
 }
@@ -164,6 +178,7 @@ _MODEL_KEYS = {
     "ipc",
     "request_gpus",
     "remove",
+    "priority",
 }
 _SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds"}
 
@@ -357,6 +372,7 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
         gpus=gpus,
         api_key=reader.text("api_key"),
         docker=_parse_docker(reader, gpu_count),
+        priority=reader.whole("priority", 0, minimum=-1000),
         # YAML's `true` would become "True"; engines expect the spelling they were given.
         env={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()},
     )
@@ -430,6 +446,10 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         stop_grace_seconds=top.number("stop_grace_seconds", 10.0),
         max_body_bytes=top.whole("max_body_bytes", 32 * 1024 * 1024, minimum=1),
         max_waiting_requests=top.whole("max_waiting_requests", 512),
+        min_residency_seconds=top.number("min_residency_seconds", 5.0),
+        max_hold_seconds=top.number("max_hold_seconds", 60.0),
+        load_failure_cooldown_seconds=top.number("load_failure_cooldown_seconds", 10.0),
+        max_load_failure_cooldown_seconds=top.number("max_load_failure_cooldown_seconds", 300.0),
         state_dir=Path(os.path.expanduser(state_dir)),
     )
 

@@ -8,6 +8,7 @@ them (a switch changes the server, not the client).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,14 @@ from switchd.units import iso_timestamp
 class JobKind(StrEnum):
     SWITCH = "switch"
     UNLOAD = "unload"
+
+
+class Cause(StrEnum):
+    """Why a job runs: an operator's call, requests waiting for a model, or its TTL."""
+
+    EXPLICIT = "explicit"
+    DEMAND = "demand"
+    TTL = "ttl"
 
 
 @dataclass
@@ -41,14 +50,18 @@ class SwitchError(Exception):
     def as_json(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.fields}
 
+    def copy(self) -> SwitchError:
+        """A copy for each waiter: one exception object raised in many tasks would
+        collect every task's traceback."""
+        return dataclasses.replace(self)
+
 
 class Job:
-    def __init__(self, kind: JobKind, target: str, idle_for: float | None = None) -> None:
+    def __init__(self, kind: JobKind, target: str, cause: Cause = Cause.EXPLICIT) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.kind = kind
         self.target = target
-        # An unload that only happens if the model is still idle this long (TTL).
-        self.idle_for = idle_for
+        self.cause = cause
         self.stage = Stage.QUEUED
         self.progress = 0.0
         self.events: list[Event] = []
@@ -116,6 +129,7 @@ class Job:
         return {
             "id": self.id,
             "kind": self.kind.value,
+            "cause": self.cause.value,
             "target": self.target,
             "status": outcome,
             "stage": self.stage.value,

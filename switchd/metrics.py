@@ -14,14 +14,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from switchd import wire
 from switchd.events import Event
 from switchd.gpu import GpuSnapshot
 from switchd.states import ModelState
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
-JOB_END = frozenset({"result", "error"})
-NOT_STAGES = frozenset({"log", "model_state", "snapshot"})
+WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
 class Metrics:
@@ -59,7 +59,23 @@ class Metrics:
             "switchd_in_flight_requests", "Requests being served, by model", ["model"], registry=r
         )
         self.waiting = Gauge(
-            "switchd_waiting_requests", "Requests waiting for their model to load", registry=r
+            "switchd_waiting_requests",
+            "Requests waiting for their model to serve, by model",
+            ["model"],
+            registry=r,
+        )
+        self.switches = Counter(
+            "switchd_jobs",
+            "Finished jobs by kind (switch, unload), cause (explicit, demand, ttl) and result",
+            ["kind", "cause", "result"],
+            registry=r,
+        )
+        self.wait_seconds = Histogram(
+            "switchd_load_wait_seconds",
+            "Time proxied requests spent waiting for their model, by outcome",
+            ["model", "outcome"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
         )
         self.model_state = Gauge(
             "switchd_model_state",
@@ -82,9 +98,13 @@ class Metrics:
         self.requests.labels(model, str(status)).inc()
         self.request_seconds.labels(model).observe(seconds)
 
+    def waited(self, model: str, seconds: float, outcome: str) -> None:
+        """Called by the scheduler when a request stops waiting for its model."""
+        self.wait_seconds.labels(model, outcome).observe(seconds)
+
     def observe(self, event: Event) -> None:
         """Called by the event bus for every event it publishes."""
-        if event.name in NOT_STAGES:
+        if event.name in wire.NOT_STAGES:
             return
         job = str(event.data.get("job"))
         now = time.monotonic()
@@ -96,18 +116,19 @@ class Metrics:
             self.stage_seconds.labels(stage).observe(now - since)
         else:
             started = now
-        if event.name in JOB_END:
+        if event.name in wire.JOB_END:
             self._jobs.pop(job, None)
             result = str(event.data.get("status") or event.data.get("error") or event.name)
             self.switch_seconds.labels(result).observe(now - started)
+            kind, cause = str(event.data.get("kind")), str(event.data.get("cause"))
+            self.switches.labels(kind, cause, result).inc()
         else:
             self._jobs[job] = (event.name, now, started)
 
-    def render(
-        self, status: Mapping[str, Any], gpu: GpuSnapshot, waiting: int, subscribers: int = 0
-    ) -> bytes:
+    def render(self, status: Mapping[str, Any], gpu: GpuSnapshot, subscribers: int = 0) -> bytes:
         for name, model in status["models"].items():
             self.in_flight.labels(name).set(model["in_flight"])
+            self.waiting.labels(name).set(model.get("waiting", 0))
             for state in ModelState:
                 self.model_state.labels(name, state.value).set(model["status"] == state.value)
         for device in gpu.devices:
@@ -115,6 +136,5 @@ class Metrics:
             self.gpu_memory.labels(index, "used").set(device.used_bytes)
             self.gpu_memory.labels(index, "total").set(device.total_bytes)
             self.gpu_memory.labels(index, "free").set(device.free_bytes)
-        self.waiting.set(waiting)
         self.subscribers.set(subscribers)
         return generate_latest(self.registry)

@@ -1,6 +1,6 @@
 """Eviction planning: which running models to unload so the target fits.
 
-Pure: figures in, a Plan out. The switcher measures, this decides.
+Pure: figures in, a Plan out. The scheduler measures, this decides.
 """
 
 from __future__ import annotations

@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 
+from switchd.config import ModelSpec
 from switchd.jobs import SwitchError
 from switchd.metrics import Metrics
 from switchd.runtime.base import EngineInfo
-from switchd.switcher import Switcher
+from switchd.scheduler import Scheduler
 
 _T = TypeVar("_T")
 
@@ -100,7 +101,7 @@ class ProxyError(Exception):
 
 @dataclass(frozen=True)
 class ProxyContext:
-    switcher: Switcher
+    scheduler: Scheduler
     upstream: aiohttp.ClientSession
     metrics: Metrics
     max_body_bytes: int
@@ -212,18 +213,11 @@ class _Call:
             body = await read_body(self.receive, self.context.max_body_bytes)
             large = len(body) > LARGE_BODY
             name, data = await off_loop_if(large, requested_model, body)
-            spec = self.context.switcher.resolve(name)
-            if spec is None:
-                known = ", ".join(sorted(self.context.switcher.settings.models))
-                raise ProxyError(
-                    404,
-                    "model_not_found",
-                    f"The model '{name}' does not exist; known models: {known}",
-                )
+            spec = self._model(name)
             model = spec.name
             if name != spec.name:  # an alias: the engine knows the model by its own name
                 body = await off_loop_if(large, encode, {**data, "model": spec.name})
-            status = await self._forward(model, body)
+            status = await self._forward(spec, body)
         except ProxyError as error:
             status = error.status
             await error.send(self.send)
@@ -235,20 +229,28 @@ class _Call:
         finally:
             self.context.metrics.request_done(model, status, time.perf_counter() - started)
 
-    async def _forward(self, model: str, body: bytes) -> int:
+    def _model(self, name: str) -> ModelSpec:
+        """The one resolution of the request's model name (aliases included)."""
+        try:
+            return self.context.scheduler.known(name)
+        except SwitchError as unknown:
+            known = ", ".join(unknown.fields.get("available_models", []))
+            message = f"The model '{name}' does not exist; known models: {known}"
+            raise ProxyError(404, "model_not_found", message) from None
+
+    async def _forward(self, spec: ModelSpec, body: bytes) -> int:
         outcome: dict[str, int] = {}
 
         async def serve() -> None:
-            async with self.context.switcher.serving(model) as engine:
-                outcome["status"] = await self._relay(engine, body)
+            async with self.context.scheduler.serving(spec) as engine:
+                outcome["status"] = await self._relay(spec, engine, body)
 
         # Waiting for a load or streaming: either way a client that leaves stops it.
         if not await first_of(serve(), self.receive):
             raise ClientGone
         return outcome["status"]
 
-    async def _relay(self, engine: EngineInfo, body: bytes) -> int:
-        spec = self.context.switcher.settings.models[engine.model]
+    async def _relay(self, spec: ModelSpec, engine: EngineInfo, body: bytes) -> int:
         query = self.scope.get("query_string", b"").decode("latin-1")
         url = engine.url + self.scope["path"] + (f"?{query}" if query else "")
         headers = upstream_headers(self.scope, spec.api_key)

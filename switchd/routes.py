@@ -1,4 +1,4 @@
-"""HTTP handlers only: parse the request, ask the switcher, respond.
+"""HTTP handlers only: parse the request, ask the scheduler, respond.
 
 Bad requests (unknown model, missing parameter) are answered with their HTTP
 error before any event stream starts, so `curl -N` sees a plain status code.
@@ -27,7 +27,7 @@ from switchd.events import Event, EventBus
 from switchd.jobs import Job, SwitchError
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, ProxyContext
-from switchd.switcher import Switcher
+from switchd.scheduler import Scheduler
 
 PING_SECONDS = 15
 RETRY_MILLISECONDS = 3000
@@ -42,14 +42,14 @@ class Services:
     """What the handlers use; built and owned by the app's lifespan."""
 
     settings: Settings
-    switcher: Switcher
+    scheduler: Scheduler
     bus: EventBus
     metrics: Metrics
     upstream: aiohttp.ClientSession
 
     def proxy_context(self) -> ProxyContext:
         return ProxyContext(
-            self.switcher, self.upstream, self.metrics, self.settings.max_body_bytes
+            self.scheduler, self.upstream, self.metrics, self.settings.max_body_bytes
         )
 
 
@@ -208,7 +208,7 @@ async def health(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    status = await services(request).switcher.status()
+    status = await services(request).scheduler.status()
     data = [
         {
             "id": name,
@@ -224,7 +224,7 @@ async def list_models(request: Request) -> Response:
 
 
 async def models_status(request: Request) -> Response:
-    return JSONResponse(await services(request).switcher.status())
+    return JSONResponse(await services(request).scheduler.status())
 
 
 def too_large() -> JSONResponse:
@@ -241,12 +241,12 @@ async def switch(request: Request) -> Response:
             400, "missing_parameter", "target_model is required (?target_model=NAME)"
         )
     try:
-        job = services(request).switcher.request_switch(target)
+        job = services(request).scheduler.request_switch(target)
     except SwitchError as error:
         return switch_error_response(error)
     if wants_stream(request):
         return job_stream(request, job)
-    # The job runs in the switcher's worker: this client leaving does not cancel it.
+    # The job runs in the scheduler's worker: this client leaving does not cancel it.
     wait_ready = request.query_params.get("wait") == "ready"
     await (job.done if wait_ready else job.started).wait()
     if job.error is not None:
@@ -264,7 +264,7 @@ async def unload(request: Request) -> Response:
     if name is None:
         return error_response(400, "missing_parameter", "model is required (?model=NAME or all)")
     try:
-        job = services(request).switcher.request_unload(name)
+        job = services(request).scheduler.request_unload(name)
     except SwitchError as error:
         return switch_error_response(error)
     if wants_stream(request):
@@ -277,7 +277,7 @@ async def unload(request: Request) -> Response:
 
 def _job(request: Request) -> Job | Response:
     job_id = request.path_params["job_id"]
-    job = services(request).switcher.job(job_id)
+    job = services(request).scheduler.job(job_id)
     if job is None:
         message = f"No switch job {job_id!r} (switchd keeps the last 200)"
         return error_response(404, "job_not_found", message)
@@ -306,7 +306,7 @@ async def server_events(request: Request) -> Response:
     async def events() -> AsyncIterator[ServerSentEvent]:
         try:
             if missed is None:
-                status = await found.switcher.status()
+                status = await found.scheduler.status()
                 yield ServerSentEvent(
                     data=json.dumps(status, separators=(",", ":")),
                     event="snapshot",
@@ -322,11 +322,9 @@ async def server_events(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     found = services(request)
-    snapshot = await found.switcher.gpu_snapshot()
-    status = await found.switcher.status(snapshot)
-    body = found.metrics.render(
-        status, snapshot, found.switcher.waiting, found.bus.subscriber_count
-    )
+    snapshot = await found.scheduler.gpu_snapshot()
+    status = await found.scheduler.status(snapshot)
+    body = found.metrics.render(status, snapshot, found.bus.subscriber_count)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from switchd.catalog import Catalog, overlaps
-from switchd.gpu import DeviceMemory, GpuSnapshot
+from switchd.events import EventBus
+from switchd.gpu import DeviceMemory, GpuSnapshot, SimulatedGpu
 from switchd.states import ModelState
 from switchd.stats import LearnedStats
 from switchd.units import gib_to_bytes
@@ -31,7 +32,9 @@ def snapshot(used_gb: tuple[float, float]) -> GpuSnapshot:
 @pytest.fixture
 def catalog(tmp_path: Path) -> Catalog:
     settings = make_settings(tmp_path, MODELS)
-    return Catalog(settings, LearnedStats(settings.state_dir))
+    return Catalog(
+        settings, LearnedStats(settings.state_dir), SimulatedGpu(settings.simulated_gpu), EventBus()
+    )
 
 
 async def test_learned_figures_win_over_configured_ones(tmp_path: Path, catalog: Catalog) -> None:
@@ -40,7 +43,8 @@ async def test_learned_figures_win_over_configured_ones(tmp_path: Path, catalog:
     assert catalog.held_gb(a) == 40.0
     stats = LearnedStats(make_settings(tmp_path, MODELS).state_dir)
     await stats.record("a", 7.25, 36.5)
-    learned = Catalog(make_settings(tmp_path, MODELS), stats)
+    settings = make_settings(tmp_path, MODELS)
+    learned = Catalog(settings, stats, SimulatedGpu(settings.simulated_gpu), EventBus())
     assert learned.estimated_load_seconds(a.spec) == 7.25
     assert learned.held_gb(learned.records["a"]) == 36.5
     learned.records["a"].measured_gb = 35.0

@@ -163,7 +163,7 @@ def test_render_sets_the_gauges_from_status_and_gpu() -> None:
     status = {
         "models": {
             "gpt-oss-20b": model_status("running", in_flight=3),
-            "gpt-oss-120b": model_status("exited"),
+            "gpt-oss-120b": {**model_status("exited"), "waiting": 5},
             "mistral-7b-v0.1": model_status("loading"),
         }
     }
@@ -175,7 +175,7 @@ def test_render_sets_the_gauges_from_status_and_gpu() -> None:
             DeviceMemory(1, "GPU 1", total, 0),
         ),
     )
-    text = metrics.render(status, snapshot, waiting=5).decode()
+    text = metrics.render(status, snapshot).decode()
     found = samples(text)
 
     def at(name: str, **labels: str) -> float:
@@ -197,17 +197,18 @@ def test_render_sets_the_gauges_from_status_and_gpu() -> None:
     assert at("switchd_gpu_memory_bytes", device="0", kind="free") == total - 24 * 2**30
     assert at("switchd_gpu_memory_bytes", device="1", kind="used") == 0.0
     assert at("switchd_gpu_memory_bytes", device="1", kind="free") == total
-    assert at("switchd_waiting_requests") == 5.0
+    assert at("switchd_waiting_requests", model="gpt-oss-120b") == 5.0
+    assert at("switchd_waiting_requests", model="gpt-oss-20b") == 0.0
     assert at("switchd_sse_streams") == 0.0
     assert 'switchd_model_state{model="gpt-oss-20b",state="running"} 1.0' in text
 
     # Gauges follow the status at each scrape; they never accumulate.
     status["models"]["gpt-oss-20b"] = model_status("stopping")
-    found = samples(metrics.render(status, snapshot, waiting=0).decode())
+    found = samples(metrics.render(status, snapshot).decode())
     assert at("switchd_in_flight_requests", model="gpt-oss-20b") == 0.0
     assert at("switchd_model_state", model="gpt-oss-20b", state="running") == 0.0
     assert at("switchd_model_state", model="gpt-oss-20b", state="stopping") == 1.0
-    assert at("switchd_waiting_requests") == 0.0
+    assert at("switchd_waiting_requests", model="gpt-oss-20b") == 0.0
 
 
 def test_each_metrics_has_a_registry_of_its_own() -> None:

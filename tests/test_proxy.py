@@ -437,14 +437,15 @@ async def test_without_the_api_key_a_proxied_request_is_401(tmp_path: Path) -> N
 async def test_a_client_leaving_while_its_model_loads_frees_its_place(tmp_path: Path) -> None:
     runtime = EngineRuntime(load_seconds={"gpt-oss-20b": 1.5})
     async with serve(make_settings(tmp_path), runtime=runtime) as running:
-        switcher = running.services.switcher
+        scheduler = running.services.scheduler
         with pytest.raises(httpx.ReadTimeout):
             await running.http.post(CHAT, json=chat("gpt-oss-20b"), timeout=0.4)
         async with asyncio.timeout(2):
-            while switcher.waiting:  # noqa: ASYNC110 - a plain counter, no event to wait on
+            while scheduler.waiting:  # noqa: ASYNC110 - a plain counter, no event to wait on
                 await asyncio.sleep(0.02)
         metrics = (await running.http.get("/metrics")).text
-        assert "switchd_waiting_requests 0.0" in metrics
+        assert 'switchd_waiting_requests{model="gpt-oss-20b"} 0.0' in metrics
+        assert 'switchd_load_wait_seconds_count{model="gpt-oss-20b",outcome="gone"} 1.0' in metrics
         assert 'switchd_requests_total{code="499",model="gpt-oss-20b"} 1.0' in metrics
         assert running.engine.received == []
         # The load it started goes on, and the next request is served.

@@ -312,7 +312,10 @@ async def test_bounded_queue_refuses_at_once_past_its_size(make_server: ServerFa
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         first = asyncio.create_task(http.post(CHAT, json=chat("slow", "first")))
         deadline = time.monotonic() + 5
-        while metric((await http.get("/metrics")).text, "switchd_waiting_requests") != 1.0:
+        while (
+            metric((await http.get("/metrics")).text, "switchd_waiting_requests", model="slow")
+            != 1.0
+        ):
             assert time.monotonic() < deadline, "the first request never waited"
             await asyncio.sleep(0.05)
         started = time.monotonic()
@@ -498,7 +501,7 @@ async def test_metrics_count_what_the_test_did(make_server: ServerFactory) -> No
     assert metric(text, "switchd_model_state", model="gpt-oss-120b", state="exited") == 1.0
     assert metric(text, "switchd_request_duration_seconds_count", model="gpt-oss-20b") == 2.0
     assert metric(text, "switchd_in_flight_requests", model="gpt-oss-20b") == 0.0
-    assert metric(text, "switchd_waiting_requests") == 0.0
+    assert metric(text, "switchd_waiting_requests", model="gpt-oss-20b") == 0.0
     total = metric(text, "switchd_gpu_memory_bytes", device="0", kind="total")
     assert total == round(95.59 * 2**30)
     used = metric(text, "switchd_gpu_memory_bytes", device="0", kind="used")

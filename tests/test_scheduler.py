@@ -18,15 +18,15 @@ from switchd.events import Event, EventBus
 from switchd.gpu import SimulatedGpu
 from switchd.jobs import Job, SwitchError
 from switchd.runtime.base import EngineInfo
+from switchd.scheduler import Scheduler
 from switchd.states import ModelState
 from switchd.stats import LearnedStats
-from switchd.switcher import Switcher
 from tests.fakes import FakeRuntime, make_settings
 
 
 @dataclass
 class Rig:
-    switcher: Switcher
+    scheduler: Scheduler
     runtime: FakeRuntime
     gpu: SimulatedGpu
     bus: EventBus
@@ -34,19 +34,21 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(settings: Settings, runtime: FakeRuntime | None = None) -> AsyncIterator[Rig]:
+async def rig(
+    settings: Settings, runtime: FakeRuntime | None = None, gpu: SimulatedGpu | None = None
+) -> AsyncIterator[Rig]:
     runtime = runtime or FakeRuntime()
-    gpu = SimulatedGpu(settings.simulated_gpu)
+    gpu = gpu or SimulatedGpu(settings.simulated_gpu)
     bus = EventBus()
     stats = LearnedStats(settings.state_dir)
     await stats.load()
     async with httpx.AsyncClient(transport=runtime.transport()) as http:
-        switcher = Switcher(settings, runtime=runtime, gpu=gpu, bus=bus, stats=stats, http=http)
-        await switcher.start()
+        scheduler = Scheduler(settings, runtime=runtime, gpu=gpu, bus=bus, stats=stats, http=http)
+        await scheduler.start()
         try:
-            yield Rig(switcher, runtime, gpu, bus, settings)
+            yield Rig(scheduler, runtime, gpu, bus, settings)
         finally:
-            await switcher.close()
+            await scheduler.close()
             await runtime.close()
 
 
@@ -75,7 +77,7 @@ def adopted(*names: str) -> list[EngineInfo]:
 
 async def test_switch_into_free_memory_loads_without_unloading(tmp_path: Path) -> None:
     async with rig(make_settings(tmp_path)) as r:
-        events = await finish(r.switcher.request_switch("gpt-oss-20b"))
+        events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
         assert stages(events) == ["memory_check", "start", "loading", "ready", "result"]
         check = by_stage(events, "memory_check")
         assert check["required_gb"] == 24.0
@@ -85,7 +87,7 @@ async def test_switch_into_free_memory_loads_without_unloading(tmp_path: Path) -
         assert check["enough"] is True
         assert by_stage(events, "ready")["gpu_memory_used_gb"] == 24.0
         assert r.runtime.calls == ["start gpt-oss-20b"]
-        assert r.switcher.records["gpt-oss-20b"].state is ModelState.RUNNING
+        assert r.scheduler.records["gpt-oss-20b"].state is ModelState.RUNNING
 
 
 async def test_seed_scenario_unloads_the_largest_and_measures_what_came_back(
@@ -93,7 +95,7 @@ async def test_seed_scenario_unloads_the_largest_and_measures_what_came_back(
 ) -> None:
     runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
     async with rig(make_settings(tmp_path), runtime) as r:
-        job = r.switcher.request_switch("gpt-oss-20b")
+        job = r.scheduler.request_switch("gpt-oss-20b")
         events = await finish(job)
         assert stages(events) == [
             "memory_check",
@@ -119,7 +121,7 @@ async def test_seed_scenario_unloads_the_largest_and_measures_what_came_back(
             "freed_gb": 80.0,
         }
         assert runtime.calls == ["stop gpt-oss-120b", "start gpt-oss-20b"]
-        assert r.switcher.records["gpt-oss-120b"].state is ModelState.EXITED
+        assert r.scheduler.records["gpt-oss-120b"].state is ModelState.EXITED
 
 
 async def test_ids_increase_and_progress_never_decreases_and_ends_at_one(
@@ -127,7 +129,7 @@ async def test_ids_increase_and_progress_never_decreases_and_ends_at_one(
 ) -> None:
     runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"), default_load_seconds=1.2)
     async with rig(make_settings(tmp_path), runtime) as r:
-        events = await finish(r.switcher.request_switch("gpt-oss-20b"))
+        events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
         ids = [e.id for e in events]
         assert ids == sorted(ids)
         assert len(set(ids)) == len(ids)
@@ -143,7 +145,7 @@ async def test_ids_increase_and_progress_never_decreases_and_ends_at_one(
 async def test_already_running_target_answers_already_loaded(tmp_path: Path) -> None:
     runtime = FakeRuntime(adopted=adopted("gpt-oss-20b"))
     async with rig(make_settings(tmp_path), runtime) as r:
-        job = r.switcher.request_switch("20b")  # by alias
+        job = r.scheduler.request_switch("20b")  # by alias
         events = await finish(job)
         assert stages(events) == ["result"]
         assert events[0].data["status"] == "already_loaded"
@@ -161,7 +163,7 @@ async def test_insufficient_memory_fails_and_unloads_nothing(tmp_path: Path) -> 
     }
     runtime = FakeRuntime(adopted=adopted("small", "pinned"))
     async with rig(make_settings(tmp_path, models), runtime) as r:
-        job = r.switcher.request_switch("big")
+        job = r.scheduler.request_switch("big")
         events = await finish(job)
         assert stages(events) == ["memory_check", "error"]
         error = by_stage(events, "error")
@@ -173,7 +175,7 @@ async def test_insufficient_memory_fails_and_unloads_nothing(tmp_path: Path) -> 
         assert job.error is not None
         assert job.error.http_status == 409
         assert runtime.calls == []
-        assert r.switcher.records["small"].state is ModelState.RUNNING
+        assert r.scheduler.records["small"].state is ModelState.RUNNING
 
 
 async def test_pinned_models_are_never_unloaded_to_make_room(tmp_path: Path) -> None:
@@ -184,7 +186,7 @@ async def test_pinned_models_are_never_unloaded_to_make_room(tmp_path: Path) -> 
     }
     runtime = FakeRuntime(adopted=adopted("pinned-big", "other"))
     async with rig(make_settings(tmp_path, models), runtime) as r:
-        events = await finish(r.switcher.request_switch("target"))
+        events = await finish(r.scheduler.request_switch("target"))
         assert by_stage(events, "memory_check")["to_unload"] == ["other"]
         assert runtime.calls == ["stop other", "start target"]
 
@@ -194,7 +196,7 @@ async def test_engine_that_exits_while_loading_fails_with_its_last_lines(
 ) -> None:
     runtime = FakeRuntime(load_seconds={"gpt-oss-20b": 30})
     async with rig(make_settings(tmp_path), runtime) as r:
-        job = r.switcher.request_switch("gpt-oss-20b")
+        job = r.scheduler.request_switch("gpt-oss-20b")
         await asyncio.wait_for(job.started.wait(), 5)
         runtime.print_line("gpt-oss-20b", "INFO loading weights")
         runtime.print_line("gpt-oss-20b", "ERROR CUDA out of memory")
@@ -210,7 +212,7 @@ async def test_engine_that_exits_while_loading_fails_with_its_last_lines(
         assert error["exit_code"] == 1
         assert error["last_lines"] == ["INFO loading weights", "ERROR CUDA out of memory"]
         assert "ERROR CUDA out of memory" in error["message"]
-        record = r.switcher.records["gpt-oss-20b"]
+        record = r.scheduler.records["gpt-oss-20b"]
         assert record.state is ModelState.FAILED
         assert record.error is not None
         assert "CUDA out of memory" in record.error
@@ -219,33 +221,33 @@ async def test_engine_that_exits_while_loading_fails_with_its_last_lines(
 async def test_start_failure_fails_the_job_with_502(tmp_path: Path) -> None:
     runtime = FakeRuntime(fail_start={"gpt-oss-20b"})
     async with rig(make_settings(tmp_path), runtime) as r:
-        job = r.switcher.request_switch("gpt-oss-20b")
+        job = r.scheduler.request_switch("gpt-oss-20b")
         events = await finish(job)
         assert stages(events) == ["memory_check", "error"]
         assert job.error is not None
         assert (job.error.code, job.error.http_status) == ("engine_failed", 502)
-        assert r.switcher.records["gpt-oss-20b"].state is ModelState.FAILED
+        assert r.scheduler.records["gpt-oss-20b"].state is ModelState.FAILED
 
 
 async def test_engine_never_healthy_times_out_with_504_and_is_stopped(tmp_path: Path) -> None:
     runtime = FakeRuntime(load_seconds={"gpt-oss-20b": 60})
     settings = make_settings(tmp_path, health_timeout_seconds=0.5)
     async with rig(settings, runtime) as r:
-        job = r.switcher.request_switch("gpt-oss-20b")
+        job = r.scheduler.request_switch("gpt-oss-20b")
         events = await finish(job)
         assert stages(events)[-1] == "error"
         assert job.error is not None
         assert (job.error.code, job.error.http_status) == ("health_timeout", 504)
         assert runtime.calls == ["start gpt-oss-20b", "stop gpt-oss-20b"]
-        assert r.switcher.records["gpt-oss-20b"].state is ModelState.FAILED
+        assert r.scheduler.records["gpt-oss-20b"].state is ModelState.FAILED
 
 
 async def test_same_target_joins_and_other_target_queues_fifo(tmp_path: Path) -> None:
     runtime = FakeRuntime(default_load_seconds=0.3)
     async with rig(make_settings(tmp_path), runtime) as r:
-        first = r.switcher.request_switch("gpt-oss-20b")
-        joined = r.switcher.request_switch("20b")
-        second = r.switcher.request_switch("mistral-7b-v0.1")
+        first = r.scheduler.request_switch("gpt-oss-20b")
+        joined = r.scheduler.request_switch("20b")
+        second = r.scheduler.request_switch("mistral-7b-v0.1")
         assert joined is first
         assert second is not first
         second_events = await finish(second)
@@ -264,7 +266,7 @@ async def test_slow_memory_release_is_waited_for_and_measured(tmp_path: Path) ->
     )
     runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
     async with rig(settings, runtime) as r:
-        events = await finish(r.switcher.request_switch("gpt-oss-20b"))
+        events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
         unloaded = by_stage(events, "unloaded")
         assert unloaded["freed_gb"] == 80.0
         assert unloaded["verified"] is True
@@ -279,7 +281,7 @@ async def test_memory_that_never_comes_back_is_reported_as_measured(tmp_path: Pa
     )
     runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
     async with rig(settings, runtime) as r:
-        events = await finish(r.switcher.request_switch("gpt-oss-20b"))
+        events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
         unloaded = by_stage(events, "unloaded")
         assert unloaded["verified"] is False
         assert unloaded["freed_gb"] == 0.0
@@ -290,8 +292,8 @@ async def test_memory_that_never_comes_back_is_reported_as_measured(tmp_path: Pa
 async def test_drain_waits_for_requests_in_flight_before_unloading(tmp_path: Path) -> None:
     runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
     async with rig(make_settings(tmp_path), runtime) as r:
-        async with r.switcher.serving("gpt-oss-120b"):
-            job = r.switcher.request_switch("gpt-oss-20b")
+        async with r.scheduler.serving("gpt-oss-120b"):
+            job = r.scheduler.request_switch("gpt-oss-20b")
             await asyncio.sleep(0.3)
             assert runtime.calls == [], "nothing stops while a request is in flight"
         events = await finish(job)
@@ -306,16 +308,16 @@ async def test_learned_load_time_and_footprint_survive_a_restart(tmp_path: Path)
     settings = make_settings(tmp_path)
     runtime = FakeRuntime(load_seconds={"gpt-oss-20b": 0.5})
     async with rig(settings, runtime) as r:
-        before = await r.switcher.status()
+        before = await r.scheduler.status()
         assert before["models"]["gpt-oss-20b"]["estimated_load_time_seconds"] == 3.0
-        await finish(r.switcher.request_switch("gpt-oss-20b"))
-        learned = (await r.switcher.status())["models"]["gpt-oss-20b"]
+        await finish(r.scheduler.request_switch("gpt-oss-20b"))
+        learned = (await r.scheduler.status())["models"]["gpt-oss-20b"]
         assert 0.5 <= learned["estimated_load_time_seconds"] < 1.5
     async with rig(settings, FakeRuntime()) as again:
-        status = await again.switcher.status()
+        status = await again.scheduler.status()
         estimate = status["models"]["gpt-oss-20b"]["estimated_load_time_seconds"]
         assert estimate == learned["estimated_load_time_seconds"]
-        events = await finish(again.switcher.request_switch("gpt-oss-20b"))
+        events = await finish(again.scheduler.request_switch("gpt-oss-20b"))
         assert by_stage(events, "start")["estimated_load_time_seconds"] == estimate
 
 
@@ -333,7 +335,7 @@ async def test_engine_that_crashes_while_running_shows_failed(tmp_path: Path) ->
             "to": "failed",
             "error": "exited with code 139 outside switchd:\nSegmentation fault",
         }
-        status = await r.switcher.status()
+        status = await r.scheduler.status()
         assert status["models"]["gpt-oss-20b"]["status"] == "failed"
         assert status["gpu"]["used_gb"] == 0.0
 
@@ -346,14 +348,14 @@ async def test_unload_all_spares_pinned_models(tmp_path: Path) -> None:
     }
     runtime = FakeRuntime(adopted=adopted("a", "b", "keep"))
     async with rig(make_settings(tmp_path, models), runtime) as r:
-        job = r.switcher.request_unload("all")
+        job = r.scheduler.request_unload("all")
         events = await finish(job)
         assert stages(events) == ["unload", "unloaded", "unload", "unloaded", "freed", "result"]
         assert job.result is not None
         assert job.result["unloaded_models"] == ["a", "b"]
         assert job.result["freed_gb"] == 30.0
-        assert r.switcher.records["keep"].state is ModelState.RUNNING
-        again = r.switcher.request_unload("a")
+        assert r.scheduler.records["keep"].state is ModelState.RUNNING
+        again = r.scheduler.request_unload("a")
         await finish(again)
         assert again.result is not None
         assert again.result["status"] == "not_loaded"
@@ -363,7 +365,7 @@ def test_unknown_model_is_refused_before_any_job(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with rig(make_settings(tmp_path)) as r:
             with pytest.raises(Exception, match="Unknown model 'nope'") as info:
-                r.switcher.request_switch("nope")
+                r.scheduler.request_switch("nope")
             assert getattr(info.value, "http_status", None) == 404
 
     asyncio.run(scenario())
@@ -372,22 +374,24 @@ def test_unknown_model_is_refused_before_any_job(tmp_path: Path) -> None:
 async def test_ensure_returns_once_running_and_raises_the_jobs_error(tmp_path: Path) -> None:
     runtime = FakeRuntime(fail_start={"mistral-7b-v0.1"})
     async with rig(make_settings(tmp_path), runtime) as r:
-        await asyncio.wait_for(r.switcher.ensure("20b"), 5)
-        assert r.switcher.records["gpt-oss-20b"].state is ModelState.RUNNING
-        await asyncio.wait_for(r.switcher.ensure("gpt-oss-20b"), 1)  # already running
+        await asyncio.wait_for(r.scheduler.ensure("20b"), 5)
+        assert r.scheduler.records["gpt-oss-20b"].state is ModelState.RUNNING
+        await asyncio.wait_for(r.scheduler.ensure("gpt-oss-20b"), 1)  # already running
         assert runtime.calls == ["start gpt-oss-20b"]
         with pytest.raises(SwitchError) as failure:
-            await asyncio.wait_for(r.switcher.ensure("mistral-7b-v0.1"), 5)
-        assert failure.value.code == "engine_failed"
+            await asyncio.wait_for(r.scheduler.ensure("mistral-7b-v0.1"), 5)
+        # A request waiting for a load that fails gets a 503 to retry later.
+        assert (failure.value.code, failure.value.http_status) == ("load_failed", 503)
+        assert failure.value.retry_after_seconds == 10
 
 
 async def test_closing_fails_the_running_and_queued_jobs(tmp_path: Path) -> None:
     runtime = FakeRuntime(default_load_seconds=30)
     async with rig(make_settings(tmp_path), runtime) as r:
-        running = r.switcher.request_switch("gpt-oss-20b")
-        queued = r.switcher.request_switch("mistral-7b-v0.1")
+        running = r.scheduler.request_switch("gpt-oss-20b")
+        queued = r.scheduler.request_switch("mistral-7b-v0.1")
         await asyncio.wait_for(running.started.wait(), 5)
-        await r.switcher.close()
+        await r.scheduler.close()
         for job in (running, queued):
             assert job.done.is_set()
             assert job.error is not None
@@ -397,8 +401,8 @@ async def test_closing_fails_the_running_and_queued_jobs(tmp_path: Path) -> None
 
 async def test_serving_loads_on_demand_and_counts_the_request_in_flight(tmp_path: Path) -> None:
     async with rig(make_settings(tmp_path)) as r:
-        async with r.switcher.serving("20b") as engine:
-            record = r.switcher.records["gpt-oss-20b"]
+        async with r.scheduler.serving("20b") as engine:
+            record = r.scheduler.records["gpt-oss-20b"]
             assert engine.model == "gpt-oss-20b"
             assert record.state is ModelState.RUNNING
             assert record.in_flight == 1
@@ -409,7 +413,7 @@ async def test_serving_loads_on_demand_and_counts_the_request_in_flight(tmp_path
 async def test_serving_without_auto_switch_refuses_with_503(tmp_path: Path) -> None:
     async with rig(make_settings(tmp_path, auto_switch=False)) as r:
         with pytest.raises(SwitchError) as refused:
-            async with r.switcher.serving("gpt-oss-20b"):
+            async with r.scheduler.serving("gpt-oss-20b"):
                 pass
         assert (refused.value.code, refused.value.http_status) == ("model_not_loaded", 503)
         assert refused.value.retry_after_seconds == 3
@@ -422,15 +426,15 @@ def ttl_models(ttl: float) -> dict[str, Any]:
 
 async def wait_for_state(r: Rig, model: str, state: ModelState, within: float) -> None:
     async with asyncio.timeout(within):
-        while r.switcher.records[model].state is not state:  # noqa: ASYNC110 - polling a state in a test
+        while r.scheduler.records[model].state is not state:  # noqa: ASYNC110 - polling a state in a test
             await asyncio.sleep(0.02)
 
 
 async def test_ttl_unloads_an_idle_model_but_never_one_in_use(tmp_path: Path) -> None:
     async with rig(make_settings(tmp_path, ttl_models(0.3))) as r:
-        async with r.switcher.serving("m"):
+        async with r.scheduler.serving("m"):
             await asyncio.sleep(1.2)  # well past the TTL, but a request is in flight
-            assert r.switcher.records["m"].state is ModelState.RUNNING
+            assert r.scheduler.records["m"].state is ModelState.RUNNING
         started = time.monotonic()
         await wait_for_state(r, "m", ModelState.EXITED, within=3)
         assert time.monotonic() - started >= 0.3, "idle is counted from the last request"
@@ -440,10 +444,10 @@ async def test_ttl_unloads_an_idle_model_but_never_one_in_use(tmp_path: Path) ->
 async def test_a_request_racing_a_ttl_unload_waits_for_a_clean_reload(tmp_path: Path) -> None:
     runtime = FakeRuntime(stop_seconds=0.5)
     async with rig(make_settings(tmp_path, ttl_models(0.2)), runtime) as r:
-        await r.switcher.ensure("m")
+        await r.scheduler.ensure("m")
         await wait_for_state(r, "m", ModelState.STOPPING, within=3)
-        async with asyncio.timeout(5), r.switcher.serving("m") as engine:
-            assert r.switcher.records["m"].state is ModelState.RUNNING
+        async with asyncio.timeout(5), r.scheduler.serving("m") as engine:
+            assert r.scheduler.records["m"].state is ModelState.RUNNING
             assert engine.instance == "m#2", "served by the reloaded engine"
         assert runtime.calls == ["start m", "stop m", "start m"]
 
@@ -453,8 +457,8 @@ async def test_a_victim_that_dies_while_draining_does_not_fail_the_switch(
 ) -> None:
     runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
     async with rig(make_settings(tmp_path), runtime) as r:
-        async with r.switcher.serving("gpt-oss-120b"):
-            job = r.switcher.request_switch("gpt-oss-20b")
+        async with r.scheduler.serving("gpt-oss-120b"):
+            job = r.scheduler.request_switch("gpt-oss-20b")
             await asyncio.sleep(0.1)  # the job drains gpt-oss-120b
             runtime.crash("gpt-oss-120b", code=1)
             await asyncio.sleep(0.1)
@@ -464,7 +468,7 @@ async def test_a_victim_that_dies_while_draining_does_not_fail_the_switch(
         unloaded = by_stage(events, "unloaded")
         assert unloaded["freed_gb"] == 0.0
         assert "had already exited" in unloaded["message"]
-        assert r.switcher.records["gpt-oss-20b"].state is ModelState.RUNNING
+        assert r.scheduler.records["gpt-oss-20b"].state is ModelState.RUNNING
 
 
 async def test_an_explicit_unload_joining_a_ttl_unload_always_unloads(tmp_path: Path) -> None:
@@ -474,25 +478,25 @@ async def test_an_explicit_unload_joining_a_ttl_unload_always_unloads(tmp_path: 
     }
     runtime = FakeRuntime(adopted=adopted("a"), load_seconds={"slow": 2.0})
     async with rig(make_settings(tmp_path, models), runtime) as r:
-        busy = r.switcher.request_switch("slow")  # holds the worker while the TTL job queues
+        busy = r.scheduler.request_switch("slow")  # holds the worker while the TTL job queues
         await asyncio.sleep(1.6)
-        async with r.switcher.serving("a"):
+        async with r.scheduler.serving("a"):
             pass  # used again: the TTL job alone would keep it
-        explicit = r.switcher.request_unload("a")
+        explicit = r.scheduler.request_unload("a")
         await finish(busy)
         await finish(explicit)
         assert explicit.result is not None
         assert explicit.result["status"] == "success"
-        assert r.switcher.records["a"].state is ModelState.EXITED
+        assert r.scheduler.records["a"].state is ModelState.EXITED
 
 
 async def test_each_waiter_gets_its_own_copy_of_the_jobs_error(tmp_path: Path) -> None:
     runtime = FakeRuntime(fail_start={"gpt-oss-20b"})
     async with rig(make_settings(tmp_path), runtime) as r:
         errors = await asyncio.gather(
-            *(r.switcher.ensure("gpt-oss-20b") for _ in range(3)), return_exceptions=True
+            *(r.scheduler.ensure("gpt-oss-20b") for _ in range(3)), return_exceptions=True
         )
-        assert all(isinstance(e, SwitchError) and e.code == "engine_failed" for e in errors)
+        assert all(isinstance(e, SwitchError) and e.code == "load_failed" for e in errors)
         assert len({id(e) for e in errors}) == 3
 
 
@@ -510,10 +514,9 @@ class HookedGpu(SimulatedGpu):
 async def test_race_engine_exit_while_ready_is_measured_is_not_lost(tmp_path: Path) -> None:
     runtime = FakeRuntime(load_seconds={"gpt-oss-20b": 0.2})
     settings = make_settings(tmp_path)
-    async with rig(settings, runtime) as r:
-        gpu = HookedGpu(settings.simulated_gpu)
-        r.switcher._gpu = gpu  # the race needs an await at the instant after health
-        record = r.switcher.records["gpt-oss-20b"]
+    gpu = HookedGpu(settings.simulated_gpu)  # the race needs an await just after health
+    async with rig(settings, runtime, gpu) as r:
+        record = r.scheduler.records["gpt-oss-20b"]
 
         async def crash_once_healthy() -> None:
             ready = runtime.ready_at.get("gpt-oss-20b")
@@ -523,20 +526,20 @@ async def test_race_engine_exit_while_ready_is_measured_is_not_lost(tmp_path: Pa
                 await asyncio.sleep(0.05)  # the runtime's report arrives during the await
 
         gpu.hook = crash_once_healthy
-        job = r.switcher.request_switch("gpt-oss-20b")
+        job = r.scheduler.request_switch("gpt-oss-20b")
         await finish(job)
         await asyncio.sleep(0.1)
-        assert job.error is not None and job.error.code == "engine_failed"
+        assert job.error is not None
+        assert job.error.code == "engine_failed"
         assert record.state is ModelState.FAILED
 
 
 async def test_race_victim_exit_before_stopping_does_not_fail_the_switch(tmp_path: Path) -> None:
     runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
     settings = make_settings(tmp_path)
-    async with rig(settings, runtime) as r:
-        gpu = HookedGpu(settings.simulated_gpu)
-        r.switcher._gpu = gpu
-        victim = r.switcher.records["gpt-oss-120b"]
+    gpu = HookedGpu(settings.simulated_gpu)
+    async with rig(settings, runtime, gpu) as r:
+        victim = r.scheduler.records["gpt-oss-120b"]
         calls = 0
 
         async def crash_on_second_snapshot() -> None:
@@ -547,7 +550,7 @@ async def test_race_victim_exit_before_stopping_does_not_fail_the_switch(tmp_pat
                 await asyncio.sleep(0.05)
 
         gpu.hook = crash_on_second_snapshot
-        job = r.switcher.request_switch("gpt-oss-20b")
+        job = r.scheduler.request_switch("gpt-oss-20b")
         await finish(job)
         assert job.error is None, job.error
-        assert r.switcher.records["gpt-oss-20b"].state is ModelState.RUNNING
+        assert r.scheduler.records["gpt-oss-20b"].state is ModelState.RUNNING

@@ -1,0 +1,547 @@
+"""The steps of a job: memory check, drain, unload and verify, start or adopt, health.
+
+Each step emits its stage events (switchd.wire) and changes model states only
+through Catalog.transition. The steps run in the scheduler's worker, the one
+owner of model state: what the runtime reports (an engine's output line, an
+exit) is queued by `deliver` and applied by the worker between steps and at
+every wait inside one (`pause`), so a report can never change a state that a
+step has read and is about to act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from switchd import planner, wire
+from switchd.catalog import Catalog, ModelRecord
+from switchd.config import ModelSpec, Settings
+from switchd.events import EventBus
+from switchd.gpu import GpuProbe, GpuSnapshot
+from switchd.jobs import Job, JobKind, SwitchError
+from switchd.runtime.base import EngineExited, EngineOutput, Runtime, RuntimeEvent, StartFailed
+from switchd.states import JOB_TRANSITIONS, ModelState, Stage, check
+from switchd.stats import LearnedStats
+from switchd.units import gib, gib_to_bytes, iso_timestamp
+
+log = logging.getLogger(__name__)
+
+RELEASED_FRACTION = 0.75  # of a victim's memory that must show as free again
+MEMORY_POLL_SECONDS = 0.1
+HEALTH_BACKOFF = (0.05, 0.25, 1.5)  # first delay, cap, factor: fast at first
+HEALTH_REQUEST_SECONDS = 1.0  # short, so `loading` still ticks every second
+LAST_LINES_IN_ERRORS = 20
+MAX_LOG_EVENTS_PER_JOB = 500  # more lines still reach /v1/events, not the job's replay
+
+# Share of the progress bar each phase owns: memory check 5%, unloads up to
+# 30%, loading from 30% towards 99% by elapsed over estimated time.
+PROGRESS_CHECKED = 0.05
+PROGRESS_FREED = 0.30
+PROGRESS_LOADING_CAP = 0.99
+
+
+@dataclass
+class _Loading:
+    """The load in progress: whose job reports it, and its engine's exit if it died."""
+
+    job: Job
+    record: ModelRecord
+    instance: str
+    health_url: str
+    exited: EngineExited | None = None
+
+
+class Steps:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        *,
+        runtime: Runtime,
+        gpu: GpuProbe,
+        bus: EventBus,
+        stats: LearnedStats,
+        http: httpx.AsyncClient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.runtime = runtime
+        self.gpu = gpu
+        self._bus = bus
+        self._stats = stats
+        self._http = http
+        self._clock = clock
+        self._reports: deque[RuntimeEvent] = deque()
+        self._reported = asyncio.Event()
+        self._loading: _Loading | None = None
+
+    # ---- what the runtime reports ------------------------------------------------
+
+    def deliver(self, event: RuntimeEvent) -> None:
+        """Queue a runtime report for the worker (called by the runtime's watcher)."""
+        self._reports.append(event)
+        self._reported.set()
+
+    def apply_reports(self) -> None:
+        """Handle every queued report: the worker calls this, no one else."""
+        self._reported.clear()
+        while self._reports:
+            event = self._reports.popleft()
+            if isinstance(event, EngineOutput):
+                self._on_output(event)
+            else:
+                self._on_exit(event)
+
+    async def pause(self, seconds: float, until: asyncio.Event | None = None) -> None:
+        """Wait up to `seconds` (or until `until` is set), applying reports as they come."""
+        waits = [asyncio.ensure_future(self._reported.wait())]
+        if until is not None:
+            waits.append(asyncio.ensure_future(until.wait()))
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, seconds), return_when="FIRST_COMPLETED")
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        self.apply_reports()
+
+    def _on_output(self, event: EngineOutput) -> None:
+        loading = self._loading
+        if loading is not None and (event.model, event.instance) == (
+            loading.record.spec.name,
+            loading.instance,
+        ):
+            self.emit_log(loading.job, event.model, event.line)
+
+    def _on_exit(self, event: EngineExited) -> None:
+        loading = self._loading
+        if loading is not None and (event.model, event.instance) == (
+            loading.record.spec.name,
+            loading.instance,
+        ):
+            loading.exited = event  # the load step fails with the engine's last lines
+            return
+        record = self.catalog.records.get(event.model)
+        if record is None or record.engine is None or record.engine.instance != event.instance:
+            return  # an engine switchd already stopped, or one from an earlier run
+        if record.state not in (ModelState.RUNNING, ModelState.LOADING):
+            return  # STOPPING: the job stopping it sees it go
+        # RUNNING, or LOADING when found so at start-up and its job has not begun.
+        record.last_exit = exit_summary(event)
+        lines = "\n".join(event.last_lines[-5:])
+        error = f"{event.reason} outside switchd" + (f":\n{lines}" if lines else "")
+        failed = event.exit_code not in (0, None)
+        new = ModelState.FAILED if failed else ModelState.EXITED
+        self.catalog.transition(record, record.state, new, error=error)
+
+    # ---- start-up ----------------------------------------------------------------
+
+    async def adopt(self) -> list[str]:
+        """Take over the engines the runtime already runs; returns those still loading."""
+        found = await self.runtime.discover()
+        still_loading: list[str] = []
+        for info in found.running:
+            record = self.catalog.records.get(info.model)
+            if record is None or record.state is not ModelState.EXITED:
+                continue
+            if await self.healthy(info.url + record.spec.health_path):
+                self.catalog.transition(record, ModelState.EXITED, ModelState.RUNNING, engine=info)
+                log.info("adopted running engine of %s (%s)", info.model, info.instance)
+            else:
+                # Started before a restart and not answering yet: a job waits for it, and
+                # requests wait for that job, as for any load.
+                self.catalog.transition(record, ModelState.EXITED, ModelState.LOADING, engine=info)
+                still_loading.append(info.model)
+                log.info("adopted %s (%s), still loading", info.model, info.instance)
+        for model, why in found.unavailable.items():
+            record = self.catalog.records.get(model)
+            if record is not None and record.state is ModelState.EXITED:
+                self.catalog.transition(record, ModelState.EXITED, ModelState.FAILED, error=why)
+                log.error("%s cannot run: %s", model, why)
+        return still_loading
+
+    # ---- memory --------------------------------------------------------------------
+
+    def required_gb(self, spec: ModelSpec) -> float:
+        return self.catalog.expected_gb(spec)
+
+    def plan(
+        self, spec: ModelSpec, snapshot: GpuSnapshot, protected: frozenset[str] = frozenset()
+    ) -> planner.Plan:
+        """Victims that make `spec` fit; `protected` models count as pinned."""
+        candidates = [
+            c
+            if c.name not in protected
+            else planner.Candidate(c.name, c.held_gb, c.last_used, True)
+            for c in self.catalog.candidates(spec)
+        ]
+        return planner.plan(
+            self.required_gb(spec),
+            self.catalog.available_gb(snapshot, spec),
+            gib(snapshot.total_bytes(spec.gpus)),
+            candidates,
+            self.settings.eviction,
+        )
+
+    # ---- a switch ------------------------------------------------------------------
+
+    async def switch(self, job: Job, plan: planner.Plan) -> dict[str, Any]:
+        """Make room as `plan` says, then load the target."""
+        record = self.catalog.records[job.target]
+        spec = record.spec
+        victims = [v.name for v in plan.victims]
+        if victims:
+            verdict = f"unloading {', '.join(victims)}"
+        else:
+            verdict = "it fits" if plan.enough else "not enough even after unloading every model"
+        required = round(plan.required_gb, 2)
+        self.emit(
+            job,
+            wire.MemoryCheck(required, plan.available_gb, plan.total_gb, victims, plan.enough),
+            f"{spec.name} needs {required:.2f} GB, {plan.available_gb:.2f} GB free: {verdict}",
+            progress=PROGRESS_CHECKED,
+        )
+        job.memory_info = {"required_gb": required, "available_before_gb": plan.available_gb}
+        if not plan.enough:
+            raise insufficient_memory(spec, plan)
+        freed = await self.unload_all(job, [self.catalog.records[name] for name in victims])
+        job.memory_info["freed_gb"] = round(freed, 2)
+        if victims:
+            after = self.catalog.available_gb(await self.gpu.snapshot(), spec)
+            self.emit(
+                job,
+                wire.Freed(round(freed, 2), after),
+                f"Freed {freed:.2f} GB; {after:.2f} GB now free",
+                progress=PROGRESS_FREED,
+            )
+        await self.load(job, record)
+        return job.success_body(ready=True)
+
+    async def unload_models(self, job: Job, chosen: list[ModelRecord]) -> dict[str, Any]:
+        """An unload job: stop `chosen`, verify, and report what came back."""
+        if not chosen:
+            return {
+                "status": "not_loaded",
+                "job": job.id,
+                "unloaded_models": [],
+                "freed_gb": 0.0,
+                "message": f"Nothing to unload: {job.target} is not running",
+            }
+        freed = await self.unload_all(job, chosen)
+        available = gib((await self.gpu.snapshot()).free_bytes())
+        self.emit(
+            job,
+            wire.Freed(round(freed, 2), available),
+            f"Freed {freed:.2f} GB; {available:.2f} GB now free",
+            progress=1.0,
+        )
+        return {
+            "status": "success",
+            "job": job.id,
+            "unloaded_models": list(job.unloaded_models),
+            "freed_gb": round(freed, 2),
+        }
+
+    # ---- unloading ------------------------------------------------------------------
+
+    async def unload_all(self, job: Job, victims: list[ModelRecord]) -> float:
+        """Unload each victim in order; returns the GB measured as freed in all."""
+        # Every victim stops taking requests now, before the first await, so no
+        # request can start on a model this job is about to stop.
+        held = [(record, self.catalog.held_gb(record)) for record in victims]
+        for record in victims:
+            record.draining = True
+        try:
+            freed = 0.0
+            for index, (record, held_gb) in enumerate(held):
+                freed += await self._unload(job, record, held_gb, (index + 1) / len(held))
+            return freed
+        finally:
+            for record in victims:
+                record.draining = False
+
+    async def _drain(self, job: Job, record: ModelRecord) -> None:
+        if not record.in_flight:
+            return
+        self.emit(
+            job,
+            wire.Drain(record.spec.name, record.in_flight),
+            f"Waiting for {record.in_flight} request(s) on {record.spec.name} to finish",
+        )
+        deadline = self._clock() + self.settings.drain_timeout_seconds
+        while record.in_flight and self._clock() < deadline:
+            await self.pause(deadline - self._clock(), until=record.idle)
+
+    async def _unload(self, job: Job, record: ModelRecord, held_gb: float, share: float) -> float:
+        """Drain, stop and verify one model; returns the GB measured as freed."""
+        spec = record.spec
+        await self._drain(job, record)
+        self.emit(
+            job,
+            wire.Unload(spec.name, round(held_gb, 2)),
+            f"Unloading {spec.name}",
+        )
+        self.apply_reports()  # a victim that died while this job waited or drained
+        if record.state not in (ModelState.RUNNING, ModelState.LOADING):
+            return await self._already_gone(job, record, share)
+        started = self._clock()
+        before = (await self.gpu.snapshot()).free_bytes(spec.gpus)
+        # No report is applied between the check above and this change: it cannot conflict.
+        self.catalog.transition(record, record.state, ModelState.STOPPING)
+        try:
+            await self.runtime.stop(spec, self.settings.stop_grace_seconds)
+        except Exception as exc:
+            error = f"could not be stopped: {exc}"
+            self.catalog.transition(record, ModelState.STOPPING, ModelState.FAILED, error=error)
+            raise SwitchError(
+                "unload_failed", 502, f"Could not stop {spec.name}: {exc}", {"victim": spec.name}
+            ) from exc
+        self.catalog.transition(record, ModelState.STOPPING, ModelState.EXITED)
+        freed_bytes, verified = await self._await_release(before, spec, held_gb)
+        freed = gib(freed_bytes)
+        seconds = round(self._clock() - started, 2)
+        job.unloaded_models.append(spec.name)
+        message = f"{spec.name} unloaded: {freed:.2f} GB freed in {seconds:.2f} s"
+        if not verified:
+            message += (
+                f" (expected about {held_gb:.2f} GB; the memory had not come back after "
+                f"{self.settings.memory_release_timeout_seconds:g} s)"
+            )
+            log.warning("%s", message)
+        self.emit(
+            job,
+            wire.Unloaded(spec.name, freed, seconds, verified),
+            message,
+            progress=self._unload_progress(job, share),
+        )
+        return freed
+
+    async def _already_gone(self, job: Job, record: ModelRecord, share: float) -> float:
+        """A victim whose engine exited on its own while this job waited its turn."""
+        spec = record.spec
+        with contextlib.suppress(Exception):  # make sure: nothing of it may keep running
+            await self.runtime.stop(spec, self.settings.stop_grace_seconds)
+        job.unloaded_models.append(spec.name)
+        self.emit(
+            job,
+            wire.Unloaded(spec.name, 0.0, 0.0, False),
+            f"{spec.name} had already exited ({record.state.value}); its memory was "
+            "released before this switch could measure it",
+            progress=self._unload_progress(job, share),
+        )
+        return 0.0
+
+    @staticmethod
+    def _unload_progress(job: Job, share: float) -> float:
+        if job.kind is JobKind.UNLOAD:
+            return share * 0.99
+        return PROGRESS_CHECKED + (PROGRESS_FREED - PROGRESS_CHECKED) * share
+
+    async def _await_release(
+        self, free_before: int, spec: ModelSpec, held_gb: float
+    ) -> tuple[int, bool]:
+        """Poll free memory until most of what the victim held came back."""
+        wanted = RELEASED_FRACTION * gib_to_bytes(held_gb)
+        deadline = self._clock() + self.settings.memory_release_timeout_seconds
+        while True:
+            freed = (await self.gpu.snapshot()).free_bytes(spec.gpus) - free_before
+            if freed >= wanted:
+                return freed, True
+            if self._clock() >= deadline:
+                return max(0, freed), False
+            await self.pause(MEMORY_POLL_SECONDS)
+
+    # ---- loading ----------------------------------------------------------------------
+
+    async def load(self, job: Job, record: ModelRecord) -> None:
+        """Start the engine (or take over one found loading at start-up) and wait until
+        it answers its health path; then it is RUNNING and its figures are learned."""
+        spec = record.spec
+        estimate = self.catalog.estimated_load_seconds(spec)
+        job.estimated_load_time_seconds = estimate
+        adopted = record.engine if record.state is ModelState.LOADING else None
+        if adopted is not None:
+            free_before = None  # its memory was taken before switchd was there to see
+            started = self._clock() - max(0.0, time.time() - adopted.started_at)
+            info = adopted
+            self.emit(
+                job,
+                wire.Start(estimate, container=info.container, adopted=True),
+                f"Found {spec.name} still loading after a restart; waiting for it",
+                progress=PROGRESS_FREED,
+            )
+        else:
+            free_before = (await self.gpu.snapshot()).free_bytes(spec.gpus)
+            self.catalog.transition(
+                record, (ModelState.EXITED, ModelState.FAILED), ModelState.LOADING
+            )
+            started = self._clock()
+            try:
+                info = await self.runtime.start(spec)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, StartFailed) else f"could not start: {exc!r}"
+                self.catalog.transition(record, ModelState.LOADING, ModelState.FAILED, error=reason)
+                raise SwitchError(
+                    "engine_failed", 502, f"{spec.name}: {reason}", {"model": spec.name}
+                ) from exc
+            self.catalog.attach(record, info)
+            where = {"container": info.container} if info.container else {"pid": info.pid}
+            self.emit(
+                job,
+                wire.Start(estimate, **where),
+                f"Started {spec.name}; loading takes about {estimate:g} s",
+                progress=PROGRESS_FREED,
+            )
+        job.started.set()
+        loading = _Loading(job, record, info.instance, info.url + spec.health_path)
+        self._loading = loading
+        try:
+            self.apply_reports()  # the lines it printed before `start` was announced
+            await self._wait_healthy(loading, started, estimate)
+            after = await self.gpu.snapshot()
+            self.apply_reports()  # an exit that came while memory was read
+            if loading.exited is not None:
+                self._engine_died(record, loading.exited)
+        finally:
+            self._loading = None
+        load_seconds = round(self._clock() - started, 2)
+        if free_before is not None:
+            footprint = gib(free_before - after.free_bytes(spec.gpus))
+            record.measured_gb = footprint if footprint > 0 else None
+            await self._stats.record(spec.name, load_seconds, record.measured_gb)
+        self.catalog.transition(record, ModelState.LOADING, ModelState.RUNNING)
+        message = f"{spec.name} is ready after {load_seconds:.1f} s"
+        self.emit(job, wire.Ready(load_seconds, record.measured_gb), message, progress=1.0)
+
+    async def _wait_healthy(self, loading: _Loading, started: float, estimate: float) -> None:
+        """Poll the health path with backoff, reporting progress every second."""
+        record, job = loading.record, loading.job
+        spec = record.spec
+        delay, cap, factor = HEALTH_BACKOFF
+        next_report = started
+        while True:
+            if loading.exited is not None:
+                self._engine_died(record, loading.exited)
+            if await self.healthy(loading.health_url):
+                return
+            now = self._clock()
+            elapsed = now - started
+            if elapsed >= self.settings.health_timeout_seconds:
+                await self._abandon(record)
+                raise SwitchError(
+                    "health_timeout",
+                    504,
+                    f"{spec.name} did not answer {spec.health_path} within "
+                    f"{self.settings.health_timeout_seconds:g} s",
+                    {"model": spec.name, "last_lines": self.last_lines(spec.name)},
+                )
+            if now >= next_report:
+                fraction = min(1.0, elapsed / estimate) if estimate > 0 else 1.0
+                self.emit(
+                    job,
+                    wire.Loading(round(elapsed, 2), estimate),
+                    f"Loading {spec.name}: {elapsed:.0f} s of ~{estimate:g} s",
+                    progress=PROGRESS_FREED + (PROGRESS_LOADING_CAP - PROGRESS_FREED) * fraction,
+                )
+                next_report += 1.0
+            await self.pause(min(delay, next_report - self._clock()))
+            delay = min(cap, delay * factor)
+
+    async def healthy(self, url: str) -> bool:
+        try:
+            response = await self._http.get(url, timeout=HEALTH_REQUEST_SECONDS)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def _engine_died(self, record: ModelRecord, exited: EngineExited) -> None:
+        spec = record.spec
+        lines = list(exited.last_lines[-LAST_LINES_IN_ERRORS:])
+        record.last_exit = exit_summary(exited)
+        summary = f"{spec.name} {exited.reason} while loading"
+        detail = "\n".join(lines[-5:])
+        error = f"{summary}:\n{detail}" if lines else summary
+        self.catalog.transition(record, ModelState.LOADING, ModelState.FAILED, error=error)
+        raise SwitchError(
+            "engine_failed",
+            502,
+            f"{summary}: {lines[-1]}" if lines else summary,
+            {"model": spec.name, "exit_code": exited.exit_code, "last_lines": lines},
+        )
+
+    async def _abandon(self, record: ModelRecord) -> None:
+        """Stop an engine that will not become healthy; it is then `failed`."""
+        with contextlib.suppress(Exception):
+            await self.runtime.stop(record.spec, self.settings.stop_grace_seconds)
+        error = "did not become healthy in time"
+        self.catalog.transition(record, ModelState.LOADING, ModelState.FAILED, error=error)
+
+    def last_lines(self, model: str) -> list[str]:
+        return list(self.runtime.last_lines(model)[-LAST_LINES_IN_ERRORS:])
+
+    # ---- events -------------------------------------------------------------------------
+
+    def emit(
+        self, job: Job, payload: wire.Payload, message: str, /, *, progress: float | None = None
+    ) -> None:
+        stage = payload.STAGE
+        if stage is not Stage.QUEUED:
+            check(JOB_TRANSITIONS, job.stage, stage)
+        job.stage = stage
+        if progress is not None:
+            job.progress = max(job.progress, min(1.0, progress))
+        job.record(
+            self._bus.publish(
+                payload.name, self._payload(job, payload.name, message, payload.fields())
+            )
+        )
+
+    def emit_log(self, job: Job, model: str, line: str) -> None:
+        fields = {"line": line, "source": model}
+        event = self._bus.publish(wire.LOG, self._payload(job, wire.LOG, line, fields))
+        if job.log_lines < MAX_LOG_EVENTS_PER_JOB:
+            job.log_lines += 1
+            job.record(event)
+
+    @staticmethod
+    def _payload(job: Job, name: str, message: str, fields: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "job": job.id,
+            "kind": job.kind.value,
+            "cause": job.cause.value,
+            "seq": len(job.events) + 1,
+            "stage": name,
+            "model": job.target,
+            "progress": round(job.progress, 3),
+            "ts": iso_timestamp(time.time()),
+            "message": message,
+            **fields,
+        }
+
+
+def insufficient_memory(spec: ModelSpec, plan: planner.Plan) -> SwitchError:
+    required = round(plan.required_gb, 2)
+    return SwitchError(
+        "insufficient_memory",
+        409,
+        f"{spec.name} needs {required:.2f} GB but only {plan.total_available_gb:.2f} GB "
+        "would be free after unloading every unpinned model; nothing was unloaded",
+        {
+            "required_gb": required,
+            "available_gb": plan.available_gb,
+            "freed_gb": 0.0,
+            "total_available_gb": plan.total_available_gb,
+        },
+    )
+
+
+def exit_summary(event: EngineExited) -> dict[str, Any]:
+    return {"exit_code": event.exit_code, "reason": event.reason, "at": iso_timestamp(time.time())}

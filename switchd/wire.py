@@ -1,0 +1,144 @@
+"""The event contract: every event name and the fields of each stage's payload.
+
+What the UI, the CLI, `/metrics` and log collectors read is defined here and
+nowhere else. Every job event carries the common fields (`job`, `kind`,
+`cause`, `seq`, `stage`, `model`, `progress`, `ts`, `message`); the dataclass
+of its stage adds the rest. `model` is always the job's target; the model
+being unloaded is `victim`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from switchd.states import Stage
+
+# Events that are not stages of a job.
+SNAPSHOT = "snapshot"  # the status body, first on /v1/events
+MODEL_STATE = "model_state"  # model, from, to[, error]
+LOG = "log"  # line, source: an engine's output line while it loads
+RESULT = "result"  # the JSON-mode answer, last on success
+ERROR = "error"  # error, message and that error's fields, last on failure
+
+COMMON_FIELDS = ("job", "kind", "cause", "seq", "stage", "model", "progress", "ts", "message")
+JOB_END = frozenset({RESULT, ERROR})
+NOT_STAGES = frozenset({LOG, MODEL_STATE, SNAPSHOT})
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The stage-specific fields of one job event."""
+
+    STAGE: ClassVar[Stage]
+
+    @property
+    def name(self) -> str:
+        return self.STAGE.value
+
+    def fields(self) -> dict[str, Any]:
+        # Optional fields that do not apply are left out, not sent as null.
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Queued(Payload):
+    STAGE = Stage.QUEUED
+    position: int  # 1 = next
+    behind: str  # the target of the job that runs now
+    ahead: list[str]  # targets of every job before this one, the running one first
+
+
+@dataclass(frozen=True)
+class MemoryCheck(Payload):
+    STAGE = Stage.MEMORY_CHECK
+    required_gb: float
+    available_gb: float
+    total_gb: float
+    to_unload: list[str]
+    enough: bool
+
+
+@dataclass(frozen=True)
+class Drain(Payload):
+    STAGE = Stage.DRAIN
+    victim: str
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class Unload(Payload):
+    STAGE = Stage.UNLOAD
+    victim: str
+    expected_gb: float
+
+
+@dataclass(frozen=True)
+class Unloaded(Payload):
+    STAGE = Stage.UNLOADED
+    victim: str
+    freed_gb: float
+    seconds: float
+    verified: bool
+
+
+@dataclass(frozen=True)
+class Freed(Payload):
+    STAGE = Stage.FREED
+    freed_gb: float
+    available_gb: float
+
+
+@dataclass(frozen=True)
+class Start(Payload):
+    STAGE = Stage.START
+    estimated_load_time_seconds: float
+    container: str | None = None
+    pid: int | None = None
+    adopted: bool | None = None  # found still loading after a restart
+
+
+@dataclass(frozen=True)
+class Loading(Payload):
+    STAGE = Stage.LOADING
+    elapsed_seconds: float
+    estimated_load_time_seconds: float
+
+
+@dataclass(frozen=True)
+class Ready(Payload):
+    STAGE = Stage.READY
+    load_seconds: float
+    gpu_memory_used_gb: float | None
+
+
+@dataclass(frozen=True)
+class Result(Payload):
+    """Last on success: the JSON-mode body (`status`, `model`, `job`, …)."""
+
+    STAGE = Stage.DONE
+    body: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return RESULT
+
+    def fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.body.items() if k != "message"}
+
+
+@dataclass(frozen=True)
+class Error(Payload):
+    """Last on failure: the error code and the figures behind it."""
+
+    STAGE = Stage.FAILED
+    error: str
+    details: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return ERROR
+
+    def fields(self) -> dict[str, Any]:
+        return {"error": self.error, **self.details}
