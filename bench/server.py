@@ -25,8 +25,13 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def start_switchd(folder: Path, models: dict[str, Any]) -> tuple[subprocess.Popen[bytes], str]:
-    """switchd on a free port with the simulated GPU; returns it and its URL."""
+def start_switchd(
+    folder: Path, models: dict[str, Any], settings: dict[str, Any] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """switchd on a free port with the simulated GPU; returns it and its URL.
+
+    `settings` (config keys) are merged over the defaults here.
+    """
     port = free_port()
     config = {
         "listen": f"127.0.0.1:{port}",
@@ -34,6 +39,7 @@ def start_switchd(folder: Path, models: dict[str, Any]) -> tuple[subprocess.Pope
         "gpu": "simulated",
         "state_dir": str(folder / "state"),
         "models": models,
+        **(settings or {}),
     }
     path = folder / "switchd.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -554,3 +554,139 @@ async def test_race_victim_exit_before_stopping_does_not_fail_the_switch(tmp_pat
         await finish(job)
         assert job.error is None, job.error
         assert r.scheduler.records["gpt-oss-20b"].state is ModelState.RUNNING
+
+
+# ---- several clients at once ------------------------------------------------------
+
+CONTENDED = {"min_residency_seconds": 0.2, "max_hold_seconds": 0.5}
+# Learned or configured load times set the residency: keep them short here.
+QUICK = {
+    "gpt-oss-120b": {"cmd": "e", "size_gb": 80, "load_time_seconds": 0.1},
+    "gpt-oss-20b": {"cmd": "e", "size_gb": 24, "load_time_seconds": 0.1},
+}
+
+
+async def test_concurrent_demand_for_two_models_that_do_not_fit_is_served_in_two_loads(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(default_load_seconds=0.1)
+    async with rig(make_settings(tmp_path, QUICK, **CONTENDED), runtime) as r:
+        seen: list[tuple[str, str]] = []
+
+        async def request(model: str) -> None:
+            async with r.scheduler.serving(model) as engine:
+                record = r.scheduler.records[model]
+                # Admitted means in flight on a running engine: it cannot be gone.
+                assert record.state is ModelState.RUNNING
+                assert record.engine == engine
+                assert record.in_flight >= 1
+                await asyncio.sleep(0.05)
+                assert r.scheduler.records[model].engine == engine
+                seen.append((model, engine.instance))
+
+        models = ["gpt-oss-120b", "gpt-oss-20b"] * 5
+        await asyncio.wait_for(asyncio.gather(*(request(m) for m in models)), 10)
+        assert sorted(m for m, _ in seen) == sorted(models)
+        assert runtime.calls == ["start gpt-oss-120b", "stop gpt-oss-120b", "start gpt-oss-20b"]
+        assert r.scheduler.waiting == 0
+        assert all(record.in_flight == 0 for record in r.scheduler.records.values())
+
+
+async def test_a_busy_model_keeps_the_gpu_for_its_hold_then_makes_room(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, QUICK, min_residency_seconds=0.1, max_hold_seconds=0.6)
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-120b"))
+    async with rig(settings, runtime) as r:
+        async with r.scheduler.serving("gpt-oss-120b"):
+            started = time.monotonic()
+            waiting = asyncio.create_task(r.scheduler.ensure("gpt-oss-20b"))
+            await asyncio.sleep(0.3)
+            status = await r.scheduler.status()
+            small = status["models"]["gpt-oss-20b"]
+            assert (small["waiting"], status["waiting"]) == (1, 1)
+            assert small["oldest_wait_seconds"] >= 0.25
+            assert runtime.calls == [], "within the hold: nothing is unloaded"
+            await asyncio.sleep(0.5)  # past the hold: the big model is now draining
+            assert r.scheduler.records["gpt-oss-120b"].draining
+            assert r.scheduler.records["gpt-oss-120b"].state is ModelState.RUNNING
+        await asyncio.wait_for(waiting, 5)
+        assert time.monotonic() - started >= 0.6
+        assert runtime.calls == ["stop gpt-oss-120b", "start gpt-oss-20b"]
+
+
+async def test_a_model_too_large_even_for_an_empty_card_fails_its_waiters_with_409(
+    tmp_path: Path,
+) -> None:
+    models = {"huge": {"cmd": "e", "size_gb": 200}, "small": {"cmd": "e", "size_gb": 10}}
+    async with rig(make_settings(tmp_path, models)) as r:
+        results = await asyncio.gather(
+            *(r.scheduler.ensure("huge") for _ in range(3)),
+            r.scheduler.ensure("small"),
+            return_exceptions=True,
+        )
+        for error in results[:3]:
+            assert isinstance(error, SwitchError)
+            assert (error.code, error.http_status) == ("insufficient_memory", 409)
+            assert error.fields["required_gb"] == 200.0
+        assert results[3] is None
+        assert r.runtime.calls == ["start small"]
+
+
+async def test_a_waiter_whose_client_leaves_gives_up_its_place(tmp_path: Path) -> None:
+    runtime = FakeRuntime(default_load_seconds=0.3)
+    async with rig(make_settings(tmp_path), runtime) as r:
+        leaving = asyncio.create_task(r.scheduler.ensure("gpt-oss-20b"))
+        staying = asyncio.create_task(r.scheduler.ensure("gpt-oss-20b"))
+        await asyncio.sleep(0.1)
+        assert r.scheduler.waiting == 2
+        leaving.cancel()
+        await asyncio.sleep(0)
+        assert r.scheduler.waiting == 1
+        await asyncio.wait_for(staying, 5)
+        assert r.scheduler.records["gpt-oss-20b"].in_flight == 0
+
+
+async def test_a_failed_load_cools_down_and_an_explicit_switch_clears_it(tmp_path: Path) -> None:
+    runtime = FakeRuntime(fail_start={"gpt-oss-20b"})
+    async with rig(make_settings(tmp_path, load_failure_cooldown_seconds=30), runtime) as r:
+        with pytest.raises(SwitchError):
+            await r.scheduler.ensure("gpt-oss-20b")
+        with pytest.raises(SwitchError) as refused:
+            await r.scheduler.ensure("gpt-oss-20b")
+        assert (refused.value.code, refused.value.http_status) == ("load_failed", 503)
+        assert 29 <= (refused.value.retry_after_seconds or 0) <= 30
+        assert runtime.calls == ["start gpt-oss-20b"], "not restarted per request"
+        status = (await r.scheduler.status())["models"]["gpt-oss-20b"]
+        assert status["failures"] == 1
+        assert status["cooldown_until"] is not None
+        runtime.fail_start.clear()
+        await finish(r.scheduler.request_switch("gpt-oss-20b"))
+        assert runtime.calls == ["start gpt-oss-20b", "start gpt-oss-20b"]
+        status = (await r.scheduler.status())["models"]["gpt-oss-20b"]
+        assert (status["failures"], status["cooldown_until"]) == (0, None)
+
+
+async def test_queued_jobs_say_their_position_and_what_is_ahead(tmp_path: Path) -> None:
+    runtime = FakeRuntime(default_load_seconds=0.2)
+    async with rig(make_settings(tmp_path), runtime) as r:
+        first = r.scheduler.request_switch("gpt-oss-20b")
+        second = r.scheduler.request_switch("mistral-7b-v0.1")
+        third = r.scheduler.request_unload("gpt-oss-20b")
+        await finish(third)
+        ahead_of_second = by_stage(second.events, "queued")
+        assert (ahead_of_second["position"], ahead_of_second["ahead"]) == (1, ["gpt-oss-20b"])
+        queued = by_stage(third.events, "queued")
+        assert (queued["position"], queued["behind"], queued["ahead"]) == (
+            2,
+            "gpt-oss-20b",
+            ["gpt-oss-20b", "mistral-7b-v0.1"],
+        )
+        assert (queued["kind"], queued["cause"]) == ("unload", "explicit")
+        assert first.result is not None
+
+
+async def test_only_the_worker_changes_model_state(tmp_path: Path) -> None:
+    async with rig(make_settings(tmp_path)) as r:
+        record = r.scheduler.records["gpt-oss-20b"]
+        with pytest.raises(AssertionError, match="outside the scheduler's worker"):
+            r.scheduler.catalog.transition(record, ModelState.EXITED, ModelState.LOADING)
+        assert record.state is ModelState.EXITED

@@ -47,6 +47,11 @@ async def user(http: httpx.AsyncClient, model: str, until: float, served: Served
             assert response.json()["model"] == model
 
 
+async def model_state(http: httpx.AsyncClient, model: str) -> str:
+    state: str = (await http.get("/v1/models/status")).json()["models"][model]["status"]
+    return state
+
+
 async def jobs(http: httpx.AsyncClient, **labels: str) -> float:
     return metric((await http.get("/metrics")).text, "switchd_jobs_total", **labels) or 0.0
 
@@ -143,7 +148,7 @@ async def test_an_explicit_switch_while_demand_waits_drains_and_everyone_is_serv
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
         until = time.monotonic() + 6
         big_users = [asyncio.create_task(user(http, BIG, until, served)) for _ in range(2)]
-        while (await http.get("/v1/models/status")).json()["models"][BIG]["status"] != "running":
+        while (await model_state(http, BIG)) != "running":  # noqa: ASYNC110 - another process
             await asyncio.sleep(0.05)
         # The small model's requests wait: the big one is busy and within its hold.
         small = [asyncio.create_task(http.post(CHAT, json=chat(SMALL))) for _ in range(3)]
