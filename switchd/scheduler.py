@@ -289,9 +289,14 @@ class Scheduler:
         self._adopted.set()
         while True:
             self._wake.clear()
-            self.steps.apply_reports()
-            self._admit()
-            job, plan, next_check = await self._next_job()
+            try:
+                self.steps.apply_reports()
+                self._admit()
+                job, plan, next_check = await self._next_job()
+            except Exception:
+                # A bug in a decision must not stop the one task that owns the GPU.
+                log.exception("the scheduler's decision failed; trying again")
+                job, plan, next_check = None, None, 1.0
             if job is None:
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
                 # cancellation that arrives as the event is set, and close() would hang.
