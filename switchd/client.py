@@ -14,6 +14,9 @@ from typing import Any, TextIO
 
 import httpx
 
+from switchd import wire
+from switchd.states import Stage
+
 BAR_WIDTH = 24
 EXIT_FAILED = 1  # the server said no (switch failed, unknown model…)
 EXIT_UNREACHABLE = 2  # no answer, or not authorised
@@ -164,19 +167,19 @@ def follow_job(client: Client, path: str, params: dict[str, str], out: TextIO) -
     redraw = False
     for event in client.stream(path, params):
         data = event.data
-        if event.name == "log":
+        if event.name == wire.LOG:
             line = f"    | {data['line']}"
         else:
             line = f"{progress_bar(data['progress'])}  {event.name:<12} {data['message']}"
         if redraw:
             out.write("\r\x1b[2K")
         # On a terminal, repeated `loading` lines overwrite each other.
-        redraw = live and event.name == "loading"
+        redraw = live and event.name == Stage.LOADING
         out.write(line if redraw else line + "\n")
         out.flush()
-        if event.name == "error":
+        if event.name == wire.ERROR:
             return EXIT_FAILED
-        if event.name == "result":
+        if event.name == wire.RESULT:
             return 0
     raise ClientError("the event stream ended before the switch did", EXIT_UNREACHABLE)
 
