@@ -15,18 +15,22 @@ from pathlib import Path
 import aiohttp
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from switchd.access import RequestLine
 from switchd.auth import BearerAuth
-from switchd.config import ConfigError, RuntimeKind, Settings
+from switchd.config import ConfigError, RuntimeKind, Settings, check_devices
 from switchd.events import EventBus
 from switchd.gpu import GpuProbe, open_probe
+from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
-from switchd.routes import ROUTES, Services
+from switchd.routes import ROUTES, Services, http_error
 from switchd.runtime.base import Runtime
 from switchd.runtime.docker import DockerRuntime
 from switchd.runtime.process import ProcessRuntime
@@ -52,6 +56,18 @@ def upstream_session() -> aiohttp.ClientSession:
     )
 
 
+# The UI loads only its own files and talks only to switchd: nothing injected can run.
+UI_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def static_dir() -> Path:
     """The UI's files: SWITCHD_STATIC_DIR (the image sets it), else the checkout's."""
     configured = os.environ.get("SWITCHD_STATIC_DIR")
@@ -65,7 +81,7 @@ def ui_routes(ui: Path) -> list[BaseRoute]:
         return []
 
     async def index(request: Request) -> FileResponse:
-        return FileResponse(ui / "index.html")
+        return FileResponse(ui / "index.html", headers=UI_HEADERS)
 
     return [Route("/", index), Mount("/static", StaticFiles(directory=ui), name="static")]
 
@@ -88,7 +104,22 @@ def check_runtime(settings: Settings) -> None:
 async def open_runtime(settings: Settings) -> Runtime:
     if settings.runtime is RuntimeKind.DOCKER:
         return await DockerRuntime.open(settings.models, settings.stop_grace_seconds)
-    return ProcessRuntime(settings.stop_grace_seconds)
+    return ProcessRuntime(settings.stop_grace_seconds, state_dir=settings.state_dir)
+
+
+async def check_probe_devices(settings: Settings, probe: GpuProbe) -> None:
+    """Only an opened probe knows NVML's devices: refuse models asking for others."""
+    source_name = "NVML" if probe.source == "nvml" else "the simulated GPU"
+    check_devices(settings, len((await probe.snapshot()).devices), source_name)
+
+
+async def check_gpu(settings: Settings) -> None:
+    """Before serving: the GPU opens, and has the devices the models name."""
+    probe = await open_probe(settings.gpu, settings.simulated_gpu)
+    try:
+        await check_probe_devices(settings, probe)
+    finally:
+        await probe.close()
 
 
 def create_app(
@@ -106,6 +137,7 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             probe = gpu or await open_probe(settings.gpu, settings.simulated_gpu)
             stack.push_async_callback(probe.close)
+            await check_probe_devices(settings, probe)
             engines = runtime or await open_runtime(settings)
             stack.push_async_callback(engines.close)
             # Health checks: a few requests a second during loads, injectable in tests.
@@ -127,7 +159,8 @@ def create_app(
             )
             await scheduler.start()
             stack.push_async_callback(scheduler.close)
-            app.state.services = Services(settings, scheduler, bus, metrics, upstream)
+            bodies = BodyBudget(settings.max_buffered_body_bytes)
+            app.state.services = Services(settings, scheduler, bus, metrics, upstream, bodies)
             log.info(
                 "switchd ready: %d models, %s runtime, %s GPU",
                 len(settings.models),
@@ -139,6 +172,30 @@ def create_app(
 
     return Starlette(
         routes=[*ROUTES, *ui_routes(static_dir())],
-        middleware=[Middleware(BearerAuth, keys=settings.api_keys)],
+        middleware=middleware(settings),
+        exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
+
+
+def middleware(settings: Settings) -> list[Middleware]:
+    """Outermost first; all pure ASGI, so event streams pass through untouched."""
+    stack = [Middleware(RequestLine)]
+    if settings.cors_allow_origins:  # off unless origins are named
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_allow_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            )
+        )
+    stack.append(
+        Middleware(
+            BearerAuth,
+            keys=settings.api_keys,
+            inference_keys=settings.inference_keys,
+            read_keys=settings.read_keys,
+        )
+    )
+    return stack

@@ -1,4 +1,10 @@
-"""Bearer-key authentication as pure ASGI middleware.
+"""Bearer-key authentication and roles, as pure ASGI middleware.
+
+Three kinds of key, each allowing what the one before it does and more:
+read-only keys (status, models, events, metrics: a monitoring tool, a UI
+viewer), inference keys (the OpenAI routes too), and admin keys (`api_keys`:
+switch and unload too). Without any key configured everything is open, and
+`switchd serve` refuses to listen beyond loopback.
 
 Pure ASGI rather than BaseHTTPMiddleware, which buffers responses and hides
 disconnects: event streams must pass through untouched.
@@ -9,11 +15,29 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable, Sequence
+from enum import IntEnum
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
+ADMIN_PATHS = frozenset({"/v1/models/switch", "/v1/models/unload"})
+
+
+class Role(IntEnum):
+    """What a key may do; a higher role may do everything a lower one may."""
+
+    READ = 1
+    INFERENCE = 2
+    ADMIN = 3
+
+
+def required_role(method: str, path: str) -> Role:
+    if path in ADMIN_PATHS:
+        return Role.ADMIN
+    if method == "POST" and path.startswith("/v1/"):
+        return Role.INFERENCE  # an OpenAI call for an engine
+    return Role.READ
 
 
 def is_public(path: str) -> bool:
@@ -27,21 +51,38 @@ class BearerAuth:
         app: ASGIApp,
         keys: Sequence[str],
         exempt: Callable[[str], bool] = is_public,
+        *,
+        inference_keys: Sequence[str] = (),
+        read_keys: Sequence[str] = (),
     ) -> None:
+        """`keys` are admin keys; the others are the narrower roles."""
         self.app = app
-        self._keys = [key.encode() for key in keys]
+        self._keys = [
+            (key.encode(), role)
+            for role, group in (
+                (Role.ADMIN, keys),
+                (Role.INFERENCE, inference_keys),
+                (Role.READ, read_keys),
+            )
+            for key in group
+        ]
         self._exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._keys or self._exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
-        if self._authorized(scope):
-            await self.app(scope, receive, send)
+        role = self._role(scope)
+        if role is None:
+            await self._refuse(send)
             return
-        await self._refuse(send)
+        needed = required_role(scope["method"], scope["path"])
+        if role < needed:
+            await self._forbid(send, needed)
+            return
+        await self.app(scope, receive, send)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _role(self, scope: Scope) -> Role | None:
         presented = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -50,31 +91,53 @@ class BearerAuth:
                     presented = token.strip()
                 break
         # Compare with every key, without stopping early, so timing reveals nothing.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
-        return matched and bool(presented)
+        found: Role | None = None
+        for key, role in self._keys:
+            if hmac.compare_digest(presented, key) and presented and found is None:
+                found = role
+        return found
 
     @staticmethod
     async def _refuse(send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": "Missing or invalid API key: send 'Authorization: Bearer KEY'",
-                    "type": "authentication_error",
-                    "code": "invalid_api_key",
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="switchd"'),
-                ],
-            }
+        await _error(
+            send,
+            401,
+            "Missing or invalid API key: send 'Authorization: Bearer KEY'",
+            "authentication_error",
+            "invalid_api_key",
+            extra=[(b"www-authenticate", b'Bearer realm="switchd"')],
         )
-        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    async def _forbid(send: Send, needed: Role) -> None:
+        await _error(
+            send,
+            403,
+            f"This key may not do this: it needs a key with the {needed.name.lower()} role",
+            "permission_error",
+            "insufficient_permissions",
+        )
+
+
+async def _error(
+    send: Send,
+    status: int,
+    message: str,
+    kind: str,
+    code: str,
+    *,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(extra or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

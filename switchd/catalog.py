@@ -79,6 +79,12 @@ class Catalog:
         self._bus = bus
         self.records = {name: ModelRecord(spec) for name, spec in settings.models.items()}
         self.owner: asyncio.Task[Any] | None = None  # the one task allowed to change states
+        # Counts every engine start, stop and death: a footprint measured as "free
+        # before minus free after" is only attributable if this did not move meanwhile.
+        self.memory_moves = 0
+        # Engines gone whose memory may not be back yet: model -> until when (monotonic).
+        self._releasing: dict[str, float] = {}
+        self._release_seconds = settings.memory_release_timeout_seconds
 
     def transition(
         self,
@@ -115,15 +121,32 @@ class Catalog:
         if new is ModelState.LOADING:
             record.last_exit = None
         if new in ACTIVE and old not in HOLDING:
-            self._gpu.engine_started(spec.name, gib_to_bytes(self.expected_gb(spec)), spec.gpus)
+            # What the engine will really hold: the simulated card's truth is the
+            # configured size (NVML sees real allocations and ignores this).
+            self._gpu.engine_started(spec.name, gib_to_bytes(spec.size_gb), spec.gpus)
+            self.memory_moves += 1
         if new not in HOLDING and old in HOLDING:
             self._gpu.engine_stopped(spec.name)
             record.measured_gb = None
+            self.memory_moves += 1
+            self._releasing[spec.name] = time.monotonic() + self._release_seconds
         data: dict[str, Any] = {"model": spec.name, "from": old.value, "to": new.value}
         if error:
             data["error"] = error
         self._bus.publish(wire.MODEL_STATE, data)
         return old
+
+    def released(self, model: str) -> None:
+        """The memory of `model`'s engine was seen back (an unload verified it)."""
+        self._releasing.pop(model, None)
+
+    def release_pending(self) -> bool:
+        """Whether an engine gone lately may still be handing its memory back."""
+        now = time.monotonic()
+        for model, until in list(self._releasing.items()):
+            if until <= now:
+                del self._releasing[model]
+        return bool(self._releasing)
 
     def attach(self, record: ModelRecord, engine: EngineInfo) -> None:
         """The engine that a LOADING model's start produced."""
@@ -137,8 +160,8 @@ class Catalog:
         return round(learned if learned is not None else spec.load_time_seconds, 2)
 
     def expected_gb(self, spec: ModelSpec) -> float:
-        """What a load of it will hold: learned, else configured."""
-        return self._stats.get(spec.name).footprint_gb or spec.size_gb
+        """What a load of it will hold: learned (the largest recent sample), else configured."""
+        return self._stats.get(spec.name).planned_gb or spec.size_gb
 
     def held_gb(self, record: ModelRecord) -> float:
         """What it holds now: measured at its load, else expected."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import os
@@ -14,9 +15,12 @@ from pathlib import Path
 import uvicorn
 
 from switchd import __version__
-from switchd.app import create_app
+from switchd.app import check_gpu, create_app
 from switchd.client import run_client
 from switchd.config import ConfigError, RuntimeKind, Settings, load_settings, parse_listen
+from switchd.gpu import GpuUnavailable
+from switchd.limits import guarded_protocol
+from switchd.proxy import one_line_for_cut_offs
 from switchd.runtime.docker import DockerUnavailable, connect_docker
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -53,6 +57,13 @@ def serve(settings: Settings, listen: str | None, insecure: bool, log_level: str
         except DockerUnavailable as exc:
             print(f"switchd: {exc}", file=sys.stderr)
             return 2
+    try:
+        # Only an opened GPU shows `gpus: [5]` on a 2-GPU host to be wrong: one clear
+        # line now (main prints a ConfigError), not a traceback from the lifespan.
+        asyncio.run(check_gpu(settings))
+    except GpuUnavailable as exc:
+        print(f"switchd: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -61,6 +72,11 @@ def serve(settings: Settings, listen: str | None, insecure: bool, log_level: str
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        # switchd writes its own access log, with credentials masked (switchd/access.py).
+        access_log=False,
+        # Slow headers are cut off, and connections past the limit get 503 (limits.py).
+        http=guarded_protocol(settings.header_read_timeout_seconds),
+        limit_concurrency=settings.max_connections,
     )
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has shut down; landing
@@ -114,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # One line per health poll drowns what matters; keep httpx to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(one_line_for_cut_offs)
     path = demo_config() if args.command == "demo" else Path(args.config)
     try:
         settings = load_settings(path)

@@ -6,9 +6,12 @@ is wrong, so an operator fixes a bad file in one go instead of guessing.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shlex
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -98,7 +101,10 @@ class Settings:
     source: str = "<defaults>"
     host: str = "127.0.0.1"
     port: int = 8080
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()  # admin keys: everything
+    inference_keys: tuple[str, ...] = ()  # the OpenAI routes, and reading
+    read_keys: tuple[str, ...] = ()  # status, models, events, metrics
+    cors_allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
     runtime: RuntimeKind = RuntimeKind.DOCKER
     gpu: GpuKind = GpuKind.AUTO
     simulated_gpu: SimulatedGpuSettings = SimulatedGpuSettings()
@@ -110,6 +116,11 @@ class Settings:
     memory_release_timeout_seconds: float = 30.0
     stop_grace_seconds: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024
+    # Bounded resources (switchd/limits.py).
+    max_buffered_body_bytes: int = 256 * 1024 * 1024  # all request bodies held at once
+    body_read_timeout_seconds: float = 30.0  # the longest pause inside a request body
+    header_read_timeout_seconds: float = 10.0  # to send a request's headers
+    max_connections: int = 2048  # open at once; past it 503
     max_waiting_requests: int = 512  # proxied requests waiting for a load; then 503
     # The scheduler (switchd/policy.py): a loaded model keeps the GPU at least its
     # residency (this floor or its learned load time, the larger), then at most
@@ -136,6 +147,13 @@ class Settings:
 _TOP_KEYS = {
     "listen",
     "api_keys",
+    "inference_keys",
+    "read_keys",
+    "cors_allow_origins",
+    "max_buffered_body_bytes",
+    "body_read_timeout_seconds",
+    "header_read_timeout_seconds",
+    "max_connections",
     "runtime",
     "gpu",
     "simulated_gpu",
@@ -207,6 +225,8 @@ class _Reader:
             raise self.error(name, "is required (a number)")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(name, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan, .inf and -.inf
+            raise self.error(name, f"must be a finite number, got {value!r}")
         if value < minimum:
             raise self.error(name, f"must be >= {minimum:g}, got {value!r}")
         return float(value)
@@ -378,6 +398,60 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
     )
 
 
+# A model's name reaches Docker (container names, labels) and engines' command lines
+# (${MODEL}): plain characters only, though a HuggingFace-style `org/name` must work.
+MAX_MODEL_NAME = 128
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/-]+")
+
+
+def _model_name(source: str, name: object) -> str:
+    """`name` as a model's name, or the ConfigError saying why it cannot be one."""
+    if not isinstance(name, str) or not name:
+        # YAML makes `~:` None, `123:` an int and `true:` a bool: all typos here.
+        raise ConfigError(source, "models", f"model names must be non-empty strings, got {name!r}")
+    problem = None
+    if not _MODEL_NAME.fullmatch(name):
+        problem = "may only use ASCII letters, digits and . _ - : /"
+    elif name.startswith(("-", "/")):
+        problem = "must not start with '-' or '/'"
+    elif ".." in name:
+        problem = "must not contain '..'"
+    elif len(name) > MAX_MODEL_NAME:
+        problem = f"is {len(name)} characters long, at most {MAX_MODEL_NAME} are allowed"
+    if problem is not None:
+        raise ConfigError(source, "models", f"model name {name!r} {problem}")
+    return name
+
+
+def _device_list(count: int) -> str:
+    """`1 device (0)`, `2 devices (0, 1)`, `8 devices (0-7)`."""
+    if count <= 0:
+        return "no devices"
+    indexes = ", ".join(str(i) for i in range(count)) if count <= 2 else f"0-{count - 1}"
+    return f"{count} device{'s' if count > 1 else ''} ({indexes})"
+
+
+def check_devices(settings: Settings, device_count: int, source_name: str) -> None:
+    """Refuse models asking for GPUs that `source_name` (NVML, the simulated GPU) lacks.
+
+    `gpus: [5]` names device 5, `gpus: 3` asks for any 3: either is a typo on a host
+    with fewer devices, found now rather than at the model's first load.
+    """
+    for spec in settings.models.values():
+        key = f"models.{spec.name}.gpus"
+        for index in spec.gpus or ():
+            if index >= device_count:
+                has = f"{source_name} has {_device_list(device_count)}"
+                raise ConfigError(settings.source, key, f"device {index} does not exist: {has}")
+        count = spec.docker.gpu_count
+        if count is not None and count > device_count:
+            raise ConfigError(
+                settings.source,
+                key,
+                f"asks for {count} devices: {source_name} has {device_count}",
+            )
+
+
 def _check_names(source: str, models: Mapping[str, ModelSpec]) -> None:
     reserved = "'all' is reserved (`unload all`)"
     if "all" in models:
@@ -396,6 +470,15 @@ def _check_names(source: str, models: Mapping[str, ModelSpec]) -> None:
             owner[alias] = spec.name
 
 
+def _keys(top: _Reader, name: str, environ: Mapping[str, str], variable: str) -> tuple[str, ...]:
+    """Bearer keys from the file and from `variable` (comma-separated), stripped."""
+    keys = top.data.get(name, []) or []
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
+        raise top.error(name, "must be a list of non-empty strings")
+    from_env = [k for k in environ.get(variable, "").split(",") if k.strip()]
+    return tuple(dict.fromkeys(k.strip() for k in [*keys, *from_env]))  # as a header's token
+
+
 def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Settings:
     """Settings from the decoded YAML document; `environ` adds SWITCHD_API_KEYS."""
     if data is None:
@@ -405,11 +488,19 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
     top = _Reader(source, "", data, _TOP_KEYS)
     host, port = parse_listen(source, data.get("listen", "127.0.0.1:8080"))
 
-    keys = data.get("api_keys", []) or []
-    if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
-        raise top.error("api_keys", "must be a list of non-empty strings")
-    keys = [k.strip() for k in keys]  # a header's token is stripped too
-    env_keys = [k.strip() for k in environ.get("SWITCHD_API_KEYS", "").split(",") if k.strip()]
+    keys, inference_keys, read_keys = (
+        _keys(top, name, environ, variable)
+        for name, variable in (
+            ("api_keys", "SWITCHD_API_KEYS"),
+            ("inference_keys", "SWITCHD_INFERENCE_KEYS"),
+            ("read_keys", "SWITCHD_READ_KEYS"),
+        )
+    )
+    origins = data.get("cors_allow_origins", []) or []
+    if not isinstance(origins, list) or not all(
+        isinstance(o, str) and (o == "*" or o.startswith(("http://", "https://"))) for o in origins
+    ):
+        raise top.error("cors_allow_origins", 'must be a list like ["https://ui.example.com"]')
 
     simulated = data.get("simulated_gpu", {}) or {}
     if not isinstance(simulated, dict):
@@ -420,16 +511,22 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
     models_data = data.get("models")
     if not isinstance(models_data, dict) or not models_data:
         raise top.error("models", "must map at least one model name to its settings")
-    models = {str(n): _parse_model(source, str(n), m) for n, m in models_data.items()}
+    models = {}
+    for raw_name, model_data in models_data.items():
+        name = _model_name(source, raw_name)
+        models[name] = _parse_model(source, name, model_data)
     _check_names(source, models)
 
     state_dir = top.text("state_dir", "~/.local/state/switchd") or "~/.local/state/switchd"
-    return Settings(
+    settings = Settings(
         models=models,
         source=source,
         host=host,
         port=port,
-        api_keys=tuple(dict.fromkeys([*keys, *env_keys])),
+        api_keys=keys,
+        inference_keys=inference_keys,
+        read_keys=read_keys,
+        cors_allow_origins=tuple(origins),
         runtime=top.choice("runtime", RuntimeKind, RuntimeKind.DOCKER),
         gpu=top.choice("gpu", GpuKind, GpuKind.AUTO),
         simulated_gpu=SimulatedGpuSettings(
@@ -445,6 +542,10 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         memory_release_timeout_seconds=top.number("memory_release_timeout_seconds", 30.0),
         stop_grace_seconds=top.number("stop_grace_seconds", 10.0),
         max_body_bytes=top.whole("max_body_bytes", 32 * 1024 * 1024, minimum=1),
+        max_buffered_body_bytes=top.whole("max_buffered_body_bytes", 256 * 1024 * 1024, minimum=1),
+        body_read_timeout_seconds=top.number("body_read_timeout_seconds", 30.0, minimum=0.1),
+        header_read_timeout_seconds=top.number("header_read_timeout_seconds", 10.0, minimum=0.1),
+        max_connections=top.whole("max_connections", 2048, minimum=1),
         max_waiting_requests=top.whole("max_waiting_requests", 512),
         min_residency_seconds=top.number("min_residency_seconds", 5.0),
         max_hold_seconds=top.number("max_hold_seconds", 60.0),
@@ -452,6 +553,78 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         max_load_failure_cooldown_seconds=top.number("max_load_failure_cooldown_seconds", 300.0),
         state_dir=Path(os.path.expanduser(state_dir)),
     )
+    if settings.gpu is GpuKind.SIMULATED:  # for nvml and auto: once the probe is open (app.py)
+        check_devices(settings, devices, "the simulated GPU")
+    return settings
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (same tags, same safety) refusing a key given twice in one mapping.
+
+    Plain YAML loading keeps the last of two `gpt-oss-20b:` entries and drops the
+    first without a word. A key from a merge (`<<: *base`) may still be overridden.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._explicit_keys: dict[int, tuple[str, list[yaml.Node]]] = {}
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # Before any construction: a merge rewrites the node lists it flattens.
+        self._explicit_keys = _explicit_keys(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        path, key_nodes = self._explicit_keys.get(id(node), ("", []))
+        first_line: dict[Hashable, int] = {}
+        for key_node in key_nodes:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                earlier = first_line.get(key)
+            except TypeError:  # unhashable: the base constructor refuses it below
+                continue
+            if earlier is None:
+                first_line[key] = line
+            else:
+                name = _key_path(path, key_node)
+                lines = f"line {line}" if earlier == line else f"lines {earlier} and {line}"
+                raise _DuplicateKey(name, f"is defined twice ({lines})")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _key_path(path: str, key_node: yaml.Node) -> str:
+    name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+    return f"{path}.{name}" if path else name
+
+
+def _explicit_keys(root: yaml.Node) -> dict[int, tuple[str, list[yaml.Node]]]:
+    """Each mapping node's path (`models.m`) and the key nodes written in it."""
+    found: dict[int, tuple[str, list[yaml.Node]]] = {}
+    seen: set[int] = set()
+    queue: deque[tuple[yaml.Node, str]] = deque([(root, "")])
+    while queue:
+        node, path = queue.popleft()
+        if id(node) in seen:  # an alias: the node was met already
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            pairs = [(k, v) for k, v in node.value if k.tag != _MERGE_TAG]
+            found[id(node)] = (path, [k for k, _ in pairs])
+            queue.extend((value_node, _key_path(path, key_node)) for key_node, value_node in pairs)
+        elif isinstance(node, yaml.SequenceNode):
+            queue.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+    return found
 
 
 def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
@@ -464,7 +637,9 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
     except UnicodeDecodeError:
         raise ConfigError(source, "", "is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python tags
+    except _DuplicateKey as exc:
+        raise ConfigError(source, exc.key, exc.problem) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

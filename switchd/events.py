@@ -2,8 +2,15 @@
 
 Every event gets the next id of one server-wide sequence, so `/v1/events`
 and a switch's own stream agree on ids and `Last-Event-ID` works for both.
-A subscriber that stops reading is dropped: a slow log collector must never
-slow a switch or the other subscribers.
+
+A subscriber's queue holds two kinds of event under separate bounds. Stage
+and state events are never given up: a subscriber whose SUBSCRIBER_QUEUE_SIZE
+of them is full truly does not read and is dropped, so a stalled collector
+never slows a switch or the other subscribers. Engine `log` lines are
+droppable: past LOG_QUEUE_SIZE queued lines the oldest are skipped, never a
+stage, and the reader is told once, in order, how many it missed. Before any
+of that, `LogRate` keeps an engine that prints thousands of lines from
+flooding the bus in the first place.
 """
 
 from __future__ import annotations
@@ -13,58 +20,196 @@ import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from switchd import wire
+
 RING_SIZE = 2048
-SUBSCRIBER_QUEUE_SIZE = 1024
+SUBSCRIBER_QUEUE_SIZE = 1024  # stage and state events a reader may fall behind by
+LOG_QUEUE_SIZE = 256  # log lines a reader may fall behind by; older ones are skipped
+
+# What one load may publish as `log` events: a token bucket per job.
+LOG_LINES_PER_SECOND = 100.0
+LOG_BURST = 200
+LOG_SUMMARY_SECONDS = 1.0  # lines held back are summed up at most this often
+LOG_RATE_KEYS = 64  # loads tracked at once; the oldest is forgotten past it
 
 
 @dataclass(frozen=True)
 class Event:
     id: int
-    name: str  # the SSE `event:` field: a stage, `model_state` or `snapshot`
+    name: str  # the SSE `event:` field: a stage, `log`, `model_state` or `snapshot`
     data: Mapping[str, Any]
+    # Encoded once, however many streams send it.
+    _json: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def json(self) -> str:
-        return json.dumps(self.data, separators=(",", ":"))
+        encoded = self._json
+        if encoded is None:
+            encoded = json.dumps(self.data, separators=(",", ":"))
+            object.__setattr__(self, "_json", encoded)
+        return encoded
+
+
+def skipped_notice(last: Event, lines: int) -> Event:
+    """The `log` event that tells a reader `lines` engine lines were skipped for it.
+
+    It has the shape of the log line it stands in for (the last one skipped: same
+    job fields and id), with `line` and `message` saying what happened and
+    `skipped` the count, so a reader that shows `line` needs nothing new."""
+    text = f"{lines} engine log lines skipped: this reader fell behind"
+    return Event(last.id, wire.LOG, {**last.data, "line": text, "message": text, "skipped": lines})
+
+
+def _lines_in(event: Event) -> int:
+    """Engine lines a `log` event stands for: one, or a summary's count."""
+    skipped = event.data.get("skipped")
+    return skipped if isinstance(skipped, int) and skipped > 0 else 1
 
 
 class Subscription:
-    """One reader of the bus: replayed events first, then live ones."""
+    """One reader of the bus: replayed events first, then live ones, in id order."""
 
     def __init__(self, bus: EventBus, replay: list[Event]) -> None:
         self._bus = bus
-        # Room for the whole replay on top of the live allowance.
-        capacity = SUBSCRIBER_QUEUE_SIZE + len(replay)
-        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(capacity)
+        self._events: deque[Event] = deque()  # stages and states: never skipped
+        self._logs: deque[Event] = deque()  # engine lines: the oldest go first
         for event in replay:
-            self._queue.put_nowait(event)
+            (self._logs if event.name == wire.LOG else self._events).append(event)
+        # Room for the whole replay on top of the live allowances.
+        self._events_room = SUBSCRIBER_QUEUE_SIZE + len(self._events)
+        self._logs_room = LOG_QUEUE_SIZE + len(self._logs)
+        self._skipped = 0  # lines skipped since the reader was last told
+        self._last_skipped: Event | None = None
+        self._wakeup = asyncio.Event()
+        self.skipped_total = 0  # every line this reader missed
         self.dropped = False
 
     def offer(self, event: Event) -> None:
         """Called by the bus; never blocks."""
         if self.dropped:
             return
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped = True
-            self._bus.unsubscribe(self)
-            # Make room for the end marker so the reader wakes up and leaves.
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            self._queue.put_nowait(None)
+        if event.name == wire.LOG:
+            if len(self._logs) >= self._logs_room:
+                self._skip(self._logs.popleft())
+            self._logs.append(event)
+        elif len(self._events) >= self._events_room:
+            self._drop()
+            return
+        else:
+            self._events.append(event)
+        self._wakeup.set()
+
+    def _skip(self, event: Event) -> None:
+        lines = _lines_in(event)
+        self._skipped += lines
+        self.skipped_total += lines
+        self._last_skipped = event
+
+    def _drop(self) -> None:
+        self.dropped = True
+        self._bus.unsubscribe(self)
+        # Free what it held; the reader wakes up and leaves.
+        self._events.clear()
+        self._logs.clear()
+        self._skipped, self._last_skipped = 0, None
+        self._wakeup.set()
+
+    def _next(self) -> Event | None:
+        """The queued event with the lowest id, the notice of skipped lines in its place."""
+        event = self._events[0] if self._events else None
+        log = self._logs[0] if self._logs else None
+        if log is not None and (event is None or log.id < event.id):
+            event = log
+        last = self._last_skipped
+        # Every queued line is newer than the skipped ones: the notice goes before them.
+        if last is not None and (event is None or last.id < event.id):
+            notice = skipped_notice(last, self._skipped)
+            self._skipped, self._last_skipped = 0, None
+            return notice
+        if event is log and log is not None:
+            return self._logs.popleft()
+        if event is not None:
+            return self._events.popleft()
+        return None
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
-            while (event := await self._queue.get()) is not None:
-                yield event
+            while True:
+                event = self._next()
+                if event is not None:
+                    yield event
+                elif self.dropped:
+                    return
+                else:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
         finally:
             self._bus.unsubscribe(self)
 
     def close(self) -> None:
         self._bus.unsubscribe(self)
+
+
+@dataclass
+class _Allowance:
+    tokens: float
+    refilled: float  # when `tokens` was last topped up
+    source: str  # the model whose lines these are
+    held: int = 0  # lines held back, not yet summed up
+    held_since: float = 0.0  # when the first of them came
+
+
+class LogRate:
+    """How many engine lines each load may publish: a token bucket per key (a job).
+
+    Lines past it are counted instead of published, and the count is due as one
+    summary at most every `every` seconds, checked on the next line, so no timer
+    is needed; `flush` hands over what is left when the load ends."""
+
+    def __init__(
+        self,
+        rate: float = LOG_LINES_PER_SECOND,
+        burst: int = LOG_BURST,
+        every: float = LOG_SUMMARY_SECONDS,
+        max_keys: int = LOG_RATE_KEYS,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.every = every
+        self.max_keys = max_keys
+        self._allowances: dict[str, _Allowance] = {}
+
+    def admit(self, key: str, source: str, now: float) -> tuple[bool, int]:
+        """Whether this line may be published, and how many held-back lines (this one
+        included when it is held) are due now as one summary, published before it."""
+        allowance = self._allowances.get(key)
+        if allowance is None:
+            while len(self._allowances) >= self.max_keys:  # a load no one flushed
+                del self._allowances[next(iter(self._allowances))]
+            allowance = self._allowances[key] = _Allowance(float(self.burst), now, source)
+        allowance.source = source
+        allowance.tokens = min(
+            float(self.burst), allowance.tokens + (now - allowance.refilled) * self.rate
+        )
+        allowance.refilled = now
+        admitted = allowance.tokens >= 1.0
+        if admitted:
+            allowance.tokens -= 1.0
+        else:
+            if allowance.held == 0:
+                allowance.held_since = now
+            allowance.held += 1
+        due = 0
+        if allowance.held and now - allowance.held_since >= self.every:
+            due, allowance.held = allowance.held, 0
+        return admitted, due
+
+    def flush(self, key: str) -> tuple[str, int]:
+        """Forget `key`: its source and the lines still held back for it."""
+        allowance = self._allowances.pop(key, None)
+        return ("", 0) if allowance is None else (allowance.source, allowance.held)
 
 
 class EventBus:

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
 
 from switchd.config import ModelSpec
 from switchd.jobs import SwitchError
+from switchd.limits import BodyBudget, BodyHold, BodyTimeout, next_chunk
 from switchd.metrics import Metrics
 from switchd.runtime.base import EngineInfo
 from switchd.scheduler import Scheduler
@@ -60,6 +64,25 @@ def named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 class ClientGone(Exception):
     """The client disconnected before its answer was complete."""
+
+
+class EngineCutOff(Exception):
+    """The engine died in the middle of an answer that is not an event stream.
+
+    Raised out of the app on purpose: the server then closes the connection
+    without the final chunk, so the client sees the answer cut short instead of
+    half a JSON body that looks complete.
+    """
+
+
+def one_line_for_cut_offs(record: logging.LogRecord) -> bool:
+    """A logging filter for the server's error log: an EngineCutOff is a fact about an
+    engine, said in one warning line, not a traceback of switchd's."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, EngineCutOff):
+        record.msg, record.args, record.exc_info, record.exc_text = str(exc), (), None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 class ProxyError(Exception):
@@ -105,25 +128,77 @@ class ProxyContext:
     upstream: aiohttp.ClientSession
     metrics: Metrics
     max_body_bytes: int
+    bodies: BodyBudget
+    body_timeout_seconds: float
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
+def declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, hold: BodyHold, idle_seconds: float
+) -> bytes:
+    """The whole body, within `limit`, the shared budget, and `idle_seconds` per chunk."""
+    too_large = ProxyError(413, "request_too_large", f"Request body over {limit} bytes")
+    declared = declared_length(scope)
+    if declared is not None and declared > limit:
+        raise too_large  # at once, before reading any of it
     body = bytearray()
     while True:
-        message = await receive()
+        try:
+            message = await next_chunk(receive, idle_seconds)
+        except BodyTimeout:
+            message_text = f"The request body did not arrive: nothing came for {idle_seconds:g} s"
+            raise ProxyError(408, "request_timeout", message_text) from None
         if message["type"] == "http.disconnect":
             raise ClientGone
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise ProxyError(413, "request_too_large", f"Request body over {limit} bytes")
+        chunk = message.get("body", b"")
+        if len(body) + len(chunk) > limit:
+            raise too_large
+        if not hold.take(len(chunk)):
+            raise ProxyError(
+                503,
+                "server_busy",
+                "switchd holds too many request bodies at once; try again shortly",
+                "server_error",
+                retry_after=1,
+            )
+        body += chunk
         if not message.get("more_body", False):
             return bytes(body)
+
+
+# Characters an engine could read as leaving the path, or that a path never needs.
+FORBIDDEN_IN_PATH = frozenset("\\?#%") | {chr(c) for c in range(32)} | {chr(127)}
+RESERVED_PATHS = ("/v1/models", "/v1/events", "/v1/switches")
+
+
+def checked_path(path: str) -> str:
+    """The decoded request path, if it stays under /v1/ for the engine; else 400.
+
+    Engines have admin routes (vLLM /sleep, llama.cpp /slots): `/v1/../admin`,
+    `/v1/%2e%2e/admin` or `/v1/a%3Fb` must never reach them.
+    """
+    segments = path.split("/")
+    if (
+        not path.startswith("/v1/")
+        or any(segment in (".", "..") for segment in segments)
+        or any(char in FORBIDDEN_IN_PATH for char in path)
+    ):
+        raise ProxyError(
+            400, "invalid_path", "The path must stay under /v1/ (no '..', encoded or not)"
+        )
+    return path
 
 
 def requested_model(body: bytes) -> tuple[str, dict[str, Any]]:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: `[[[[…` nested too deep
         raise ProxyError(400, "invalid_json", "The request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ProxyError(400, "invalid_json", "The request body must be a JSON object")
@@ -204,20 +279,33 @@ class _Call:
         self.scope = scope
         self.receive = receive
         self.send = send
+        self.model = "unknown"  # for the metrics, once known
 
     async def run(self) -> None:
         started = time.perf_counter()
-        model = "unknown"
         status = 500
+        context = self.context
         try:
-            body = await read_body(self.receive, self.context.max_body_bytes)
-            large = len(body) > LARGE_BODY
-            name, data = await off_loop_if(large, requested_model, body)
-            spec = self._model(name)
-            model = spec.name
-            if name != spec.name:  # an alias: the engine knows the model by its own name
-                body = await off_loop_if(large, encode, {**data, "model": spec.name})
-            status = await self._forward(spec, body)
+            if self.scope["path"].startswith(RESERVED_PATHS):
+                status = 405  # switchd's own routes are never an engine's
+                await method_not_allowed(self.scope, self.send)
+                return
+            path = checked_path(self.scope["path"])
+            with context.bodies.hold() as hold:
+                body = await read_body(
+                    self.scope,
+                    self.receive,
+                    context.max_body_bytes,
+                    hold,
+                    context.body_timeout_seconds,
+                )
+                large = len(body) > LARGE_BODY
+                name, data = await off_loop_if(large, requested_model, body)
+                spec = self._model(name)
+                self.model = spec.name
+                if name != spec.name:  # an alias: the engine knows the model by its own name
+                    body = await off_loop_if(large, encode, {**data, "model": spec.name})
+                status = await self._forward(spec, path, body)
         except ProxyError as error:
             status = error.status
             await error.send(self.send)
@@ -226,8 +314,11 @@ class _Call:
             await ProxyError.from_switch(error).send(self.send)
         except ClientGone:
             status = 499  # the client went away first (nginx's figure)
+        except EngineCutOff:
+            status = 502
+            raise
         finally:
-            self.context.metrics.request_done(model, status, time.perf_counter() - started)
+            context.metrics.request_done(self.model, status, time.perf_counter() - started)
 
     def _model(self, name: str) -> ModelSpec:
         """The one resolution of the request's model name (aliases included)."""
@@ -238,31 +329,32 @@ class _Call:
             message = f"The model '{name}' does not exist; known models: {known}"
             raise ProxyError(404, "model_not_found", message) from None
 
-    async def _forward(self, spec: ModelSpec, body: bytes) -> int:
+    async def _forward(self, spec: ModelSpec, path: str, body: bytes) -> int:
         outcome: dict[str, int] = {}
 
         async def serve() -> None:
             async with self.context.scheduler.serving(spec) as engine:
-                outcome["status"] = await self._relay(spec, engine, body)
+                outcome["status"] = await self._relay(spec, engine, path, body)
 
         # Waiting for a load or streaming: either way a client that leaves stops it.
         if not await first_of(serve(), self.receive):
             raise ClientGone
         return outcome["status"]
 
-    async def _relay(self, spec: ModelSpec, engine: EngineInfo, body: bytes) -> int:
+    async def _relay(self, spec: ModelSpec, engine: EngineInfo, path: str, body: bytes) -> int:
         query = self.scope.get("query_string", b"").decode("latin-1")
-        url = engine.url + self.scope["path"] + (f"?{query}" if query else "")
+        # The checked path, encoded once and marked so: nothing re-normalises it on the way.
+        target = engine.url + quote(path, safe=PATH_SAFE) + (f"?{query}" if query else "")
         headers = upstream_headers(self.scope, spec.api_key)
         try:
             upstream = await self.context.upstream.request(
-                self.scope["method"], url, data=body, headers=headers
+                self.scope["method"], URL(target, encoded=True), data=body, headers=headers
             )
         except (aiohttp.ClientError, OSError) as exc:
             message = f"{engine.model} did not answer: {exc!r}"
             raise ProxyError(502, "engine_unreachable", message, "server_error") from None
         try:
-            await relay_response(self.send, upstream)
+            await relay_response(self.send, upstream, engine.model)
         finally:
             # An answer read to its end returns its connection to the pool; one cut
             # short (client gone, engine died) closes it, so nothing leaks.
@@ -270,7 +362,38 @@ class _Call:
         return upstream.status
 
 
-async def relay_response(send: Send, upstream: aiohttp.ClientResponse) -> None:
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+async def method_not_allowed(scope: Scope, send: Send) -> None:
+    body = json.dumps(
+        {
+            "status": "error",
+            "error": "method_not_allowed",
+            "message": f"{scope['method']} {scope['path']}: Method Not Allowed",
+        }
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 405, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def cut_short_event(model: str) -> bytes:
+    """What a stream cut by its engine's death ends with: an OpenAI-shaped error."""
+    error = {
+        "error": {
+            "message": f"{model} stopped in the middle of this answer; it is incomplete",
+            "type": "server_error",
+            "code": "engine_died",
+        }
+    }
+    return b"data: " + json.dumps(error).encode() + b"\n\n"
+
+
+async def relay_response(send: Send, upstream: aiohttp.ClientResponse, model: str) -> None:
     """The engine's answer as it comes: status, headers, then each chunk."""
     dropped = HOP_BY_HOP | SERVER_SET | named_in_connection(upstream.raw_headers)
     headers = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in dropped]
@@ -292,6 +415,11 @@ async def relay_response(send: Send, upstream: aiohttp.ClientResponse) -> None:
             if end := event_boundary(pending):
                 complete, pending = pending[:end], pending[end:]
                 await send({"type": "http.response.body", "body": complete, "more_body": True})
-    except (aiohttp.ClientError, OSError):
-        pass  # the engine died mid-answer: end what was sent cleanly
+    except (aiohttp.ClientError, OSError) as exc:
+        if not events:
+            raise EngineCutOff(f"{model} died in the middle of an answer: {exc!r}") from None
+        # A stream ends with an error event a client recognises, then ends properly.
+        await send(
+            {"type": "http.response.body", "body": cut_short_event(model), "more_body": True}
+        )
     await send({"type": "http.response.body", "body": b"", "more_body": False})

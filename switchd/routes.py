@@ -9,22 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 
-from switchd import __version__
+from switchd import __version__, wire
 from switchd.config import Settings
 from switchd.events import Event, EventBus
 from switchd.jobs import Job, SwitchError
+from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, ProxyContext
 from switchd.scheduler import Scheduler
@@ -46,10 +48,16 @@ class Services:
     bus: EventBus
     metrics: Metrics
     upstream: aiohttp.ClientSession
+    bodies: BodyBudget
 
     def proxy_context(self) -> ProxyContext:
         return ProxyContext(
-            self.scheduler, self.upstream, self.metrics, self.settings.max_body_bytes
+            self.scheduler,
+            self.upstream,
+            self.metrics,
+            self.settings.max_body_bytes,
+            self.bodies,
+            self.settings.body_read_timeout_seconds,
         )
 
 
@@ -85,21 +93,29 @@ def wants_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-class BodyTooLarge(Exception):
-    pass
+class BadRequest(Exception):
+    """A request refused before anything happened: its status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.response = error_response(status, code, message)
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
     """The request body, refusing more than `limit` bytes without reading it all."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
+        raise too_large()
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise BodyTooLarge
+            raise too_large()
     return bytes(body)
+
+
+def too_large() -> BadRequest:
+    return BadRequest(413, "body_too_large", f"Request body over {MAX_CONTROL_BODY} bytes")
 
 
 async def parameter(request: Request, *names: str) -> str | None:
@@ -110,10 +126,12 @@ async def parameter(request: Request, *names: str) -> str | None:
     if request.method != "POST" or "json" not in request.headers.get("content-type", ""):
         return None
     body = await read_capped(request, MAX_CONTROL_BODY)
+    if not body:
+        return None
     try:
         data = json.loads(body)
-    except ValueError:
-        return None
+    except (ValueError, RecursionError):  # RecursionError: `[[[[…` nested too deep
+        raise BadRequest(400, "invalid_json", "The request body is not valid JSON") from None
     if isinstance(data, dict):
         for name in names:
             value = data.get(name)
@@ -156,7 +174,12 @@ async def until_set(
             await aclose()
 
 
-def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+def event_stream(
+    request: Request,
+    events: AsyncIterator[ServerSentEvent],
+    last_words: Callable[[], ServerSentEvent | None] = lambda: None,
+) -> EventSourceResponse:
+    """`events` as SSE; on shutdown the stream ends with `last_words()`, if any."""
     streams = services(request).metrics.sse_streams
     # Set by sse-starlette when the server shuts down: the stream then ends properly
     # (its final chunk sent) instead of being cut, and clients reconnect cleanly.
@@ -168,6 +191,8 @@ def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> Ev
             yield ServerSentEvent(retry=RETRY_MILLISECONDS, comment="switchd")
             async for event in until_set(shutdown, events):
                 yield event
+            if shutdown.is_set() and (final := last_words()) is not None:
+                yield final
         finally:
             streams.dec()
 
@@ -181,14 +206,28 @@ def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> Ev
     )
 
 
+MAX_EVENT_ID_DIGITS = 19  # ids are microseconds since 1970 and a counter: 16-17 digits
+
+
 def last_event_id(request: Request) -> int | None:
+    """Last-Event-ID (header or `last_event_id`), or None; BadRequest if not an id.
+
+    Only ASCII digits: `str.isdigit` also accepts '¹' and '²', which int() refuses.
+    """
     value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    return int(value) if value is not None and value.strip().isdigit() else None
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_EVENT_ID_DIGITS):
+        shown = text if len(text) <= 24 else text[:20] + "…"
+        raise BadRequest(
+            400, "invalid_last_event_id", f"Last-Event-ID must be an event id, got {shown!r}"
+        )
+    return int(text)
 
 
-def job_stream(request: Request, job: Job) -> Response:
+def job_stream(request: Request, job: Job, after: int) -> Response:
     """The job's events from its first, or after Last-Event-ID; 204 once all were seen."""
-    after = last_event_id(request) or 0
     if job.finished is not None and all(event.id <= after for event in job.events):
         return Response(status_code=204)  # tells an EventSource to stop reconnecting
 
@@ -197,7 +236,22 @@ def job_stream(request: Request, job: Job) -> Response:
             if event.id > after:
                 yield sse(event)
 
-    return event_stream(request, events())
+    def shutting_down() -> ServerSentEvent | None:
+        """A job cut by switchd's shutdown: its followers hear it, not just a closed stream."""
+        if job.finished is not None:
+            return None
+        data = {
+            "job": job.id,
+            "kind": job.kind.value,
+            "stage": wire.ERROR,
+            "model": job.target,
+            "progress": round(job.progress, 3),
+            "error": "shutting_down",
+            "message": "switchd is shutting down; this job did not finish",
+        }
+        return ServerSentEvent(data=json.dumps(data, separators=(",", ":")), event=wire.ERROR)
+
+    return event_stream(request, events(), shutting_down)
 
 
 # ---- routes -------------------------------------------------------------------
@@ -207,45 +261,67 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok", "version": __version__})
 
 
+def model_object(name: str, model: dict[str, Any]) -> dict[str, Any]:
+    """A model as OpenAI's API describes one, with switchd's status and aliases."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "switchd",
+        "status": model["status"],
+        "aliases": model["aliases"],
+    }
+
+
 async def list_models(request: Request) -> Response:
     status = await services(request).scheduler.status()
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "switchd",
-            "status": model["status"],
-            "aliases": model["aliases"],
-        }
-        for name, model in status["models"].items()
-    ]
+    data = [model_object(name, model) for name, model in status["models"].items()]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def one_model(request: Request) -> Response:
+    """`GET /v1/models/{id}`, as the openai SDK's `client.models.retrieve` asks it."""
+    found = services(request)
+    name = request.path_params["model_id"]
+    if name in CONTROL_ROUTES:  # `GET /v1/models/switch`: a control route, POST only
+        raise HTTPException(405, headers={"Allow": "POST"})
+    spec = found.scheduler.resolve(name)
+    if spec is None:
+        body = {
+            "error": {
+                "message": f"The model '{name}' does not exist",
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+            }
+        }
+        return JSONResponse(body, status_code=404)
+    model = found.scheduler.catalog.model_json(found.scheduler.records[spec.name])
+    return JSONResponse(model_object(spec.name, model))
 
 
 async def models_status(request: Request) -> Response:
     return JSONResponse(await services(request).scheduler.status())
 
 
-def too_large() -> JSONResponse:
-    return error_response(413, "body_too_large", f"Request body over {MAX_CONTROL_BODY} bytes")
-
-
 async def switch(request: Request) -> Response:
     try:
         target = await parameter(request, "target_model", "model")
-    except BodyTooLarge:
-        return too_large()
+        after = last_event_id(request) if wants_stream(request) else None
+    except BadRequest as bad:
+        return bad.response
     if target is None:
         return error_response(
             400, "missing_parameter", "target_model is required (?target_model=NAME)"
         )
+    scheduler = services(request).scheduler
     try:
-        job = services(request).scheduler.request_switch(target)
+        # Refused before any stream starts when it could never fit: a plain 409.
+        await scheduler.check_fits(target)
+        job = scheduler.request_switch(target)
     except SwitchError as error:
         return switch_error_response(error)
     if wants_stream(request):
-        return job_stream(request, job)
+        return job_stream(request, job, after or 0)
     # The job runs in the scheduler's worker: this client leaving does not cancel it.
     wait_ready = request.query_params.get("wait") == "ready"
     await (job.done if wait_ready else job.started).wait()
@@ -259,8 +335,9 @@ async def switch(request: Request) -> Response:
 async def unload(request: Request) -> Response:
     try:
         name = await parameter(request, "model", "target_model")
-    except BodyTooLarge:
-        return too_large()
+        after = last_event_id(request) if wants_stream(request) else None
+    except BadRequest as bad:
+        return bad.response
     if name is None:
         return error_response(400, "missing_parameter", "model is required (?model=NAME or all)")
     try:
@@ -268,7 +345,7 @@ async def unload(request: Request) -> Response:
     except SwitchError as error:
         return switch_error_response(error)
     if wants_stream(request):
-        return job_stream(request, job)
+        return job_stream(request, job, after or 0)
     await job.done.wait()
     if job.error is not None:
         return switch_error_response(job.error)
@@ -291,13 +368,22 @@ async def job_status(request: Request) -> Response:
 
 async def job_events(request: Request) -> Response:
     job = _job(request)
-    return job if isinstance(job, Response) else job_stream(request, job)
+    if isinstance(job, Response):
+        return job
+    try:
+        after = last_event_id(request)
+    except BadRequest as bad:
+        return bad.response
+    return job_stream(request, job, after or 0)
 
 
 async def server_events(request: Request) -> Response:
     found = services(request)
     bus = found.bus
-    last_id = last_event_id(request)
+    try:
+        last_id = last_event_id(request)
+    except BadRequest as bad:
+        return bad.response
     missed = bus.missed_since(last_id) if last_id is not None else None
     # Subscribe before reading the status, so nothing between the two is lost.
     subscription = bus.subscribe(missed)
@@ -328,11 +414,27 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+CONTROL_ROUTES = frozenset({"switch", "unload"})
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Routing's own errors (404, 405) as JSON, like every other error."""
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    code = codes.get(exc.status_code, "http_error")
+    response = error_response(
+        exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"
+    )
+    response.headers.update(exc.headers or {})
+    return response
+
+
 ROUTES = [
     Route("/health", health),
     Route("/metrics", metrics),
     Route("/v1/models", list_models),
     Route("/v1/models/status", models_status),
+    Route("/v1/models/{model_id:path}", one_model),
     Route("/v1/models/switch", switch, methods=["POST"]),
     Route("/v1/models/unload", unload, methods=["POST"]),
     Route("/v1/switches/{job_id}", job_status),

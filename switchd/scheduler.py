@@ -141,6 +141,16 @@ class Scheduler:
         record.failures, record.cooldown_until = 0, 0.0
         return self._enqueue(JobKind.SWITCH, spec.name)
 
+    async def check_fits(self, name: str) -> None:
+        """Raise the 409 a switch to `name` would end with if it could never fit,
+        even after unloading every unpinned model; the switch checks again."""
+        spec = self.known(name)
+        if self.records[spec.name].state in (ModelState.RUNNING, ModelState.LOADING):
+            return
+        plan = self.steps.plan(spec, await self.steps.gpu.snapshot())
+        if not plan.enough:
+            raise insufficient_memory(spec, plan)
+
     def request_unload(self, name: str) -> Job:
         """A job unloading `name`, or every unpinned model for `all`."""
         target = "all" if name == "all" else self.known(name).name

@@ -1,5 +1,11 @@
 """What switchd learned about each model: load time and memory footprint.
 
+A footprint sample is only recorded when it could be attributed to the engine
+(the steps decide; see Steps.load). The learned figure moves smoothly (half
+the way to each new sample), and the planner plans with the largest of the
+recent good samples (`planned_gb`), never less: an engine that once needed 80
+GB is not squeezed into 70 because a later sample came out low.
+
 Persisted as JSON in `state_dir` so estimates survive a restart; written
 atomically (temp file + rename) in a worker thread.
 """
@@ -16,13 +22,21 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FILE_NAME = "learned.json"
+RECENT_SAMPLES = 5
+SMOOTHING = 0.5  # how far the learned footprint moves towards each new sample
 
 
 @dataclass(frozen=True)
 class Learned:
     load_seconds: float | None = None
-    footprint_gb: float | None = None
+    footprint_gb: float | None = None  # smoothed
     loads: int = 0
+    samples: tuple[float, ...] = ()  # the latest good footprint samples, oldest first
+
+    @property
+    def planned_gb(self) -> float | None:
+        """What to plan with: the largest recent good sample, else the smoothed figure."""
+        return max(self.samples) if self.samples else self.footprint_gb
 
 
 class LearnedStats:
@@ -48,6 +62,9 @@ class LearnedStats:
                     load_seconds=_number(entry.get("load_seconds")),
                     footprint_gb=_number(entry.get("footprint_gb")),
                     loads=int(entry.get("loads", 0)),
+                    samples=tuple(
+                        v for v in map(_number, entry.get("samples", [])) if v is not None
+                    )[-RECENT_SAMPLES:],
                 )
                 for name, entry in raw.items()
             }
@@ -60,13 +77,22 @@ class LearnedStats:
 
     async def record(self, model: str, load_seconds: float, footprint_gb: float | None) -> None:
         previous = self.get(model)
-        if footprint_gb is None or footprint_gb <= 0:
-            # Nothing measurable (another process freed memory meanwhile): keep the old figure.
-            footprint_gb = previous.footprint_gb
+        samples = previous.samples
+        smoothed = previous.footprint_gb
+        if footprint_gb is not None and footprint_gb > 0:
+            samples = (*samples, round(footprint_gb, 2))[-RECENT_SAMPLES:]
+            smoothed = round(
+                footprint_gb
+                if smoothed is None
+                else smoothed + SMOOTHING * (footprint_gb - smoothed),
+                2,
+            )
+        # else: nothing attributable was measured: keep what was learned.
         self._by_model[model] = Learned(
             load_seconds=round(load_seconds, 2),
-            footprint_gb=footprint_gb,
+            footprint_gb=smoothed,
             loads=previous.loads + 1,
+            samples=samples,
         )
         snapshot = {name: asdict(entry) for name, entry in self._by_model.items()}
         try:

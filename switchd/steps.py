@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ import httpx
 from switchd import planner, wire
 from switchd.catalog import Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
-from switchd.events import EventBus
+from switchd.events import EventBus, LogRate
 from switchd.gpu import GpuProbe, GpuSnapshot
 from switchd.jobs import Job, JobKind, SwitchError
 from switchd.runtime.base import EngineExited, EngineOutput, Runtime, RuntimeEvent, StartFailed
@@ -35,6 +35,7 @@ from switchd.units import gib, gib_to_bytes, iso_timestamp
 log = logging.getLogger(__name__)
 
 RELEASED_FRACTION = 0.75  # of a victim's memory that must show as free again
+PLAUSIBLE_SHARE = 0.5  # a footprint sample below this share of the expected one is dropped
 MEMORY_POLL_SECONDS = 0.1
 HEALTH_BACKOFF = (0.05, 0.25, 1.5)  # first delay, cap, factor: fast at first
 HEALTH_REQUEST_SECONDS = 1.0  # short, so `loading` still ticks every second
@@ -83,6 +84,7 @@ class Steps:
         self._reports: deque[RuntimeEvent] = deque()
         self._reported = asyncio.Event()
         self._loading: _Loading | None = None
+        self._log_rate = LogRate()  # engine lines each load may publish as `log` events
 
     # ---- what the runtime reports ------------------------------------------------
 
@@ -306,6 +308,8 @@ class Steps:
             ) from exc
         self.catalog.transition(record, ModelState.STOPPING, ModelState.EXITED)
         freed_bytes, verified = await self._await_release(before, spec, held_gb)
+        if verified:  # else the rest may still come back while the next model loads
+            self.catalog.released(spec.name)
         freed = gib(freed_bytes)
         seconds = round(self._clock() - started, 2)
         job.unloaded_models.append(spec.name)
@@ -369,7 +373,7 @@ class Steps:
         job.estimated_load_time_seconds = estimate
         adopted = record.engine if record.state is ModelState.LOADING else None
         if adopted is not None:
-            free_before = None  # its memory was taken before switchd was there to see
+            before = None  # its memory was taken before switchd was there to see
             started = self._clock() - max(0.0, time.time() - adopted.started_at)
             info = adopted
             self.emit(
@@ -379,10 +383,13 @@ class Steps:
                 progress=PROGRESS_FREED,
             )
         else:
-            free_before = (await self.gpu.snapshot()).free_bytes(spec.gpus)
+            before = await self.gpu.snapshot()
             self.catalog.transition(
                 record, (ModelState.EXITED, ModelState.FAILED), ModelState.LOADING
             )
+            # Attributable only if nothing else moves from its own start on.
+            moves = self.catalog.memory_moves
+            releasing = self.catalog.release_pending()
             started = self._clock()
             try:
                 info = await self.runtime.start(spec)
@@ -406,20 +413,67 @@ class Steps:
         try:
             self.apply_reports()  # the lines it printed before `start` was announced
             await self._wait_healthy(loading, started, estimate)
+            pids = await self.runtime.engine_pids(info)
             after = await self.gpu.snapshot()
             self.apply_reports()  # an exit that came while memory was read
             if loading.exited is not None:
                 self._engine_died(record, loading.exited)
         finally:
             self._loading = None
+            self.flush_logs(job)  # the count of lines held back, before `ready` or `error`
         load_seconds = round(self._clock() - started, 2)
-        if free_before is not None:
-            footprint = gib(free_before - after.free_bytes(spec.gpus))
-            record.measured_gb = footprint if footprint > 0 else None
+        if before is not None:
+            moved = releasing or self.catalog.memory_moves != moves
+            record.measured_gb = self._footprint(spec, before, after, pids, moved)
             await self._stats.record(spec.name, load_seconds, record.measured_gb)
         self.catalog.transition(record, ModelState.LOADING, ModelState.RUNNING)
         message = f"{spec.name} is ready after {load_seconds:.1f} s"
         self.emit(job, wire.Ready(load_seconds, record.measured_gb), message, progress=1.0)
+
+    def _footprint(
+        self,
+        spec: ModelSpec,
+        before: GpuSnapshot,
+        after: GpuSnapshot,
+        pids: Sequence[int],
+        moved: bool,
+    ) -> float | None:
+        """What the engine holds, only where it can be attributed to it; else None.
+
+        NVML's per-process figures for the engine's PIDs are its own. Otherwise
+        free-before minus free-after counts only if no other engine started,
+        stopped, died or was still releasing memory meanwhile, and if it is not
+        far below what the engine is expected to hold: a sample that comes out
+        low because something else released memory would let the planner put
+        two models on a card that cannot hold them.
+        """
+        wanted = set(pids)
+        mine = [
+            p.used_bytes
+            for p in after.processes
+            if p.pid in wanted and (spec.gpus is None or p.device in spec.gpus)
+        ]
+        if mine:
+            return gib(sum(mine))
+        if moved:
+            log.info(
+                "footprint of %s not learned from this load: other engines' memory moved "
+                "while it loaded",
+                spec.name,
+            )
+            return None
+        sample = gib(before.free_bytes(spec.gpus) - after.free_bytes(spec.gpus))
+        expected = self.catalog.expected_gb(spec)
+        if sample < PLAUSIBLE_SHARE * expected or sample > gib(after.total_bytes(spec.gpus)):
+            log.warning(
+                "dropped an implausible footprint sample of %s: %.2f GB measured, about "
+                "%.2f GB expected",
+                spec.name,
+                sample,
+                expected,
+            )
+            return None
+        return sample
 
     async def _wait_healthy(self, loading: _Loading, started: float, estimate: float) -> None:
         """Poll the health path with backoff, reporting progress every second."""
@@ -504,12 +558,33 @@ class Steps:
             )
         )
 
-    def emit_log(self, job: Job, model: str, line: str) -> None:
-        fields = {"line": line, "source": model}
+    def emit_log(self, job: Job, model: str, line: str, *, skipped: int = 0) -> None:
+        """Publish one engine output line, within the job's allowance of log events.
+
+        Lines over it (`LogRate`: a burst, then so many a second) are counted,
+        not published, and the count goes out as one `log` event ("N more lines from
+        <model>", with `skipped`: N) on the first line a second after they began, or
+        at `flush_logs`. `skipped` > 0 publishes such a summary as `line`, unmetered.
+        Error reports take the engine's last lines from the runtime, not from here."""
+        if not skipped:
+            admitted, held = self._log_rate.admit(job.id, model, self._clock())
+            if held:
+                self.emit_log(job, model, f"{held} more lines from {model}", skipped=held)
+            if not admitted:
+                return
+        fields: dict[str, Any] = {"line": line, "source": model}
+        if skipped:
+            fields["skipped"] = skipped
         event = self._bus.publish(wire.LOG, self._payload(job, wire.LOG, line, fields))
         if job.log_lines < MAX_LOG_EVENTS_PER_JOB:
             job.log_lines += 1
             job.record(event)
+
+    def flush_logs(self, job: Job) -> None:
+        """At the end of a load: publish the count of lines still held back, if any."""
+        model, held = self._log_rate.flush(job.id)
+        if held:
+            self.emit_log(job, model, f"{held} more lines from {model}", skipped=held)
 
     @staticmethod
     def _payload(job: Job, name: str, message: str, fields: dict[str, Any]) -> dict[str, Any]:

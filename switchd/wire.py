@@ -18,7 +18,7 @@ from switchd.states import Stage
 # Events that are not stages of a job.
 SNAPSHOT = "snapshot"  # the status body, first on /v1/events
 MODEL_STATE = "model_state"  # model, from, to[, error]
-LOG = "log"  # line, source: an engine's output line while it loads
+LOG = "log"  # line, source[, skipped]: an engine output line while it loads, or a count
 RESULT = "result"  # the JSON-mode answer, last on success
 ERROR = "error"  # error, message and that error's fields, last on failure
 
@@ -38,8 +38,7 @@ class Payload:
         return self.STAGE.value
 
     def fields(self) -> dict[str, Any]:
-        # Optional fields that do not apply are left out, not sent as null.
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,10 @@ class Start(Payload):
     container: str | None = None
     pid: int | None = None
     adopted: bool | None = None  # found still loading after a restart
+
+    def fields(self) -> dict[str, Any]:
+        # Where it runs (a container or a pid) and `adopted` only where they apply.
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ class FakeRuntime:
     def last_lines(self, model: str) -> tuple[str, ...]:
         return tuple(self.lines.get(model, []))
 
+    async def engine_pids(self, info: EngineInfo) -> list[int]:
+        return [info.pid] if info.pid is not None else []
+
     async def close(self) -> None:
         self._events.end()
 

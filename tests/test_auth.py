@@ -275,3 +275,54 @@ async def test_an_empty_token_fails_even_against_an_empty_key(authorization: str
         assert_refused(await http.get("/v1/models"))
         ok = await http.get("/v1/models", headers={"Authorization": "Bearer key-one"})
         assert ok.status_code == 200
+
+
+# ---- roles -------------------------------------------------------------------------------
+
+ADMIN, INFERENCE, READ = "admin-key", "inference-key", "read-key"
+ROLE_ROUTES = [
+    ("GET", "/v1/models/status"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/events"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/models/switch"),
+    ("POST", "/v1/models/unload"),
+]
+# What each role may do, route by route (in ROLE_ROUTES' order).
+ALLOWED = {
+    READ: [True, True, True, True, False, False, False, False],
+    INFERENCE: [True, True, True, True, True, True, False, False],
+    ADMIN: [True] * 8,
+}
+
+
+def role_app() -> BearerAuth:
+    routes = [Route(path, echo, methods=[method]) for method, path in ROLE_ROUTES]
+    return BearerAuth(
+        Starlette(routes=routes), [ADMIN], inference_keys=[INFERENCE], read_keys=[READ]
+    )
+
+
+@pytest.mark.parametrize("key", [READ, INFERENCE, ADMIN])
+async def test_each_role_may_do_what_it_is_for_and_no_more(key: str) -> None:
+    async with client(role_app()) as http:
+        for (method, path), allowed in zip(ROLE_ROUTES, ALLOWED[key], strict=True):
+            response = await http.request(method, path, headers={"Authorization": f"Bearer {key}"})
+            if allowed:
+                assert (response.status_code, response.text) == (200, f"ok {path}"), (key, path)
+            else:
+                assert response.status_code == 403, (key, path)
+                error = response.json()["error"]
+                assert (error["type"], error["code"]) == (
+                    "permission_error",
+                    "insufficient_permissions",
+                )
+                assert "needs a key with the" in error["message"]
+
+
+async def test_an_unknown_key_is_401_whatever_the_roles() -> None:
+    async with client(role_app()) as http:
+        response = await http.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert_refused(response)

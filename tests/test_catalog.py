@@ -14,6 +14,7 @@ from switchd.stats import LearnedStats
 from switchd.units import gib_to_bytes
 from tests.fakes import make_settings
 
+TWO_DEVICES = {"total_gb": 80, "devices": 2}
 MODELS = {
     "a": {"cmd": "e", "size_gb": 40, "load_time_seconds": 12, "gpus": [0]},
     "b": {"cmd": "e", "size_gb": 20, "gpus": [1]},
@@ -31,7 +32,7 @@ def snapshot(used_gb: tuple[float, float]) -> GpuSnapshot:
 
 @pytest.fixture
 def catalog(tmp_path: Path) -> Catalog:
-    settings = make_settings(tmp_path, MODELS)
+    settings = make_settings(tmp_path, MODELS, simulated_gpu=TWO_DEVICES)
     return Catalog(
         settings, LearnedStats(settings.state_dir), SimulatedGpu(settings.simulated_gpu), EventBus()
     )
@@ -41,9 +42,9 @@ async def test_learned_figures_win_over_configured_ones(tmp_path: Path, catalog:
     a = catalog.records["a"]
     assert catalog.estimated_load_seconds(a.spec) == 12.0
     assert catalog.held_gb(a) == 40.0
-    stats = LearnedStats(make_settings(tmp_path, MODELS).state_dir)
+    stats = LearnedStats(make_settings(tmp_path, MODELS, simulated_gpu=TWO_DEVICES).state_dir)
     await stats.record("a", 7.25, 36.5)
-    settings = make_settings(tmp_path, MODELS)
+    settings = make_settings(tmp_path, MODELS, simulated_gpu=TWO_DEVICES)
     learned = Catalog(settings, stats, SimulatedGpu(settings.simulated_gpu), EventBus())
     assert learned.estimated_load_seconds(a.spec) == 7.25
     assert learned.held_gb(learned.records["a"]) == 36.5

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from switchd.cli import main
 from switchd.config import (
     ConfigError,
     EvictionPolicy,
@@ -15,9 +19,11 @@ from switchd.config import (
     RuntimeKind,
     Settings,
     SimulatedGpuSettings,
+    check_devices,
     load_settings,
     parse_settings,
 )
+from switchd.gpu import GpuProbe, SimulatedGpu
 
 SOURCE = "test.yaml"
 
@@ -291,6 +297,58 @@ def test_health_timeout_has_a_floor() -> None:
     assert error.problem == "must be >= 0.1, got 0"
 
 
+NOT_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NOT_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"models": {"m": model(size_gb="VALUE")}}, "models.m.size_gb"),
+        ({"models": {"m": model(load_time_seconds="VALUE")}}, "models.m.load_time_seconds"),
+        ({"models": {"m": model(ttl_seconds="VALUE")}}, "models.m.ttl_seconds"),
+        ({"models": {"m": model(priority="VALUE")}}, "models.m.priority"),
+        ({"models": {"m": model(port="VALUE")}}, "models.m.port"),
+        ({"request_timeout_seconds": "VALUE"}, "request_timeout_seconds"),
+        ({"max_hold_seconds": "VALUE"}, "max_hold_seconds"),
+        ({"max_body_bytes": "VALUE"}, "max_body_bytes"),
+        ({"max_waiting_requests": "VALUE"}, "max_waiting_requests"),
+        ({"simulated_gpu": {"total_gb": "VALUE"}}, "simulated_gpu.total_gb"),
+        ({"simulated_gpu": {"devices": "VALUE"}}, "simulated_gpu.devices"),
+    ],
+)
+def test_numbers_must_be_finite(data: dict[str, Any], key: str, value: float) -> None:
+    def put(node: Any) -> Any:
+        if node == "VALUE":
+            return value
+        return {k: put(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+    error = refused(**put(data))
+    assert (error.source, error.key) == (SOURCE, key)
+    assert error.problem == f"must be a finite number, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "shown"),
+    [
+        ("models:\n  m: {cmd: e, size_gb: .nan}\n", "models.m.size_gb", "nan"),
+        ("models:\n  m: {cmd: e, size_gb: .inf}\n", "models.m.size_gb", "inf"),
+        ("models:\n  m: {cmd: e, size_gb: -.inf}\n", "models.m.size_gb", "-inf"),
+        (
+            "request_timeout_seconds: .inf\nmodels:\n  m: {cmd: e, size_gb: 1}\n",
+            "request_timeout_seconds",
+            "inf",
+        ),
+        ("max_body_bytes: .NaN\nmodels:\n  m: {cmd: e, size_gb: 1}\n", "max_body_bytes", "nan"),
+    ],
+)
+def test_yaml_nan_and_infinity_are_refused(tmp_path: Path, text: str, key: str, shown: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert str(caught.value) == f"{path}: {key}: must be a finite number, got {shown}"
+
+
 def test_empty_models() -> None:
     models: object
     for models in ({}, None, ["m"]):
@@ -349,6 +407,61 @@ def test_resolve_by_name_and_alias() -> None:
     assert settings.resolve("small") is settings.models["small"]
     assert settings.resolve("tiny") is None
     assert settings.resolve("Big") is None
+
+
+@pytest.mark.parametrize("name", [None, 123, True, 1.5, ""])
+def test_model_names_must_be_non_empty_strings(name: object) -> None:
+    error = refused(models={"m": model(), name: model()})
+    assert (error.source, error.key) == (SOURCE, "models")
+    assert error.problem == f"model names must be non-empty strings, got {name!r}"
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"), [("~", "None"), ("null", "None"), ("123", "123"), ("true", "True")]
+)
+def test_yaml_model_names_that_are_not_strings(tmp_path: Path, line: str, shown: str) -> None:
+    path = write(tmp_path, f"models:\n  {line}: {{cmd: e, size_gb: 1}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert str(caught.value) == (
+        f"{path}: models: model names must be non-empty strings, got {shown}"
+    )
+
+
+CHARACTERS = "may only use ASCII letters, digits and . _ - : /"
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("my model", CHARACTERS),
+        ("café", CHARACTERS),
+        ("m;rm -rf ~", CHARACTERS),
+        ("$(reboot)", CHARACTERS),
+        ("m\n", CHARACTERS),
+        ("a*", CHARACTERS),
+        ("-m", "must not start with '-' or '/'"),
+        ("--help", "must not start with '-' or '/'"),
+        ("/models/m", "must not start with '-' or '/'"),
+        ("org/../m", "must not contain '..'"),
+        ("..", "must not contain '..'"),
+        ("m" * 129, "is 129 characters long, at most 128 are allowed"),
+    ],
+)
+def test_model_names_that_cannot_safely_reach_docker_or_a_command_line(
+    name: str, problem: str
+) -> None:
+    error = refused(models={name: model()})
+    assert (error.source, error.key) == (SOURCE, "models")
+    assert error.problem == f"model name {name!r} {problem}"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["gpt-oss-20b", "Qwen/Qwen3-8B", "llama3.1:8b", "org/name:q4_K_M", "m", "1b", "m" * 128],
+)
+def test_model_names_that_are_allowed(name: str) -> None:
+    assert parse(models={name: model()}).models[name].name == name
 
 
 # --- listen --------------------------------------------------------------------------------
@@ -457,6 +570,118 @@ def test_gpus_list_and_all() -> None:
     assert settings.models["a"].gpus == (1, 0)
     assert settings.models["b"].gpus is None
     assert settings.models["c"].gpus is None
+
+
+@pytest.mark.parametrize(
+    ("devices", "gpus", "problem"),
+    [
+        (1, [5], "device 5 does not exist: the simulated GPU has 1 device (0)"),
+        (1, [0, 1], "device 1 does not exist: the simulated GPU has 1 device (0)"),
+        (2, [2], "device 2 does not exist: the simulated GPU has 2 devices (0, 1)"),
+        (4, [4], "device 4 does not exist: the simulated GPU has 4 devices (0-3)"),
+        (1, 3, "asks for 3 devices: the simulated GPU has 1"),
+        (2, 3, "asks for 3 devices: the simulated GPU has 2"),
+    ],
+)
+def test_gpus_beyond_the_simulated_gpu(devices: int, gpus: object, problem: str) -> None:
+    error = refused(
+        gpu="simulated",
+        simulated_gpu={"devices": devices},
+        models={"ok": model(), "m": model(gpus=gpus)},
+    )
+    assert (error.source, error.key, error.problem) == (SOURCE, "models.m.gpus", problem)
+
+
+def test_gpus_within_the_simulated_gpu() -> None:
+    models = {"a": model(gpus=[0, 1]), "b": model(gpus=2), "c": model(gpus=[1])}
+    settings = parse(gpu="simulated", simulated_gpu={"devices": 2}, models=models)
+    assert settings.models["a"].gpus == (0, 1)
+
+
+@pytest.mark.parametrize("gpu", ["auto", "nvml"])
+def test_gpus_for_nvml_are_checked_once_the_probe_is_open(gpu: str) -> None:
+    models = {"a": model(gpus=[5]), "b": model(gpus=3)}
+    settings = parse(gpu=gpu, simulated_gpu={"devices": 1}, models=models)
+    assert settings.models["a"].gpus == (5,)
+    assert settings.models["b"].docker.gpu_count == 3
+
+
+@pytest.mark.parametrize(
+    ("gpus", "count", "name", "problem"),
+    [
+        ([0], 1, "NVML", None),
+        ([7, 0], 8, "NVML", None),
+        ("all", 1, "NVML", None),
+        (2, 2, "NVML", None),
+        ([2], 2, "NVML", "device 2 does not exist: NVML has 2 devices (0, 1)"),
+        ([0, 9], 8, "NVML", "device 9 does not exist: NVML has 8 devices (0-7)"),
+        (
+            [1],
+            1,
+            "the simulated GPU",
+            "device 1 does not exist: the simulated GPU has 1 device (0)",
+        ),
+        ([0], 0, "NVML", "device 0 does not exist: NVML has no devices"),
+        (3, 2, "NVML", "asks for 3 devices: NVML has 2"),
+        (2, 1, "the simulated GPU", "asks for 2 devices: the simulated GPU has 1"),
+    ],
+)
+def test_check_devices(gpus: object, count: int, name: str, problem: str | None) -> None:
+    settings = parse(models={"first": model(gpus="all"), "m": model(gpus=gpus)})
+    if problem is None:
+        check_devices(settings, count, name)
+        return
+    with pytest.raises(ConfigError) as caught:
+        check_devices(settings, count, name)
+    assert (caught.value.source, caught.value.key) == (SOURCE, "models.m.gpus")
+    assert caught.value.problem == problem
+
+
+@pytest.fixture
+def signals_restored() -> Iterator[None]:
+    """serve() hands SIGTERM and SIGINT to uvicorn: put them back."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.usefixtures("signals_restored")
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [
+        ("nvml", "device 5 does not exist: NVML has 2 devices (0, 1)"),
+        ("simulated", "device 5 does not exist: the simulated GPU has 2 devices (0, 1)"),
+    ],
+)
+def test_serve_refuses_devices_the_opened_probe_lacks_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    problem: str,
+) -> None:
+    async def open_probe(kind: GpuKind, simulated: SimulatedGpuSettings) -> GpuProbe:
+        return SimulatedGpu(SimulatedGpuSettings(devices=2), source=source)
+
+    async def open_runtime(settings: Settings) -> None:
+        raise AssertionError("the lifespan went on past the device check")
+
+    monkeypatch.setattr("switchd.app.open_probe", open_probe)
+    monkeypatch.setattr("switchd.app.open_runtime", open_runtime)
+    data = {
+        "runtime": "process",
+        "gpu": "auto",
+        "listen": "127.0.0.1:1",  # never bound: the lifespan fails before
+        "state_dir": str(tmp_path / "state"),
+        "models": {"m": {"cmd": "engine", "size_gb": 1, "gpus": [5]}},
+    }
+    path = write(tmp_path, yaml.safe_dump(data))
+
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"switchd: bad configuration: {path}: models.m.gpus: {problem}\n" in err
+    assert "Traceback" not in err
 
 
 def test_health_path_needs_a_leading_slash() -> None:
@@ -572,6 +797,89 @@ def test_tab_indentation_reports_the_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(path, {})
     assert caught.value.problem == "is not valid YAML at line 3"
+
+
+DUPLICATE_MODEL = """\
+runtime: process
+models:
+  gpt-oss-20b:
+    cmd: engine
+    size_gb: 24
+  llama:
+    cmd: engine
+    size_gb: 8
+  gpt-oss-20b:
+    cmd: engine
+    size_gb: 40
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (DUPLICATE_MODEL, "models.gpt-oss-20b", "is defined twice (lines 3 and 9)"),
+        (
+            "models:\n  m:\n    cmd: e\n    size_gb: 1\n    size_gb: 2\n",
+            "models.m.size_gb",
+            "is defined twice (lines 4 and 5)",
+        ),
+        (
+            "models:\n  m: {cmd: e, size_gb: 1, size_gb: 2}\n",
+            "models.m.size_gb",
+            "is defined twice (line 2)",
+        ),
+        (
+            "gpu: nvml\nmodels:\n  m: {cmd: e, size_gb: 1}\ngpu: simulated\n",
+            "gpu",
+            "is defined twice (lines 1 and 4)",
+        ),
+        (
+            "models:\n  m: {cmd: e, size_gb: 1, env: {A: x, B: y, A: z}}\n",
+            "models.m.env.A",
+            "is defined twice (line 2)",
+        ),
+        (
+            "models:\n  m: {cmd: e, size_gb: 1}\n  'm': {cmd: e, size_gb: 2}\n",
+            "models.m",
+            "is defined twice (lines 2 and 3)",
+        ),
+        (
+            "models:\n  m:\n    cmd: e\n    size_gb: 1\n    ports: [{a: 1, a: 2}]\n",
+            "models.m.ports[0].a",
+            "is defined twice (line 5)",
+        ),
+    ],
+    ids=["model", "model-key", "flow-mapping", "top-level", "env", "quoted", "in-a-list"],
+)
+def test_a_key_defined_twice_is_refused(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert (caught.value.source, caught.value.key, caught.value.problem) == (
+        str(path),
+        key,
+        problem,
+    )
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "models:\n"
+        "  a: &a {cmd: engine, size_gb: 1, env: &env {X: '1', Y: '1'}}\n"
+        "  b: &b {<<: *a, size_gb: 2}\n"
+        "  c: {<<: [*b], size_gb: 3, env: {<<: *env, X: '3'}}\n"
+    )
+    settings = load_settings(write(tmp_path, text), {})
+    assert [s.size_gb for s in settings.models.values()] == [1.0, 2.0, 3.0]
+    assert dict(settings.models["c"].env) == {"X": "3", "Y": "1"}
+    assert settings.models["b"].cmd == ("engine",)
+
+
+def test_only_safe_yaml_is_loaded(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  m: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert caught.value.problem == "is not valid YAML at line 2"
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import cast
 
+import httpx
 import pytest
 
-from switchd.events import SUBSCRIBER_QUEUE_SIZE, Event, EventBus, Subscription
+from switchd import wire
+from switchd.catalog import Catalog
+from switchd.events import (
+    LOG_BURST,
+    LOG_QUEUE_SIZE,
+    SUBSCRIBER_QUEUE_SIZE,
+    Event,
+    EventBus,
+    LogRate,
+    Subscription,
+)
+from switchd.gpu import SimulatedGpu
+from switchd.jobs import Job, JobKind
+from switchd.stats import LearnedStats
+from switchd.steps import Steps
+from tests.fakes import FakeRuntime, make_settings
 
 TIMEOUT = 2.0
 
@@ -149,18 +166,18 @@ async def test_a_subscriber_that_never_reads_is_dropped() -> None:
     total = SUBSCRIBER_QUEUE_SIZE + 10
     task = asyncio.create_task(keep_reading())
     for n in range(SUBSCRIBER_QUEUE_SIZE):
-        bus.publish("log", {"n": n})
+        bus.publish("loading", {"n": n})
         if n % 100 == 0:
             await asyncio.sleep(0)  # let the live reader keep up
     assert stalled.dropped is False  # exactly full, not yet overflowing
     assert bus.subscriber_count == 2
 
-    bus.publish("log", {"n": SUBSCRIBER_QUEUE_SIZE})  # one too many for the stalled one
+    bus.publish("loading", {"n": SUBSCRIBER_QUEUE_SIZE})  # one too many for the stalled one
     assert stalled.dropped is True
     assert bus.subscriber_count == 1
 
     for n in range(SUBSCRIBER_QUEUE_SIZE + 1, total):
-        bus.publish("log", {"n": n})
+        bus.publish("loading", {"n": n})
 
     # The dropped subscriber's iteration ends instead of hanging.
     assert await drain(stalled) == []
@@ -173,15 +190,15 @@ async def test_dropped_subscriber_waiting_in_iteration_wakes_up() -> None:
     bus = EventBus(first_id=0)
     subscription = bus.subscribe()
     for _ in range(SUBSCRIBER_QUEUE_SIZE):
-        bus.publish("log", {})
+        bus.publish("loading", {})
 
     # Read one event, then stall holding the iterator while the queue overflows.
     iterator = aiter(subscription)
     first = await asyncio.wait_for(anext(iterator), TIMEOUT)
     assert first.id == 1
-    bus.publish("log", {})  # fits: the reader took one
+    bus.publish("loading", {})  # fits: the reader took one
     assert subscription.dropped is False
-    bus.publish("log", {})  # overflows
+    bus.publish("loading", {})  # overflows
     assert subscription.dropped is True
 
     rest = [event async for event in iterator]
@@ -193,7 +210,7 @@ def test_publish_never_blocks_on_a_stalled_subscriber() -> None:
     stalled = bus.subscribe()
     started = time.perf_counter()
     for n in range(SUBSCRIBER_QUEUE_SIZE * 3):
-        bus.publish("log", {"n": n})
+        bus.publish("loading", {"n": n})
     assert time.perf_counter() - started < 1.0
     assert stalled.dropped is True
     assert bus.last_id == SUBSCRIBER_QUEUE_SIZE * 3
@@ -203,10 +220,10 @@ def test_publish_never_blocks_on_a_stalled_subscriber() -> None:
 async def test_replay_does_not_count_against_the_live_allowance() -> None:
     bus = EventBus(ring_size=SUBSCRIBER_QUEUE_SIZE * 2, first_id=0)
     for _ in range(SUBSCRIBER_QUEUE_SIZE + 5):
-        bus.publish("log", {})
+        bus.publish("loading", {})
     subscription = bus.subscribe(bus.missed_since(0))
     for _ in range(SUBSCRIBER_QUEUE_SIZE):
-        bus.publish("log", {})
+        bus.publish("loading", {})
     assert subscription.dropped is False
     got = await take(subscription, SUBSCRIBER_QUEUE_SIZE * 2 + 5)
     assert [event.id for event in got] == list(range(1, SUBSCRIBER_QUEUE_SIZE * 2 + 6))
@@ -273,3 +290,289 @@ def test_an_id_from_an_earlier_run_gets_a_snapshot_not_this_runs_events() -> Non
         after_restart.publish("model_state", {"model": "m"})
     assert after_restart.last_id - 20 > seen, "a later run's ids start above an earlier run's"
     assert after_restart.missed_since(seen) is None
+
+
+# ---- log lines are droppable, stages are not -------------------------------------------
+
+
+def log_data(n: int) -> dict[str, object]:
+    """A log event's payload as Steps publishes it (the common job fields, line, source)."""
+    line = f"line {n}"
+    return {"job": "j", "stage": "log", "model": "m", "message": line, "line": line, "source": "m"}
+
+
+def available(subscription: Subscription) -> list[Event]:
+    """What a reader gets now, without waiting: everything queued for it."""
+    got: list[Event] = []
+    while (event := subscription._next()) is not None:
+        got.append(event)
+    return got
+
+
+async def test_a_slow_reader_gets_every_stage_in_order_and_one_skipped_notice() -> None:
+    bus = EventBus(first_id=0)
+    slow = bus.subscribe()
+    fast = bus.subscribe()
+    fast_got: list[Event] = []
+
+    async def read_fast() -> None:
+        async for event in fast:
+            fast_got.append(event)
+            if event.name == "result":
+                return
+
+    reader = asyncio.create_task(read_fast())
+    published = [bus.publish("start", {"job": "j"})]
+    for n in range(5000):
+        published.append(bus.publish(wire.LOG, log_data(n)))
+        if n % 1000 == 999:
+            published.append(bus.publish("loading", {"job": "j", "n": n}))
+        if n % 50 == 0:
+            await asyncio.sleep(0)  # the fast reader keeps up; the slow one reads nothing
+    published += [bus.publish(name, {"job": "j"}) for name in ("ready", "result")]
+    await asyncio.wait_for(reader, TIMEOUT)
+
+    assert slow.dropped is False
+    assert fast.dropped is False
+    assert slow in bus._subscribers
+    got = available(slow)
+    logs = [e for e in published if e.name == wire.LOG]
+    kept, skipped = logs[-LOG_QUEUE_SIZE:], logs[:-LOG_QUEUE_SIZE]
+    # Every stage, in order, and the newest LOG_QUEUE_SIZE lines.
+    stages = [e for e in published if e.name != wire.LOG]
+    assert [e for e in got if e.name != wire.LOG] == stages
+    assert [e.name for e in stages] == ["start"] + ["loading"] * 5 + ["ready", "result"]
+    notices = [e for e in got if "skipped" in e.data]
+    assert len(notices) == 1
+    notice = notices[0]
+    assert [e for e in got if e.name == wire.LOG and e is not notice] == kept
+    # Told once, in order: where the last skipped line was, with that line's shape.
+    assert notice.name == wire.LOG
+    assert notice.id == skipped[-1].id
+    assert [e.id for e in got] == sorted(e.id for e in got)
+    text = f"{len(skipped)} engine log lines skipped: this reader fell behind"
+    assert notice.data == {**skipped[-1].data, "line": text, "message": text, "skipped": 4744}
+    assert slow.skipped_total == len(skipped) == 5000 - LOG_QUEUE_SIZE
+    # A reader that kept up got everything, and no notice.
+    assert fast_got == published
+    assert fast.skipped_total == 0
+
+
+async def test_the_notice_is_sent_once_per_gap_and_only_after_one() -> None:
+    bus = EventBus(first_id=0)
+    subscription = bus.subscribe()
+    for n in range(LOG_QUEUE_SIZE):
+        bus.publish(wire.LOG, log_data(n))
+    got = available(subscription)
+    assert [e.data["line"] for e in got] == [f"line {n}" for n in range(LOG_QUEUE_SIZE)]
+
+    for n in range(LOG_QUEUE_SIZE + 3):
+        bus.publish(wire.LOG, log_data(n))
+    got = available(subscription)
+    assert [e.data.get("skipped") for e in got[:2]] == [3, None]
+    assert got[0].data["line"] == "3 engine log lines skipped: this reader fell behind"
+    assert [e.data["line"] for e in got[1:]] == [f"line {n}" for n in range(3, LOG_QUEUE_SIZE + 3)]
+    assert available(subscription) == []
+
+    # The notice stands where the last skipped line stood: after a stage before it ...
+    stage = bus.publish("loading", {"job": "j"})
+    for n in range(LOG_QUEUE_SIZE + 10):
+        bus.publish(wire.LOG, log_data(n))
+    got = available(subscription)
+    assert got[0] == stage
+    assert got[1].data["skipped"] == 10
+    assert len(got) == 2 + LOG_QUEUE_SIZE
+
+    # ... and before a stage after it, with the lines that were kept on either side.
+    for n in range(LOG_QUEUE_SIZE):
+        bus.publish(wire.LOG, log_data(n))
+    stage = bus.publish("loading", {"job": "j"})
+    for n in range(10):
+        bus.publish(wire.LOG, log_data(1000 + n))
+    got = available(subscription)
+    assert got[0].data["skipped"] == 10
+    assert got[0].data["line"] == got[0].data["message"]
+    assert [e.data["line"] for e in got[1 : LOG_QUEUE_SIZE - 9]] == [
+        f"line {n}" for n in range(10, LOG_QUEUE_SIZE)
+    ]
+    assert got[LOG_QUEUE_SIZE - 9] == stage
+    assert [e.data["line"] for e in got[LOG_QUEUE_SIZE - 8 :]] == [
+        f"line {1000 + n}" for n in range(10)
+    ]
+    assert subscription.dropped is False
+
+
+async def test_a_waiting_reader_is_woken_by_a_log_line_and_by_a_notice() -> None:
+    bus = EventBus(first_id=0)
+    subscription = bus.subscribe()
+    reader = asyncio.create_task(take(subscription, 2))
+    await asyncio.sleep(0)
+    bus.publish(wire.LOG, log_data(0))
+    bus.publish("ready", {"job": "j"})
+    got = await asyncio.wait_for(reader, TIMEOUT)
+    assert [e.name for e in got] == [wire.LOG, "ready"]
+
+
+async def test_a_summary_that_is_skipped_counts_its_lines() -> None:
+    bus = EventBus(first_id=0)
+    subscription = bus.subscribe()
+    bus.publish(wire.LOG, {**log_data(0), "line": "40 more lines from m", "skipped": 40})
+    for n in range(LOG_QUEUE_SIZE):
+        bus.publish(wire.LOG, log_data(n))
+    got = available(subscription)
+    assert got[0].data["skipped"] == 40
+    assert got[0].data["line"] == "40 engine log lines skipped: this reader fell behind"
+
+
+async def test_log_lines_never_get_a_reader_dropped() -> None:
+    bus = EventBus(first_id=0)
+    subscription = bus.subscribe()
+    for n in range(SUBSCRIBER_QUEUE_SIZE * 10):
+        bus.publish(wire.LOG, log_data(n))
+    for _ in range(SUBSCRIBER_QUEUE_SIZE):  # exactly the stage allowance on top
+        bus.publish("loading", {"job": "j"})
+    assert subscription.dropped is False
+    got = available(subscription)
+    assert len(got) == 1 + LOG_QUEUE_SIZE + SUBSCRIBER_QUEUE_SIZE
+
+
+async def test_a_reader_that_reads_nothing_while_1100_stages_pass_is_dropped() -> None:
+    bus = EventBus(first_id=0)
+    stalled = bus.subscribe()
+    readers = [bus.subscribe(), bus.subscribe()]
+    received: list[list[int]] = [[], []]
+    total = 1100
+
+    async def keep_reading(index: int) -> None:
+        async for event in readers[index]:
+            received[index].append(event.id)
+            if event.name == "result":
+                return
+
+    tasks = [asyncio.create_task(keep_reading(i)) for i in range(2)]
+    for n in range(total):
+        bus.publish("loading", {"n": n})
+        bus.publish(wire.LOG, log_data(n))
+        if n % 100 == 0:
+            await asyncio.sleep(0)
+    last = bus.publish("result", {})
+    assert stalled.dropped is True
+    assert bus.subscriber_count == 2  # only the stalled one left the bus
+    assert await drain(stalled) == []
+    await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
+    assert received == [list(range(1, last.id + 1))] * 2
+    assert [reader.dropped for reader in readers] == [False, False]
+
+
+async def test_replayed_log_lines_do_not_count_against_the_live_allowance() -> None:
+    bus = EventBus(first_id=0)
+    for n in range(LOG_QUEUE_SIZE + 50):
+        bus.publish(wire.LOG, log_data(n))
+    subscription = bus.subscribe(bus.missed_since(0))
+    for n in range(LOG_QUEUE_SIZE):
+        bus.publish(wire.LOG, log_data(n))
+    got = available(subscription)
+    assert [e.id for e in got] == list(range(1, 2 * LOG_QUEUE_SIZE + 51))
+    assert subscription.skipped_total == 0
+
+
+def test_an_event_is_encoded_once() -> None:
+    event = Event(1, "ready", {"model": "m"})
+    assert event.json() is event.json()
+    assert event == Event(1, "ready", {"model": "m"})
+
+
+# ---- how many log lines a load publishes ----------------------------------------------
+
+
+def test_log_rate_admits_a_burst_then_so_many_a_second() -> None:
+    rate = LogRate(rate=100.0, burst=200, every=1.0)
+    admitted = [rate.admit("job", "m", 0.0) for _ in range(250)]
+    assert admitted == [(True, 0)] * 200 + [(False, 0)] * 50
+    # Half a second later: 50 more tokens; the held lines are not due yet.
+    assert [rate.admit("job", "m", 0.5) for _ in range(51)] == [(True, 0)] * 50 + [(False, 0)]
+    # A second after the first held line: this line is admitted, the 51 held are due.
+    assert rate.admit("job", "m", 1.0) == (True, 51)
+    assert rate.flush("job") == ("m", 0)
+    assert rate.flush("job") == ("", 0)  # forgotten
+    assert rate.admit("job", "m", 1.0) == (True, 0)  # a fresh allowance
+
+
+def test_log_rate_counts_held_lines_until_flushed_and_keeps_jobs_apart() -> None:
+    rate = LogRate(rate=100.0, burst=2, every=1.0, max_keys=2)
+    assert [rate.admit("a", "m", 0.0)[0] for _ in range(5)] == [True, True, False, False, False]
+    assert rate.admit("b", "n", 0.0) == (True, 0)
+    assert rate.flush("a") == ("m", 3)
+    rate.admit("c", "o", 0.0)
+    rate.admit("d", "p", 0.0)  # past max_keys: the oldest ("b") is forgotten
+    assert rate.flush("b") == ("", 0)
+
+
+@pytest.fixture
+async def steps(tmp_path: Path) -> AsyncIterator[tuple[Steps, EventBus, list[float]]]:
+    settings = make_settings(tmp_path)
+    bus = EventBus(first_id=0)
+    stats = LearnedStats(settings.state_dir)
+    gpu = SimulatedGpu(settings.simulated_gpu)
+    now = [0.0]
+    async with httpx.AsyncClient() as http:
+        yield (
+            Steps(
+                settings,
+                Catalog(settings, stats, gpu, bus),
+                runtime=FakeRuntime(),
+                gpu=gpu,
+                bus=bus,
+                stats=stats,
+                http=http,
+                clock=lambda: now[0],
+            ),
+            bus,
+            now,
+        )
+
+
+async def test_an_engine_that_prints_1500_lines_at_once_publishes_a_burst_and_a_count(
+    steps: tuple[Steps, EventBus, list[float]],
+) -> None:
+    step, bus, _ = steps
+    job = Job(JobKind.SWITCH, "gpt-oss-20b")
+    subscription = bus.subscribe()
+    for n in range(1500):
+        step.emit_log(job, "gpt-oss-20b", f"line {n}")
+    assert bus.last_id == LOG_BURST
+    step.flush_logs(job)
+    got = available(subscription)
+    assert [e.data["line"] for e in got[:-1]] == [f"line {n}" for n in range(LOG_BURST)]
+    summary = got[-1]
+    assert summary.name == wire.LOG
+    assert summary.data["line"] == summary.data["message"] == "1300 more lines from gpt-oss-20b"
+    assert summary.data["skipped"] == 1300
+    assert summary.data["source"] == "gpt-oss-20b"
+    assert summary.data["job"] == job.id
+    assert job.events[-1] == summary  # the job's own replay has it too
+    step.flush_logs(job)  # nothing left: nothing published
+    assert bus.last_id == summary.id
+
+
+async def test_held_lines_are_summed_up_on_the_first_line_a_second_later(
+    steps: tuple[Steps, EventBus, list[float]],
+) -> None:
+    step, bus, now = steps
+    job = Job(JobKind.SWITCH, "gpt-oss-20b")
+    subscription = bus.subscribe()
+    for n in range(LOG_BURST + 30):
+        step.emit_log(job, "gpt-oss-20b", f"line {n}")
+    now[0] = 0.5
+    for n in range(50):  # 50 tokens came back: these go out one by one
+        step.emit_log(job, "gpt-oss-20b", f"later {n}")
+    assert bus.last_id == LOG_BURST + 50
+    now[0] = 1.0
+    step.emit_log(job, "gpt-oss-20b", "after a second")
+    got = available(subscription)
+    assert [e.data["line"] for e in got[-2:]] == [
+        "30 more lines from gpt-oss-20b",
+        "after a second",
+    ]
+    step.flush_logs(job)
+    assert available(subscription) == []

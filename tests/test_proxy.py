@@ -260,7 +260,7 @@ async def test_engine_dropping_the_connection_unanswered_is_502(tmp_path: Path) 
         assert await running.in_flight("gpt-oss-20b") == 0
 
 
-async def test_engine_dying_mid_stream_ends_the_stream_after_the_whole_events(
+async def test_engine_dying_mid_stream_ends_with_an_error_event_after_the_whole_events(
     tmp_path: Path,
 ) -> None:
     async def die(received: Received, writer: asyncio.StreamWriter) -> bool:
@@ -284,13 +284,46 @@ async def test_engine_dying_mid_stream_ends_the_stream_after_the_whole_events(
                 assert response.headers["content-type"] == "text/event-stream"
                 assert response.headers["x-accel-buffering"] == "no"
                 chunks = [chunk async for chunk in response.aiter_raw()]
-        # Exactly the two whole events, each as soon as it was whole; no half event.
-        assert chunks == [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n']
+        # Exactly the two whole events, each as soon as it was whole; no half event;
+        # then an OpenAI-shaped error, so that no client takes the answer for whole.
+        assert chunks[:2] == [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n']
+        assert len(chunks) == 3
+        assert chunks[2].endswith(b"\n\n")
+        assert json.loads(chunks[2].removeprefix(b"data: ")) == openai_error(
+            "gpt-oss-20b stopped in the middle of this answer; it is incomplete",
+            "server_error",
+            "engine_died",
+        )
         assert await running.in_flight("gpt-oss-20b") == 0
         # The next request goes through as usual.
         response = await running.http.post(CHAT, json=chat("gpt-oss-20b"))
         assert response.status_code == 200
         assert response.json() == {"object": "chat.completion", "path": CHAT}
+
+
+async def test_engine_dying_mid_json_answer_leaves_it_visibly_cut_short(tmp_path: Path) -> None:
+    async def die(received: Received, writer: asyncio.StreamWriter) -> bool:
+        if json.loads(received.body)["messages"][0]["content"] != "die":
+            return await answer_json(received, writer)
+        head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        writer.write(f"{head}transfer-encoding: chunked\r\n\r\n".encode())
+        piece = b'{"object": "chat.completion", "choices": [{"mess'
+        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+        return False
+
+    async with serve(make_settings(tmp_path), die) as running:
+        async with asyncio.timeout(5):
+            with pytest.raises(httpx.RemoteProtocolError):
+                # Half a JSON body must not end like a whole one: no final chunk.
+                await running.http.post(CHAT, json=chat("gpt-oss-20b", "die"))
+        assert await running.in_flight("gpt-oss-20b") == 0
+        metrics = (await running.http.get("/metrics")).text
+        assert 'switchd_requests_total{code="502",model="gpt-oss-20b"} 1.0' in metrics
+        response = await running.http.post(CHAT, json=chat("gpt-oss-20b"))
+        assert response.status_code == 200
 
 
 # ---- what is forwarded ----------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,12 +17,13 @@ import pytest
 
 from switchd.config import Settings
 from switchd.events import Event, EventBus
-from switchd.gpu import SimulatedGpu
+from switchd.gpu import ProcessMemory, SimulatedGpu
 from switchd.jobs import Job, SwitchError
 from switchd.runtime.base import EngineInfo
 from switchd.scheduler import Scheduler
 from switchd.states import ModelState
 from switchd.stats import LearnedStats
+from switchd.units import gib_to_bytes
 from tests.fakes import FakeRuntime, make_settings
 
 
@@ -690,3 +693,90 @@ async def test_only_the_worker_changes_model_state(tmp_path: Path) -> None:
         with pytest.raises(AssertionError, match="outside the scheduler's worker"):
             r.scheduler.catalog.transition(record, ModelState.EXITED, ModelState.LOADING)
         assert record.state is ModelState.EXITED
+
+
+# ---- learned footprints that survive faults ------------------------------------------
+
+
+async def test_a_footprint_is_not_learned_while_another_engine_dies_during_the_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's repro: mistral dies 0.2 s into a load of a big model; free memory
+    rises by mistral's 18 GB meanwhile, which must not be taken for the big one's."""
+    models = {
+        "big": {"cmd": "e", "size_gb": 70},
+        "mistral-7b-v0.1": {"cmd": "e", "size_gb": 18},  # 88 GB together: both fit
+    }
+    runtime = FakeRuntime(adopted=adopted("mistral-7b-v0.1"), load_seconds={"big": 0.6})
+    async with rig(make_settings(tmp_path, models), runtime) as r:
+        job = r.scheduler.request_switch("big")
+        await asyncio.wait_for(job.started.wait(), 5)
+        await asyncio.sleep(0.2)
+        runtime.crash("mistral-7b-v0.1", code=137)
+        with caplog.at_level(logging.INFO, logger="switchd.steps"):
+            events = await finish(job)
+        assert by_stage(events, "ready")["gpu_memory_used_gb"] is None
+        assert "footprint of big not learned" in caplog.text
+        learned = LearnedStats(r.settings.state_dir)
+        await learned.load()
+        assert learned.get("big").samples == ()
+        assert learned.get("big").loads == 1
+        status = await r.scheduler.status()
+        assert status["models"]["big"]["status"] == "running"
+        assert status["models"]["mistral-7b-v0.1"]["status"] == "failed"
+        # Planned with what it is known to need, not with the 52 GB the window showed.
+        assert r.scheduler.catalog.held_gb(r.scheduler.records["big"]) == 70.0
+
+
+async def test_a_clean_load_learns_its_footprint_from_free_memory(tmp_path: Path) -> None:
+    async with rig(make_settings(tmp_path)) as r:
+        events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
+        assert by_stage(events, "ready")["gpu_memory_used_gb"] == 24.0
+
+
+class ProcessGpu(SimulatedGpu):
+    """A simulated card that also reports per-process figures, as NVML does."""
+
+    processes: tuple[Any, ...] = ()
+
+    async def snapshot(self) -> Any:
+        taken = await super().snapshot()
+        return dataclasses.replace(taken, processes=self.processes)
+
+
+async def test_per_process_figures_of_the_engines_pids_win(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    gpu = ProcessGpu(settings.simulated_gpu)
+    # The engine's PID (4242, the fake runtime's) holds 21.5 GB on device 0; another
+    # process's memory on the card is not the engine's.
+    gpu.processes = (
+        ProcessMemory(4242, 0, gib_to_bytes(21.5)),
+        ProcessMemory(999, 0, gib_to_bytes(30)),
+    )
+    async with rig(settings, FakeRuntime(), gpu) as r:
+        events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
+        assert by_stage(events, "ready")["gpu_memory_used_gb"] == 21.5
+
+
+async def test_an_implausibly_small_sample_is_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The card's ledger says 24 GB for gpt-oss-20b; a window showing 5 GB is dropped.
+    models = {"gpt-oss-20b": {"cmd": "e", "size_gb": 24}}
+    settings = make_settings(tmp_path, models)
+    gpu = HookedGpu(settings.simulated_gpu)
+    calls = 0
+
+    async def release_something_unseen() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the read after health: 19 GB came back from outside switchd
+            gpu.engine_stopped("gpt-oss-20b")
+            gpu.engine_started("gpt-oss-20b", gib_to_bytes(5), None)
+
+    gpu.hook = release_something_unseen
+    async with rig(settings, FakeRuntime(), gpu) as r:
+        with caplog.at_level(logging.WARNING, logger="switchd.steps"):
+            events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
+        assert by_stage(events, "ready")["gpu_memory_used_gb"] is None
+        assert "dropped an implausible footprint sample of gpt-oss-20b: 5.00 GB" in caplog.text

@@ -31,28 +31,43 @@ async def test_record_then_reload_gives_the_same_figures(tmp_path: Path) -> None
     await stats.record("gpt-oss-20b", 14.567, 38.25)
     await stats.record("mistral", 3.0, 17.5)
 
-    assert stats.get("gpt-oss-20b") == Learned(load_seconds=14.57, footprint_gb=38.25, loads=1)
+    assert stats.get("gpt-oss-20b") == Learned(14.57, 38.25, 1, (38.25,))
     reloaded = await loaded(state_dir)
-    assert reloaded.get("gpt-oss-20b") == Learned(load_seconds=14.57, footprint_gb=38.25, loads=1)
-    assert reloaded.get("mistral") == Learned(load_seconds=3.0, footprint_gb=17.5, loads=1)
+    assert reloaded.get("gpt-oss-20b") == Learned(14.57, 38.25, 1, (38.25,))
+    assert reloaded.get("mistral") == Learned(3.0, 17.5, 1, (17.5,))
     assert reloaded.get("other") == Learned()
 
     on_disk = json.loads((state_dir / FILE_NAME).read_text(encoding="utf-8"))
     assert on_disk == {
-        "gpt-oss-20b": {"footprint_gb": 38.25, "load_seconds": 14.57, "loads": 1},
-        "mistral": {"footprint_gb": 17.5, "load_seconds": 3.0, "loads": 1},
+        "gpt-oss-20b": {
+            "footprint_gb": 38.25,
+            "load_seconds": 14.57,
+            "loads": 1,
+            "samples": [38.25],
+        },
+        "mistral": {"footprint_gb": 17.5, "load_seconds": 3.0, "loads": 1, "samples": [17.5]},
     }
 
 
-async def test_loads_count_and_the_latest_time_wins(tmp_path: Path) -> None:
+async def test_loads_count_the_latest_time_wins_and_the_footprint_moves_smoothly(
+    tmp_path: Path,
+) -> None:
     stats = LearnedStats(tmp_path)
     await stats.record("m", 10.0, 20.0)
-    await stats.record("m", 12.0, 21.0)
-    await stats.record("m", 8.0, 19.5)
-    assert stats.get("m") == Learned(load_seconds=8.0, footprint_gb=19.5, loads=3)
-    assert (await loaded(tmp_path)).get("m") == Learned(
-        load_seconds=8.0, footprint_gb=19.5, loads=3
-    )
+    await stats.record("m", 12.0, 22.0)  # halfway: 21.0
+    await stats.record("m", 8.0, 19.0)  # halfway: 20.0
+    expected = Learned(load_seconds=8.0, footprint_gb=20.0, loads=3, samples=(20.0, 22.0, 19.0))
+    assert stats.get("m") == expected
+    assert stats.get("m").planned_gb == 22.0, "planned with the largest recent sample"
+    assert (await loaded(tmp_path)).get("m") == expected
+
+
+async def test_only_the_latest_samples_are_kept(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    for sample in (80.0, 30.0, 31.0, 32.0, 33.0, 34.0):
+        await stats.record("m", 1.0, sample)
+    assert stats.get("m").samples == (30.0, 31.0, 32.0, 33.0, 34.0)
+    assert stats.get("m").planned_gb == 34.0
 
 
 async def test_counting_continues_after_a_reload(tmp_path: Path) -> None:
@@ -70,7 +85,7 @@ async def test_unmeasurable_footprint_keeps_the_previous_one(
     stats = LearnedStats(tmp_path)
     await stats.record("m", 10.0, 20.0)
     await stats.record("m", 9.0, footprint)
-    assert stats.get("m") == Learned(load_seconds=9.0, footprint_gb=20.0, loads=2)
+    assert stats.get("m") == Learned(load_seconds=9.0, footprint_gb=20.0, loads=2, samples=(20.0,))
     assert (await loaded(tmp_path)).get("m").footprint_gb == 20.0
 
 
@@ -127,7 +142,7 @@ async def test_recording_after_a_damaged_file_replaces_it(tmp_path: Path) -> Non
     stats = await loaded(tmp_path)
     await stats.record("m", 1.0, 2.0)
     assert json.loads((tmp_path / FILE_NAME).read_text(encoding="utf-8")) == {
-        "m": {"footprint_gb": 2.0, "load_seconds": 1.0, "loads": 1}
+        "m": {"footprint_gb": 2.0, "load_seconds": 1.0, "loads": 1, "samples": [2.0]}
     }
 
 
@@ -162,5 +177,5 @@ async def test_a_failed_write_keeps_the_figures_in_memory(
     stats = LearnedStats(blocker)
     with caplog.at_level(logging.WARNING, logger="switchd.stats"):
         await stats.record("m", 2.0, 3.0)  # does not raise
-    assert stats.get("m") == Learned(load_seconds=2.0, footprint_gb=3.0, loads=1)
+    assert stats.get("m") == Learned(load_seconds=2.0, footprint_gb=3.0, loads=1, samples=(3.0,))
     assert "cannot save learned figures" in caplog.text

@@ -95,6 +95,11 @@ class Runtime(Protocol):
         """The engine's latest output lines, for failure messages."""
         ...
 
+    async def engine_pids(self, info: EngineInfo) -> Sequence[int]:
+        """The host PIDs of the engine's processes (to find its own memory in NVML's
+        per-process figures); empty when unknown."""
+        ...
+
     async def close(self) -> None:
         """Release the runtime; engines it owns are stopped."""
         ...

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -52,7 +53,8 @@ class DockerUnavailable(RuntimeError):
 
 
 def container_name(spec: ModelSpec) -> str:
-    return spec.container or f"switchd-{spec.name}"
+    """The container's name; a model name like `org/name:tag` made fit for Docker."""
+    return spec.container or "switchd-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", spec.name)
 
 
 def started_ns(container: Container) -> int:
@@ -312,6 +314,20 @@ class DockerRuntime:
     def last_lines(self, model: str) -> tuple[str, ...]:
         run = self._runs.get(model)
         return tuple(run.tail) if run is not None else self._tails.get(model, ())
+
+    async def engine_pids(self, info: EngineInfo) -> list[int]:
+        """The container's processes as the host sees them (`docker top`)."""
+        if info.container is None:
+            return []
+        try:
+            return await asyncio.to_thread(self._pids_blocking, info.container)
+        except Exception:  # a container gone or a daemon hiccup: just no per-process figure
+            return []
+
+    def _pids_blocking(self, container: str) -> list[int]:
+        top = self._client.containers.get(container).top()
+        column = top["Titles"].index("PID")
+        return [int(row[column]) for row in top["Processes"]]
 
     async def close(self) -> None:
         """Stop following Docker; the containers go on running (adopted next start)."""

@@ -1,8 +1,17 @@
 """Engines as local processes: `cmd` run without a shell, in its own group.
 
-Each engine gets its own process group so a stop reaches the workers an
-engine forks (vLLM does), and every output line is kept for `log` events and
-failure messages. The engines it started stop when switchd stops.
+Each engine leads its own session, so its process group holds the workers it
+forks (vLLM does) and a stop reaches them all; every output line is kept for
+`log` events and failure messages.
+
+The engines stop with switchd. A clean stop sends SIGTERM to each group (then
+SIGKILL after the grace). On a crash (even `kill -9`) PR_SET_PDEATHSIG sends
+SIGTERM to each engine's direct child, but only to it: the children of a
+wrapper (`sh -c "…"`, `bash start.sh`) survive, holding GPU memory. So, with a
+`state_dir`, every engine has a pid file there (its process group, start time
+and the boot it ran in) while it runs, and the next switchd's `discover()`
+stops whatever of that group is still alive before it starts anything. Such
+leftovers cannot be adopted: their output pipe and their port are gone.
 """
 
 from __future__ import annotations
@@ -10,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
+import logging
 import os
 import signal
 import socket
@@ -18,6 +29,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
 
 from switchd.config import ModelSpec
 from switchd.runtime.base import (
@@ -30,10 +43,15 @@ from switchd.runtime.base import (
     StartFailed,
 )
 
+log = logging.getLogger(__name__)
+
 TAIL_LINES = 50
 _LINE_LIMIT = 1 << 20
 EXIT_POLL_SECONDS = 0.05
 OUTPUT_DRAIN_SECONDS = 2.0
+ENGINES_DIR = "engines"  # under state_dir: one pid file per running engine
+ORPHAN_POLL_SECONDS = 0.05
+ORPHAN_KILL_WAIT_SECONDS = 5.0  # after SIGKILL, how long discover() waits to see them gone
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,14 +83,17 @@ class _Engine:
     killed: bool = False
     grace_seconds: float = 0.0
     pump: asyncio.Task[None] | None = None
+    pid_file: Path | None = None
 
 
 class ProcessRuntime:
-    def __init__(self, stop_grace_seconds: float = 10.0) -> None:
+    def __init__(self, stop_grace_seconds: float = 10.0, *, state_dir: Path | None = None) -> None:
         self._stop_grace_seconds = stop_grace_seconds
         self._engines: dict[str, _Engine] = {}
         self._tails: dict[str, tuple[str, ...]] = {}
         self._events = EventQueue()
+        self._pid_dir = state_dir / ENGINES_DIR if state_dir is not None else None
+        self._self = _read_stat("self") if state_dir is not None else None
 
     async def start(self, spec: ModelSpec) -> EngineInfo:
         current = self._engines.get(spec.name)
@@ -104,6 +125,8 @@ class ProcessRuntime:
             pid=process.pid,
         )
         engine = _Engine(spec, process, info)
+        # Before the pump exists, so the pump's removal always follows this write.
+        engine.pid_file = self._write_pid_file(spec.name, process.pid, argv, info.started_at)
         self._engines[spec.name] = engine
         engine.pump = asyncio.create_task(self._pump(engine), name=f"engine-{spec.name}")
         return info
@@ -117,6 +140,8 @@ class ProcessRuntime:
             await asyncio.sleep(EXIT_POLL_SECONDS)
         code = engine.process.returncode
         self._kill_group(engine.process.pid, signal.SIGKILL)  # workers it left behind
+        if engine.pid_file is not None and self._engines.get(engine.spec.name) is engine:
+            _drop(engine.pid_file)  # (a newer run of the model has written its own)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(reader, OUTPUT_DRAIN_SECONDS)
         self._tails[engine.spec.name] = tuple(engine.tail)
@@ -174,11 +199,101 @@ class ProcessRuntime:
             os.killpg(pgid, sig)
 
     async def discover(self) -> Discovery:
-        # Engines die with the switchd that started them: nothing to adopt.
+        # Nothing to adopt: engines stop with the switchd that started them (SIGTERM to
+        # the group on a clean stop, PDEATHSIG to the direct child on a crash). What a
+        # crash leaves running (a wrapper's children) is found from the pid files of
+        # the switchd before and stopped here, before any start.
+        if self._pid_dir is not None:
+            leftovers = await asyncio.to_thread(_read_pid_files, self._pid_dir)
+            await asyncio.gather(*(self._stop_orphans(*leftover) for leftover in leftovers))
         return Discovery()
+
+    async def _stop_orphans(self, path: Path, record: _PidRecord) -> None:
+        """Stop what is left of one engine's group, then drop its pid file."""
+        pgid = record.pgid
+        members = await asyncio.to_thread(_orphans, record)
+        if members is None:
+            log.info(
+                "the pid file of %s names process group %d, now another program's; left alone",
+                record.model,
+                pgid,
+            )
+        elif members:
+            seen = {member.pid for member in members}
+            self._kill_group(pgid, signal.SIGTERM)
+            left = await _wait_for_orphans(record, self._stop_grace_seconds, seen)
+            if left:
+                self._kill_group(pgid, signal.SIGKILL)
+                left = await _wait_for_orphans(record, ORPHAN_KILL_WAIT_SECONDS, seen)
+            log.warning(
+                "stopped %d orphaned process(es) of %s (process group %d) left by an earlier"
+                " switchd",
+                len(seen),
+                record.model,
+                pgid,
+            )
+            if left:
+                log.warning(
+                    "%d orphaned process(es) of %s (process group %d) still alive %g s after"
+                    " SIGKILL",
+                    len(left),
+                    record.model,
+                    pgid,
+                    ORPHAN_KILL_WAIT_SECONDS,
+                )
+        _drop(path)
+
+    def _write_pid_file(
+        self, model: str, pid: int, argv: Sequence[str], started_at: float
+    ) -> Path | None:
+        """Record a started engine, so a later switchd can stop what a crash leaves.
+
+        Atomic (temp file + rename): a crash leaves the old file or the new one. No
+        fsync: only a crash of the machine loses the page cache, and after that the
+        boot id differs and the file is dropped anyway.
+        """
+        if self._pid_dir is None:
+            return None
+        stat = _read_stat(pid)
+        boot_id = _boot_id()
+        if stat is None or boot_id is None or self._self is None:
+            return None  # already exited (its group was killed), or no /proc here
+        path = self._pid_dir / (quote(model, safe="") + ".json")
+        record = {
+            "model": model,
+            "pid": pid,  # the process group id too: the engine leads its own session
+            "start_time": stat.start_time,  # clock ticks since boot, /proc/<pid>/stat
+            "boot_id": boot_id,
+            "argv": list(argv),
+            "started_at": started_at,
+            "switchd": {"pid": self._self.pid, "start_time": self._self.start_time},
+        }
+        temporary = path.with_name("." + path.name + ".tmp")
+        try:
+            self._pid_dir.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.warning(
+                "cannot write the pid file of %s (%s): should switchd crash, the processes"
+                " the engine forks will outlive it",
+                model,
+                exc,
+            )
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            return None
+        return path
 
     def events(self) -> AsyncIterator[RuntimeEvent]:
         return aiter(self._events)
+
+    async def engine_pids(self, info: EngineInfo) -> list[int]:
+        """Every live process of the engine's group: the engine and what it forked."""
+        if info.pid is None:
+            return []
+        members = await asyncio.to_thread(_group, info.pid)
+        return [member.pid for member in members]
 
     def last_lines(self, model: str) -> tuple[str, ...]:
         engine = self._engines.get(model)
@@ -190,6 +305,164 @@ class ProcessRuntime:
         self._events.end()
 
 
+@dataclass(frozen=True)
+class _Stat:
+    """The fields of /proc/<pid>/stat that tell one process from another."""
+
+    pid: int
+    state: str
+    pgrp: int
+    session: int
+    start_time: int  # clock ticks after boot
+
+
+def _parse_stat(text: str) -> _Stat | None:
+    # "pid (comm) state ppid pgrp session … starttime …": comm may hold spaces and
+    # ')', but nothing after it does, so the last ')' ends it.
+    head, paren, tail = text.rpartition(")")
+    if not paren:
+        return None
+    pid, _, _ = head.partition(" (")
+    fields = tail.split()
+    try:
+        # fields[0] is field 3 (state): field n is fields[n - 3].
+        return _Stat(int(pid), fields[0], int(fields[2]), int(fields[3]), int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def _read_stat(pid: int | str) -> _Stat | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None  # gone, or no /proc
+    return _parse_stat(raw.decode("latin-1"))  # comm is any bytes; the rest is ASCII
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _group(pgid: int) -> list[_Stat]:
+    """The live (not zombie) processes of one process group."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    members = []
+    for name in names:
+        if name.isdigit():
+            stat = _read_stat(name)
+            if stat is not None and stat.pgrp == pgid and stat.state not in ("Z", "X"):
+                members.append(stat)
+    return members
+
+
+@dataclass(frozen=True)
+class _PidRecord:
+    model: str
+    pgid: int
+    start_time: int
+    boot_id: str
+    owner_pid: int
+    owner_start_time: int
+
+
+def _parse_record(raw: object) -> _PidRecord:
+    if not isinstance(raw, dict) or not isinstance(raw.get("switchd"), dict):
+        raise TypeError("not a pid file")
+    owner = raw["switchd"]
+    values = (raw["pid"], raw["start_time"], owner["pid"], owner["start_time"])
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError("pids and start times must be positive integers")
+    model, boot_id = raw["model"], raw["boot_id"]
+    if not isinstance(model, str) or not isinstance(boot_id, str):
+        raise TypeError("model and boot_id must be strings")
+    return _PidRecord(model, *values[:2], boot_id, *values[2:])
+
+
+def _read_pid_files(directory: Path) -> list[tuple[Path, _PidRecord]]:
+    """The pid files whose engines may have outlived their switchd; the rest dropped.
+
+    Kept: those of this boot whose switchd is gone. A live switchd (started again
+    by mistake with the same state_dir) still owns its engines: left alone.
+    """
+    boot_id = _boot_id()
+    try:
+        paths = sorted(directory.glob("*.json"))
+    except OSError:
+        return []
+    if boot_id is None or not paths:
+        return []
+    kept = []
+    for path in paths:
+        try:
+            record = _parse_record(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("dropping the unreadable pid file %s: %r", path, exc)
+            _drop(path)
+            continue
+        if record.boot_id != boot_id:  # every process of that boot is gone
+            _drop(path)
+            continue
+        owner = _read_stat(record.owner_pid)
+        if owner is not None and owner.start_time == record.owner_start_time:
+            log.warning(
+                "%s is running under another switchd (pid %d) with the same state_dir; left alone",
+                record.model,
+                record.owner_pid,
+            )
+            continue
+        kept.append((path, record))
+    return kept
+
+
+def _drop(path: Path) -> None:
+    """Remove a pid file (a tiny blocking call, fine on the event loop)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove the pid file %s: %s", path, exc)
+
+
+def _orphans(record: _PidRecord) -> list[_Stat] | None:
+    """What is alive of the engine's process group; None when the group id was reused.
+
+    The engine led its own session, so the id of the group is its pid, and the
+    session's. Every process of the group started no earlier than the engine, and
+    while any of them lives, the id cannot be handed to a new process. So a group
+    whose leader started at another time, or with a process older than the engine,
+    or in another session, is somebody else's and is never signalled.
+    """
+    members = _group(record.pgid)
+    for member in members:
+        if (
+            member.start_time < record.start_time
+            or member.session != record.pgid
+            or (member.pid == record.pgid and member.start_time != record.start_time)
+        ):
+            return None
+    return members
+
+
+async def _wait_for_orphans(record: _PidRecord, within: float, seen: set[int]) -> list[_Stat]:
+    """Poll (off the event loop) until the group is gone; what is left after `within`."""
+    deadline = time.monotonic() + within
+    while True:
+        left = (await asyncio.to_thread(_orphans, record)) or []
+        seen.update(member.pid for member in left)
+        if not left or time.monotonic() >= deadline:
+            return left
+        await asyncio.sleep(ORPHAN_POLL_SECONDS)
+
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -197,7 +470,9 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM it if switchd dies, even by `kill -9`.
 
     Otherwise an engine outlives a crashed switchd, holding its GPU memory with
-    nobody left to stop it. Linux only; elsewhere engines stop with a clean exit.
+    nobody left to stop it. Only this child gets the signal, not the processes it
+    forks: those are left to the next switchd (see the pid files). Linux only;
+    elsewhere engines stop with a clean exit.
     """
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)

@@ -21,7 +21,7 @@ import pytest
 
 from switchd.config import ModelSpec, parse_settings
 from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
-from switchd.runtime.docker import DockerRuntime, DockerUnavailable, connect_docker
+from switchd.runtime.docker import DockerRuntime, DockerUnavailable, connect_docker, container_name
 from tests import docker_engine
 from tests.docker_engine import (
     CRASH_LINES,
@@ -457,3 +457,15 @@ async def test_close_ends_events_and_leaves_containers_running(
     await asyncio.wait_for(harness.pump, 5)  # events() ended
     assert containers.running(f"switchd-{model}")
     assert harness.exits(model) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("gpt-oss-20b", "switchd-gpt-oss-20b"),
+        ("Qwen/Qwen3-8B", "switchd-Qwen-Qwen3-8B"),
+        ("llama3.1:8b", "switchd-llama3.1-8b"),
+    ],
+)
+def test_switchd_made_containers_get_names_docker_accepts(name: str, expected: str) -> None:
+    assert container_name(ModelSpec(name=name, size_gb=1, image="i")) == expected

@@ -1,0 +1,125 @@
+"""The request line: credentials never travel in it, and the access log is switchd's.
+
+A key sent as `?api_key=` would be written to every access log on its way and
+forwarded to an engine in the URL; switchd takes keys only in the
+Authorization header, so such a request is refused (400) before it reaches
+anything. uvicorn's own access log is off (`switchd serve` turns it off): this
+middleware writes one line per request instead, with credential-like query
+values masked, so not even the refused request puts a key in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("switchd.access")
+
+CREDENTIAL_PARAMETERS = frozenset(
+    {
+        "api_key",
+        "api-key",
+        "apikey",
+        "key",
+        "access_token",
+        "token",
+        "auth",
+        "authorization",
+        "password",
+        "secret",
+        "bearer",
+    }
+)
+MASK = "***"
+
+
+def credential_names(query: bytes) -> list[str]:
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    return sorted({name for name, _ in pairs if name.lower() in CREDENTIAL_PARAMETERS})
+
+
+def masked_query(query: bytes) -> str:
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    return urlencode(
+        [(name, MASK if name.lower() in CREDENTIAL_PARAMETERS else value) for name, value in pairs],
+        safe="*",
+    )
+
+
+class RequestLine:
+    """Pure ASGI: refuse credentials in the query; log each request, masked."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            names = credential_names(scope.get("query_string", b""))
+            if names:
+                await refuse(recording, names, openai=is_proxied(scope))
+            else:
+                await self.app(scope, receive, recording)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                query = masked_query(scope.get("query_string", b""))
+                client = scope.get("client") or ("-", 0)
+                log.info(
+                    '%s:%s "%s %s%s" %d %.1f ms',
+                    client[0],
+                    client[1],
+                    scope["method"],
+                    scope["path"],
+                    f"?{query}" if query else "",
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                )
+
+
+CONTROL_PATHS = frozenset({"/v1/models/switch", "/v1/models/unload"})
+
+
+def is_proxied(scope: Scope) -> bool:
+    """An OpenAI call for an engine: its errors take OpenAI's shape."""
+    path: str = scope["path"]
+    return scope["method"] == "POST" and path.startswith("/v1/") and path not in CONTROL_PATHS
+
+
+async def refuse(send: Send, names: list[str], *, openai: bool) -> None:
+    code = "credentials_in_query"
+    message = (
+        f"Credentials are not accepted in the query string ({', '.join(names)}): they end up "
+        "in logs. Send 'Authorization: Bearer KEY' instead."
+    )
+    shaped = (
+        {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+        if openai
+        else {"status": "error", "error": code, "message": message}
+    )
+    body = json.dumps(shaped).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,95 @@
+"""Bounded resources: slow headers are cut off, bodies share one budget."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from switchd.limits import BodyBudget, guarded_protocol
+
+
+def test_the_budget_is_shared_and_returned_when_a_request_ends() -> None:
+    budget = BodyBudget(100)
+    with budget.hold() as first, budget.hold() as second:
+        assert first.take(60)
+        assert not second.take(41), "60 + 41 is over 100"
+        assert second.take(40)
+        assert budget.held == 100
+    assert budget.held == 0
+    with budget.hold() as third:
+        assert third.take(100)
+
+
+async def hello(request: Request) -> Response:
+    return PlainTextResponse("hello")
+
+
+@contextlib.asynccontextmanager
+async def server(header_timeout: float, max_connections: int | None = None) -> AsyncIterator[int]:
+    config = uvicorn.Config(
+        Starlette(routes=[Route("/", hello)]),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        http=guarded_protocol(header_timeout),
+        limit_concurrency=max_connections,
+    )
+    running = uvicorn.Server(config)
+    task = asyncio.create_task(running.serve())
+    try:
+        while not running.started:  # noqa: ASYNC110 - uvicorn has no started event
+            await asyncio.sleep(0.01)
+        yield running.servers[0].sockets[0].getsockname()[1]
+    finally:
+        running.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def get(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return data
+
+
+async def test_connections_that_never_finish_their_headers_are_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with server(header_timeout=0.5) as port:
+        slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(30)]
+        with caplog.at_level(logging.WARNING, logger="switchd.limits"):
+            for _, writer in slow:
+                writer.write(b"GET / HTTP/1.1\r\n")
+            for n in range(4):  # a header line now and then, never the blank line
+                for _, writer in slow:
+                    writer.write(b"x-slow-%d: 1\r\n" % n)
+                await asyncio.sleep(0.2)
+            closed = await asyncio.gather(
+                *(asyncio.wait_for(reader.read(), 2) for reader, _ in slow)
+            )
+        assert closed == [b""] * 30, "every slow connection was closed by the server"
+        assert "no complete request headers within 0.5 s" in caplog.text
+        for _, writer in slow:
+            writer.close()
+        assert (await get(port)).startswith(b"HTTP/1.1 200")
+
+
+async def test_past_the_connection_limit_requests_get_503() -> None:
+    async with server(header_timeout=5, max_connections=3) as port:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert (await get(port)).startswith(b"HTTP/1.1 503")
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.1)
+        assert (await get(port)).startswith(b"HTTP/1.1 200")
