@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LISTEN ?= 127.0.0.1:8080
+GPUS ?= 1
 
 .PHONY: demo test lint bench clean
 
@@ -13,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/switchd demo --listen $(LISTEN)
+	$(BIN)/switchd demo --listen $(LISTEN) --gpus $(GPUS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check switchd tests bench

@@ -76,11 +76,11 @@ function renderDevices(status) {
     bar.setAttribute("role", "img");
     let accounted = 0;
     const parts = [];
-    for (const [name, model] of Object.entries(status.models)) {
-      if (model.status !== "running" && model.status !== "loading") continue;
-      const onDevice = model.gpus === "all" || model.gpus.includes(device.index);
-      if (!onDevice) continue;
-      const held = Math.min(heldGb(model), device.total_gb - accounted);
+    // What each model holds on this device, as switchd accounts it (placed, measured).
+    for (const [name, onDevice] of Object.entries(device.models || {})) {
+      const model = status.models[name];
+      if (!model) continue;
+      const held = Math.min(onDevice, device.total_gb - accounted);
       accounted += held;
       parts.push({ name, held, css: `model ${model.status}` });
     }

@@ -36,6 +36,7 @@ from switchd.runtime.docker import DockerRuntime
 from switchd.runtime.process import ProcessRuntime
 from switchd.scheduler import Scheduler
 from switchd.stats import LearnedStats
+from switchd.units import gib
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ async def open_runtime(settings: Settings) -> Runtime:
 async def check_probe_devices(settings: Settings, probe: GpuProbe) -> None:
     """Only an opened probe knows NVML's devices: refuse models asking for others."""
     source_name = "NVML" if probe.source == "nvml" else "the simulated GPU"
-    check_devices(settings, len((await probe.snapshot()).devices), source_name)
+    devices = (await probe.snapshot()).devices
+    smallest = min((gib(d.total_bytes) for d in devices), default=None)
+    check_devices(settings, len(devices), source_name, smallest)
 
 
 async def check_gpu(settings: Settings) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,9 @@ class ModelRecord:
     state: ModelState = ModelState.EXITED
     engine: EngineInfo | None = None
     error: str | None = None
-    measured_gb: float | None = None
+    measured_gb: float | None = None  # what its engine holds, measured at its load
+    measured_by_device: dict[int, float] | None = None  # the same, device by device
+    devices: tuple[int, ...] | None = None  # where its engine runs (placed or found)
     last_used: float = 0.0  # epoch seconds, for status and TTL
     ready_at: float = 0.0  # epoch seconds
     resident_since: float = 0.0  # time.monotonic() when it became ready
@@ -63,11 +65,6 @@ class ModelRecord:
 
     def __post_init__(self) -> None:
         self.idle.set()  # nothing in flight yet
-
-
-def overlaps(a: ModelSpec, b: ModelSpec) -> bool:
-    """Whether two models share a GPU (no list: every device)."""
-    return a.gpus is None or b.gpus is None or bool(set(a.gpus) & set(b.gpus))
 
 
 class Catalog:
@@ -94,11 +91,13 @@ class Catalog:
         *,
         engine: EngineInfo | None = None,
         error: str | None = None,
+        devices: tuple[int, ...] | None = None,
     ) -> ModelState:
         """Move `record` to `new` if it is in `expected`; returns the state it left.
 
         `engine` is the engine of a LOADING or RUNNING model (kept when not
-        given); leaving those states drops it.
+        given), `devices` where it runs (else the engine's, if it knows them);
+        leaving those states drops both.
         """
         assert self.owner is None or asyncio.current_task() is self.owner, (
             "model state changed outside the scheduler's worker"
@@ -112,8 +111,11 @@ class Catalog:
         record.error = error
         if new in ACTIVE:
             record.engine = engine or record.engine
+            found = record.engine.devices if record.engine is not None else None
+            record.devices = devices or found or record.devices
         elif new is not ModelState.STOPPING:
             record.engine = None
+            record.devices = None
         spec = record.spec
         if new is ModelState.RUNNING:
             record.ready_at = time.time()
@@ -123,11 +125,13 @@ class Catalog:
         if new in ACTIVE and old not in HOLDING:
             # What the engine will really hold: the simulated card's truth is the
             # configured size (NVML sees real allocations and ignores this).
-            self._gpu.engine_started(spec.name, gib_to_bytes(spec.size_gb), spec.gpus)
+            self._gpu.engine_started(
+                spec.name, gib_to_bytes(spec.size_gb), record.devices or spec.gpus
+            )
             self.memory_moves += 1
         if new not in HOLDING and old in HOLDING:
             self._gpu.engine_stopped(spec.name)
-            record.measured_gb = None
+            record.measured_gb = record.measured_by_device = None
             self.memory_moves += 1
             self._releasing[spec.name] = time.monotonic() + self._release_seconds
         data: dict[str, Any] = {"model": spec.name, "from": old.value, "to": new.value}
@@ -154,6 +158,7 @@ class Catalog:
         if record.state is not ModelState.LOADING:
             raise StateConflict(record.spec.name, record.state, (ModelState.LOADING,))
         record.engine = engine
+        record.devices = engine.devices or record.devices  # a container keeps compose's
 
     def estimated_load_seconds(self, spec: ModelSpec) -> float:
         learned = self._stats.get(spec.name).load_seconds
@@ -169,27 +174,50 @@ class Catalog:
             return record.measured_gb
         return self.expected_gb(record.spec)
 
-    def available_gb(self, snapshot: GpuSnapshot, spec: ModelSpec) -> float:
-        """The smaller of the driver's free figure and total minus reservations.
+    def held_by_device(self, record: ModelRecord, every: Sequence[int]) -> dict[int, float]:
+        """What it holds on each of its devices: measured there, else its share of what
+        it holds (tensor-parallel engines split a model evenly over their devices)."""
+        if record.measured_by_device:
+            return dict(record.measured_by_device)
+        devices = record.devices or record.spec.gpus or tuple(every)
+        share = self.held_gb(record) / len(devices)
+        return {device: share for device in devices}
+
+    def need(self, spec: ModelSpec, every: Sequence[int]) -> planner.Need:
+        """Where `spec` may go and what it needs on each of those devices."""
+        count = len(spec.gpus) if spec.gpus else (spec.docker.gpu_count or len(every))
+        return planner.Need(self.expected_gb(spec) / count, spec.gpus, count)
+
+    def available_by_device(self, snapshot: GpuSnapshot) -> dict[int, float]:
+        """Per device, the smaller of the driver's free figure and total minus reservations.
 
         The driver's figure lags behind an engine that is still allocating, so
-        models loading and not yet measured count at their expected size.
+        models loading and not yet measured count at their expected share.
         """
-        free = snapshot.free_bytes(spec.gpus)
-        reserved = sum(
-            gib_to_bytes(self.held_gb(r))
-            for r in self.records.values()
-            if r.state in ACTIVE and r.measured_gb is None and overlaps(r.spec, spec)
-        )
-        by_ledger = snapshot.total_bytes(spec.gpus) - reserved
-        return gib(max(0, min(free, by_ledger)))
+        every = snapshot.indexes()
+        reserved: dict[int, float] = dict.fromkeys(every, 0.0)
+        for record in self.records.values():
+            if record.state in ACTIVE and record.measured_gb is None:
+                for device, gb in self.held_by_device(record, every).items():
+                    reserved[device] = reserved.get(device, 0.0) + gb
+        return {
+            d.index: gib(max(0, min(d.free_bytes, d.total_bytes - gib_to_bytes(reserved[d.index]))))
+            for d in snapshot.devices
+        }
 
-    def candidates(self, target: ModelSpec) -> list[planner.Candidate]:
-        """The models that could be unloaded to make room for `target`."""
+    def available_gb(self, snapshot: GpuSnapshot, devices: Sequence[int] | None) -> float:
+        """Available on `devices` (None: all) together, for messages."""
+        available = self.available_by_device(snapshot)
+        return round(sum(gb for d, gb in available.items() if devices is None or d in devices), 2)
+
+    def candidates(self, target: ModelSpec, every: Sequence[int]) -> list[planner.Candidate]:
+        """The loaded models that could be unloaded to make room for `target`."""
         return [
-            planner.Candidate(r.spec.name, self.held_gb(r), r.last_used, r.spec.pinned)
+            planner.Candidate(
+                r.spec.name, self.held_by_device(r, every), r.last_used, r.spec.pinned
+            )
             for r in self.records.values()
-            if r.spec.name != target.name and r.state in ACTIVE and overlaps(r.spec, target)
+            if r.spec.name != target.name and r.state in ACTIVE
         ]
 
     def models_json(self) -> dict[str, Any]:
@@ -206,6 +234,7 @@ class Catalog:
             "last_used": iso_timestamp(record.last_used) if record.last_used else None,
             "in_flight": record.in_flight,
             "gpus": list(spec.gpus) if spec.gpus is not None else "all",
+            "devices": list(record.devices) if record.devices and record.state in ACTIVE else None,
             "aliases": list(spec.aliases),
             "failures": record.failures,
             "cooldown_until": iso_timestamp(record.cooldown_until)

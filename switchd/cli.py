@@ -36,8 +36,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def demo_config() -> Path:
-    return Path(str(resources.files("switchd.demo").joinpath("demo.yaml")))
+def demo_config(gpus: int = 1) -> Path:
+    """The demo's catalog: one 95.59 GB card, or (`--gpus 2`) two 47.79 GB cards."""
+    name = "demo.yaml" if gpus == 1 else "demo-2gpu.yaml"
+    return Path(str(resources.files("switchd.demo").joinpath(name)))
 
 
 def serve(settings: Settings, listen: str | None, insecure: bool, log_level: str) -> int:
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="serve the catalog of a config file")
     serve_cmd.add_argument("--config", "-c", required=True, help="path to switchd.yaml")
     demo_cmd = commands.add_parser("demo", help="serve the demo: a simulated GPU, 4 models")
+    demo_cmd.add_argument(
+        "--gpus", type=int, choices=[1, 2], default=1, help="one 96 GB card, or two 48 GB cards"
+    )
     for command in (serve_cmd, demo_cmd):
         command.add_argument("--listen", help="HOST:PORT (overrides the config's `listen`)")
         command.add_argument(
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     # One line per health poll drowns what matters; keep httpx to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(one_line_for_cut_offs)
-    path = demo_config() if args.command == "demo" else Path(args.config)
+    path = demo_config(args.gpus) if args.command == "demo" else Path(args.config)
     try:
         settings = load_settings(path)
         return serve(settings, args.listen, args.insecure, args.log_level)

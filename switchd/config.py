@@ -197,6 +197,7 @@ _MODEL_KEYS = {
     "request_gpus",
     "remove",
     "priority",
+    "gpu_count",
 }
 _SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds"}
 
@@ -370,6 +371,10 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
     if url is not None and not url.startswith(("http://", "https://")):
         raise reader.error("url", f"must start with http:// or https://, got {url!r}")
     gpus, gpu_count = _parse_gpus(reader)
+    if "gpu_count" in reader.data:
+        if "gpus" in reader.data:
+            raise reader.error("gpu_count", "give `gpus` (devices or a count) or `gpu_count`")
+        gpu_count = int(reader.whole("gpu_count", 1, minimum=1))
     if container and image:
         raise ConfigError(
             source,
@@ -431,24 +436,39 @@ def _device_list(count: int) -> str:
     return f"{count} device{'s' if count > 1 else ''} ({indexes})"
 
 
-def check_devices(settings: Settings, device_count: int, source_name: str) -> None:
+def check_devices(
+    settings: Settings,
+    device_count: int,
+    source_name: str,
+    device_total_gb: float | None = None,
+) -> None:
     """Refuse models asking for GPUs that `source_name` (NVML, the simulated GPU) lacks.
 
     `gpus: [5]` names device 5, `gpus: 3` asks for any 3: either is a typo on a host
-    with fewer devices, found now rather than at the model's first load.
+    with fewer devices, found now rather than at the model's first load. With
+    `device_total_gb` (the smallest card), a model whose share per device (its size
+    split over its devices) is larger than one card is refused too.
     """
     for spec in settings.models.values():
         key = f"models.{spec.name}.gpus"
+        count = len(spec.gpus) if spec.gpus else (spec.docker.gpu_count or device_count)
+        if device_total_gb is not None and count and spec.size_gb / count > device_total_gb:
+            raise ConfigError(
+                settings.source,
+                f"models.{spec.name}.size_gb",
+                f"{spec.size_gb:g} GB over {count} device(s) is {spec.size_gb / count:.2f} GB "
+                f"on each, more than one {device_total_gb:.2f} GB card of {source_name} holds",
+            )
         for index in spec.gpus or ():
             if index >= device_count:
                 has = f"{source_name} has {_device_list(device_count)}"
                 raise ConfigError(settings.source, key, f"device {index} does not exist: {has}")
-        count = spec.docker.gpu_count
-        if count is not None and count > device_count:
+        asked = spec.docker.gpu_count
+        if asked is not None and asked > device_count:
             raise ConfigError(
                 settings.source,
                 key,
-                f"asks for {count} devices: {source_name} has {device_count}",
+                f"asks for {asked} devices: {source_name} has {device_count}",
             )
 
 
@@ -554,7 +574,7 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         state_dir=Path(os.path.expanduser(state_dir)),
     )
     if settings.gpu is GpuKind.SIMULATED:  # for nvml and auto: once the probe is open (app.py)
-        check_devices(settings, devices, "the simulated GPU")
+        check_devices(settings, devices, "the simulated GPU", settings.simulated_gpu.total_gb)
     return settings
 
 

@@ -62,6 +62,12 @@ class GpuSnapshot:
     def _on(self, devices: Sequence[int] | None) -> list[DeviceMemory]:
         return [d for d in self.devices if devices is None or d.index in devices]
 
+    def indexes(self) -> tuple[int, ...]:
+        return tuple(d.index for d in self.devices)
+
+    def free_by_device(self) -> dict[int, int]:
+        return {d.index: d.free_bytes for d in self.devices}
+
     def free_bytes(self, devices: Sequence[int] | None = None) -> int:
         return sum(d.free_bytes for d in self._on(devices))
 

@@ -18,6 +18,7 @@ from switchd import wire
 from switchd.events import Event
 from switchd.gpu import GpuSnapshot
 from switchd.states import ModelState
+from switchd.units import gib_to_bytes
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
@@ -86,6 +87,12 @@ class Metrics:
         self.gpu_memory = Gauge(
             "switchd_gpu_memory_bytes", "GPU memory by device", ["device", "kind"], registry=r
         )
+        self.model_memory = Gauge(
+            "switchd_model_memory_bytes",
+            "GPU memory each loaded model holds, by device (measured, else expected)",
+            ["model", "device"],
+            registry=r,
+        )
         self.sse_streams = Gauge(
             "switchd_sse_streams", "Open Server-Sent Event streams", registry=r
         )
@@ -131,6 +138,10 @@ class Metrics:
             self.waiting.labels(name).set(model.get("waiting", 0))
             for state in ModelState:
                 self.model_state.labels(name, state.value).set(model["status"] == state.value)
+        self.model_memory.clear()  # a model unloaded since the last scrape holds nothing
+        for device in status["gpu"]["devices"]:
+            for model, held_gb in device.get("models", {}).items():
+                self.model_memory.labels(model, str(device["index"])).set(gib_to_bytes(held_gb))
         for device in gpu.devices:
             index = str(device.index)
             self.gpu_memory.labels(index, "used").set(device.used_bytes)

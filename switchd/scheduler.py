@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from switchd import planner, policy, wire
-from switchd.catalog import Catalog, ModelRecord
+from switchd.catalog import HOLDING, Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
 from switchd.events import EventBus
@@ -149,7 +149,7 @@ class Scheduler:
             return
         plan = self.steps.plan(spec, await self.steps.gpu.snapshot())
         if not plan.enough:
-            raise insufficient_memory(spec, plan)
+            raise insufficient_memory(spec, plan, self.steps.device_count)
 
     def request_unload(self, name: str) -> Job:
         """A job unloading `name`, or every unpinned model for `all`."""
@@ -363,7 +363,9 @@ class Scheduler:
             spec = self.records[want.name].spec
             full = self.steps.plan(spec, snapshot)
             if not full.enough:
-                self.demand.fail(spec.name, insufficient_memory(spec, full))
+                self.demand.fail(
+                    spec.name, insufficient_memory(spec, full, self.steps.device_count)
+                )
                 continue
             if not full.victims:
                 return self._new_job(JobKind.SWITCH, spec.name, Cause.DEMAND), full, 0.0
@@ -371,7 +373,7 @@ class Scheduler:
                 continue
             may_unload = False
             protected: set[str] = set()
-            for candidate in self.catalog.candidates(spec):
+            for candidate in self.catalog.candidates(spec, snapshot.indexes()):
                 if candidate.pinned:
                     continue
                 holder = self._holder(self.records[candidate.name])
@@ -502,9 +504,18 @@ class Scheduler:
             body["waiting"] = self.demand.waiting(name)
             body["oldest_wait_seconds"] = round(now - oldest, 2) if oldest is not None else None
         current = self._running
+        gpu = snapshot.as_json()
+        every = snapshot.indexes()
+        for device in gpu["devices"]:  # which models hold what on each device
+            device["models"] = {
+                name: round(held[device["index"]], 2)
+                for name, record in self.records.items()
+                if record.state in HOLDING
+                and device["index"] in (held := self.catalog.held_by_device(record, every))
+            }
         return {
             "models": models,
-            "gpu": snapshot.as_json(),
+            "gpu": gpu,
             "waiting": len(self.demand),
             "switch": None
             if current is None

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from switchd import planner, wire
+from switchd import footprint, planner, wire
 from switchd.catalog import Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.events import EventBus, LogRate
@@ -35,7 +35,6 @@ from switchd.units import gib, gib_to_bytes, iso_timestamp
 log = logging.getLogger(__name__)
 
 RELEASED_FRACTION = 0.75  # of a victim's memory that must show as free again
-PLAUSIBLE_SHARE = 0.5  # a footprint sample below this share of the expected one is dropped
 MEMORY_POLL_SECONDS = 0.1
 HEALTH_BACKOFF = (0.05, 0.25, 1.5)  # first delay, cap, factor: fast at first
 HEALTH_REQUEST_SECONDS = 1.0  # short, so `loading` still ticks every second
@@ -85,6 +84,7 @@ class Steps:
         self._reported = asyncio.Event()
         self._loading: _Loading | None = None
         self._log_rate = LogRate()  # engine lines each load may publish as `log` events
+        self.device_count = 1  # the host's GPUs, as the last snapshot planned with showed
 
     # ---- what the runtime reports ------------------------------------------------
 
@@ -178,17 +178,20 @@ class Steps:
     def plan(
         self, spec: ModelSpec, snapshot: GpuSnapshot, protected: frozenset[str] = frozenset()
     ) -> planner.Plan:
-        """Victims that make `spec` fit; `protected` models count as pinned."""
+        """Where `spec` goes and what must be unloaded there for it to fit, device by
+        device; `protected` models count as pinned."""
+        every = snapshot.indexes()
+        self.device_count = len(every)
         candidates = [
             c
             if c.name not in protected
             else planner.Candidate(c.name, c.held_gb, c.last_used, True)
-            for c in self.catalog.candidates(spec)
+            for c in self.catalog.candidates(spec, every)
         ]
         return planner.plan(
-            self.required_gb(spec),
-            self.catalog.available_gb(snapshot, spec),
-            gib(snapshot.total_bytes(spec.gpus)),
+            self.catalog.need(spec, every),
+            self.catalog.available_by_device(snapshot),
+            {d.index: gib(d.total_bytes) for d in snapshot.devices},
             candidates,
             self.settings.eviction,
         )
@@ -205,26 +208,36 @@ class Steps:
         else:
             verdict = "it fits" if plan.enough else "not enough even after unloading every model"
         required = round(plan.required_gb, 2)
+        where = on_devices(plan.devices, self.device_count)
         self.emit(
             job,
-            wire.MemoryCheck(required, plan.available_gb, plan.total_gb, victims, plan.enough),
-            f"{spec.name} needs {required:.2f} GB, {plan.available_gb:.2f} GB free: {verdict}",
+            wire.MemoryCheck(
+                required,
+                plan.available_gb,
+                plan.total_gb,
+                victims,
+                plan.enough,
+                list(plan.devices),
+                plan.short_device,
+            ),
+            f"{spec.name} needs {required:.2f} GB{where}, {plan.available_gb:.2f} GB free: "
+            f"{verdict}",
             progress=PROGRESS_CHECKED,
         )
         job.memory_info = {"required_gb": required, "available_before_gb": plan.available_gb}
         if not plan.enough:
-            raise insufficient_memory(spec, plan)
+            raise insufficient_memory(spec, plan, self.device_count)
         freed = await self.unload_all(job, [self.catalog.records[name] for name in victims])
         job.memory_info["freed_gb"] = round(freed, 2)
         if victims:
-            after = self.catalog.available_gb(await self.gpu.snapshot(), spec)
+            after = self.catalog.available_gb(await self.gpu.snapshot(), plan.devices)
             self.emit(
                 job,
                 wire.Freed(round(freed, 2), after),
-                f"Freed {freed:.2f} GB; {after:.2f} GB now free",
+                f"Freed {freed:.2f} GB; {after:.2f} GB now free{where}",
                 progress=PROGRESS_FREED,
             )
-        await self.load(job, record)
+        await self.load(job, record, plan.devices)
         return job.success_body(ready=True)
 
     async def unload_models(self, job: Job, chosen: list[ModelRecord]) -> dict[str, Any]:
@@ -258,13 +271,14 @@ class Steps:
         """Unload each victim in order; returns the GB measured as freed in all."""
         # Every victim stops taking requests now, before the first await, so no
         # request can start on a model this job is about to stop.
-        held = [(record, self.catalog.held_gb(record)) for record in victims]
         for record in victims:
             record.draining = True
         try:
+            every = (await self.gpu.snapshot()).indexes()
+            held = [(record, self.catalog.held_by_device(record, every)) for record in victims]
             freed = 0.0
-            for index, (record, held_gb) in enumerate(held):
-                freed += await self._unload(job, record, held_gb, (index + 1) / len(held))
+            for index, (record, on_devices) in enumerate(held):
+                freed += await self._unload(job, record, on_devices, (index + 1) / len(held))
             return freed
         finally:
             for record in victims:
@@ -282,9 +296,12 @@ class Steps:
         while record.in_flight and self._clock() < deadline:
             await self.pause(deadline - self._clock(), until=record.idle)
 
-    async def _unload(self, job: Job, record: ModelRecord, held_gb: float, share: float) -> float:
+    async def _unload(
+        self, job: Job, record: ModelRecord, held: dict[int, float], share: float
+    ) -> float:
         """Drain, stop and verify one model; returns the GB measured as freed."""
         spec = record.spec
+        held_gb = sum(held.values())
         await self._drain(job, record)
         self.emit(
             job,
@@ -295,7 +312,7 @@ class Steps:
         if record.state not in (ModelState.RUNNING, ModelState.LOADING):
             return await self._already_gone(job, record, share)
         started = self._clock()
-        before = (await self.gpu.snapshot()).free_bytes(spec.gpus)
+        before = (await self.gpu.snapshot()).free_by_device()
         # No report is applied between the check above and this change: it cannot conflict.
         self.catalog.transition(record, record.state, ModelState.STOPPING)
         try:
@@ -307,7 +324,7 @@ class Steps:
                 "unload_failed", 502, f"Could not stop {spec.name}: {exc}", {"victim": spec.name}
             ) from exc
         self.catalog.transition(record, ModelState.STOPPING, ModelState.EXITED)
-        freed_bytes, verified = await self._await_release(before, spec, held_gb)
+        freed_bytes, verified = await self._await_release(before, held)
         if verified:  # else the rest may still come back while the next model loads
             self.catalog.released(spec.name)
         freed = gib(freed_bytes)
@@ -350,24 +367,30 @@ class Steps:
         return PROGRESS_CHECKED + (PROGRESS_FREED - PROGRESS_CHECKED) * share
 
     async def _await_release(
-        self, free_before: int, spec: ModelSpec, held_gb: float
+        self, free_before: dict[int, int], held: dict[int, float]
     ) -> tuple[int, bool]:
-        """Poll free memory until most of what the victim held came back."""
-        wanted = RELEASED_FRACTION * gib_to_bytes(held_gb)
+        """Poll free memory until most of what the victim held came back, on each of
+        its devices; returns the bytes seen back there, and whether that was enough."""
+        wanted = {device: RELEASED_FRACTION * gib_to_bytes(gb) for device, gb in held.items()}
         deadline = self._clock() + self.settings.memory_release_timeout_seconds
         while True:
-            freed = (await self.gpu.snapshot()).free_bytes(spec.gpus) - free_before
-            if freed >= wanted:
+            free = (await self.gpu.snapshot()).free_by_device()
+            back = {d: free.get(d, 0) - free_before.get(d, 0) for d in wanted}
+            freed = sum(max(0, rise) for rise in back.values())
+            if all(back[d] >= wanted[d] for d in wanted):
                 return freed, True
             if self._clock() >= deadline:
-                return max(0, freed), False
+                return freed, False
             await self.pause(MEMORY_POLL_SECONDS)
 
     # ---- loading ----------------------------------------------------------------------
 
-    async def load(self, job: Job, record: ModelRecord) -> None:
-        """Start the engine (or take over one found loading at start-up) and wait until
-        it answers its health path; then it is RUNNING and its figures are learned."""
+    async def load(
+        self, job: Job, record: ModelRecord, devices: tuple[int, ...] | None = None
+    ) -> None:
+        """Start the engine on `devices` (or take over one found loading at start-up) and
+        wait until it answers its health path; then it is RUNNING and its figures are
+        learned."""
         spec = record.spec
         estimate = self.catalog.estimated_load_seconds(spec)
         job.estimated_load_time_seconds = estimate
@@ -385,14 +408,14 @@ class Steps:
         else:
             before = await self.gpu.snapshot()
             self.catalog.transition(
-                record, (ModelState.EXITED, ModelState.FAILED), ModelState.LOADING
+                record, (ModelState.EXITED, ModelState.FAILED), ModelState.LOADING, devices=devices
             )
             # Attributable only if nothing else moves from its own start on.
             moves = self.catalog.memory_moves
             releasing = self.catalog.release_pending()
             started = self._clock()
             try:
-                info = await self.runtime.start(spec)
+                info = await self.runtime.start(spec, devices)
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, StartFailed) else f"could not start: {exc!r}"
                 self.catalog.transition(record, ModelState.LOADING, ModelState.FAILED, error=reason)
@@ -424,56 +447,19 @@ class Steps:
         load_seconds = round(self._clock() - started, 2)
         if before is not None:
             moved = releasing or self.catalog.memory_moves != moves
-            record.measured_gb = self._footprint(spec, before, after, pids, moved)
+            on_devices = record.devices or spec.gpus or after.indexes()
+            expected = self.catalog.expected_gb(spec)
+            measured, why = footprint.attribute(
+                on_devices, before, after, pids, moved=moved, expected_gb=expected
+            )
+            if why is not None:
+                log.warning("footprint of %s not learned from this load: %s", spec.name, why)
+            record.measured_by_device = measured
+            record.measured_gb = round(sum(measured.values()), 2) if measured else None
             await self._stats.record(spec.name, load_seconds, record.measured_gb)
         self.catalog.transition(record, ModelState.LOADING, ModelState.RUNNING)
         message = f"{spec.name} is ready after {load_seconds:.1f} s"
         self.emit(job, wire.Ready(load_seconds, record.measured_gb), message, progress=1.0)
-
-    def _footprint(
-        self,
-        spec: ModelSpec,
-        before: GpuSnapshot,
-        after: GpuSnapshot,
-        pids: Sequence[int],
-        moved: bool,
-    ) -> float | None:
-        """What the engine holds, only where it can be attributed to it; else None.
-
-        NVML's per-process figures for the engine's PIDs are its own. Otherwise
-        free-before minus free-after counts only if no other engine started,
-        stopped, died or was still releasing memory meanwhile, and if it is not
-        far below what the engine is expected to hold: a sample that comes out
-        low because something else released memory would let the planner put
-        two models on a card that cannot hold them.
-        """
-        wanted = set(pids)
-        mine = [
-            p.used_bytes
-            for p in after.processes
-            if p.pid in wanted and (spec.gpus is None or p.device in spec.gpus)
-        ]
-        if mine:
-            return gib(sum(mine))
-        if moved:
-            log.info(
-                "footprint of %s not learned from this load: other engines' memory moved "
-                "while it loaded",
-                spec.name,
-            )
-            return None
-        sample = gib(before.free_bytes(spec.gpus) - after.free_bytes(spec.gpus))
-        expected = self.catalog.expected_gb(spec)
-        if sample < PLAUSIBLE_SHARE * expected or sample > gib(after.total_bytes(spec.gpus)):
-            log.warning(
-                "dropped an implausible footprint sample of %s: %.2f GB measured, about "
-                "%.2f GB expected",
-                spec.name,
-                sample,
-                expected,
-            )
-            return None
-        return sample
 
     async def _wait_healthy(self, loading: _Loading, started: float, estimate: float) -> None:
         """Poll the health path with backoff, reporting progress every second."""
@@ -602,19 +588,38 @@ class Steps:
         }
 
 
-def insufficient_memory(spec: ModelSpec, plan: planner.Plan) -> SwitchError:
+def on_devices(devices: Sequence[int], device_count: int) -> str:
+    """ " on GPU 1" or " on GPUs 0, 1" on a host of several; nothing on a one-GPU host."""
+    if device_count <= 1:
+        return ""
+    return f" on GPU{'s' if len(devices) > 1 else ''} {', '.join(map(str, devices))}"
+
+
+def insufficient_memory(spec: ModelSpec, plan: planner.Plan, device_count: int) -> SwitchError:
+    """The 409 of a model that cannot fit; on a host of several GPUs it names the one
+    that lacks memory."""
     required = round(plan.required_gb, 2)
+    fields: dict[str, Any] = {
+        "required_gb": required,
+        "available_gb": plan.available_gb,
+        "freed_gb": 0.0,
+        "total_available_gb": plan.total_available_gb,
+    }
+    short = ""
+    if plan.short_device is not None and device_count > 1:
+        device = plan.short_device
+        fields["device"] = device
+        free = plan.available_by_device[device] + plan.freeable_by_device[device]
+        short = (
+            f": GPU {device} would have only {free:.2f} GB of the "
+            f"{plan.required_by_device[device]:.2f} GB it needs there"
+        )
     return SwitchError(
         "insufficient_memory",
         409,
         f"{spec.name} needs {required:.2f} GB but only {plan.total_available_gb:.2f} GB "
-        "would be free after unloading every unpinned model; nothing was unloaded",
-        {
-            "required_gb": required,
-            "available_gb": plan.available_gb,
-            "freed_gb": 0.0,
-            "total_available_gb": plan.total_available_gb,
-        },
+        f"would be free after unloading every unpinned model{short}; nothing was unloaded",
+        fields,
     )
 
 

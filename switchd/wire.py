@@ -57,6 +57,8 @@ class MemoryCheck(Payload):
     total_gb: float
     to_unload: list[str]
     enough: bool
+    devices: list[int]  # where the target goes
+    short_device: int | None  # when not enough: the device that lacks memory
 
 
 @dataclass(frozen=True)

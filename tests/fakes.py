@@ -34,14 +34,16 @@ class FakeRuntime:
     adopted: list[EngineInfo] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    started_on: dict[str, tuple[int, ...] | None] = field(default_factory=dict)  # model: devices
     ready_at: dict[str, float] = field(default_factory=dict)
     instances: dict[str, str] = field(default_factory=dict)
     lines: dict[str, list[str]] = field(default_factory=dict)
     _events: EventQueue = field(default_factory=EventQueue)
     _counter: int = 0
 
-    async def start(self, spec: ModelSpec) -> EngineInfo:
+    async def start(self, spec: ModelSpec, devices: tuple[int, ...] | None = None) -> EngineInfo:
         self.calls.append(f"start {spec.name}")
+        self.started_on[spec.name] = devices
         if spec.name in self.fail_start:
             raise StartFailed(f"cannot run {spec.name!r}: No such file or directory")
         self._counter += 1
@@ -50,7 +52,11 @@ class FakeRuntime:
         self.ready_at[spec.name] = time.monotonic() + self.load_seconds.get(
             spec.name, self.default_load_seconds
         )
-        return EngineInfo(spec.name, instance, f"http://{spec.name}.engine", time.time(), pid=4242)
+        url = f"http://{spec.name}.engine"
+        return EngineInfo(spec.name, instance, url, time.time(), pid=4242, devices=devices)
+
+    async def devices_of(self, spec: ModelSpec) -> tuple[int, ...] | None:
+        return None
 
     async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
         self.calls.append(f"stop {spec.name}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from switchd.catalog import Catalog, overlaps
+from switchd.catalog import Catalog
 from switchd.events import EventBus
 from switchd.gpu import DeviceMemory, GpuSnapshot, SimulatedGpu
 from switchd.states import ModelState
@@ -55,24 +55,43 @@ async def test_learned_figures_win_over_configured_ones(tmp_path: Path, catalog:
 def test_loading_models_not_yet_measured_are_reserved_on_their_devices(
     catalog: Catalog,
 ) -> None:
-    spec_a = catalog.records["a"].spec
-    assert catalog.available_gb(snapshot((0, 0)), spec_a) == 80.0
+    assert catalog.available_by_device(snapshot((0, 0))) == {0: 80.0, 1: 80.0}
     catalog.records["a"].state = ModelState.LOADING  # the driver does not show it yet
-    assert catalog.available_gb(snapshot((0, 0)), spec_a) == 40.0
-    assert catalog.available_gb(snapshot((0, 0)), catalog.records["b"].spec) == 80.0
+    assert catalog.available_by_device(snapshot((0, 0))) == {0: 40.0, 1: 80.0}
+    catalog.records["c"].state = ModelState.LOADING  # on every device: 5 GB each
+    assert catalog.available_by_device(snapshot((0, 0))) == {0: 35.0, 1: 75.0}
     catalog.records["a"].measured_gb = 38.0  # measured: the driver's figure is right
-    assert catalog.available_gb(snapshot((38, 0)), spec_a) == 42.0
+    # The smaller of the driver's free figure (42) and total minus reservations (75).
+    assert catalog.available_by_device(snapshot((38, 0))) == {0: 42.0, 1: 75.0}
+    assert catalog.available_gb(snapshot((38, 0)), (0, 1)) == 117.0
 
 
-def test_candidates_are_the_active_models_sharing_a_device(catalog: Catalog) -> None:
+def test_what_a_model_holds_is_split_over_its_devices_unless_measured_there(
+    catalog: Catalog,
+) -> None:
+    c = catalog.records["c"]
+    assert catalog.held_by_device(c, (0, 1)) == {0: 5.0, 1: 5.0}
+    c.devices = (1,)  # placed on one device
+    assert catalog.held_by_device(c, (0, 1)) == {1: 10.0}
+    c.measured_by_device = {1: 9.5}
+    assert catalog.held_by_device(c, (0, 1)) == {1: 9.5}
+
+
+def test_a_models_need_is_per_device(catalog: Catalog) -> None:
+    need = catalog.need(catalog.records["a"].spec, (0, 1))
+    assert (need.per_device_gb, need.fixed, need.count) == (40.0, (0,), 1)
+    spanning = catalog.need(catalog.records["c"].spec, (0, 1))
+    assert (spanning.per_device_gb, spanning.fixed, spanning.count) == (5.0, None, 2)
+
+
+def test_candidates_are_the_active_models_with_what_they_hold_where(catalog: Catalog) -> None:
     for name in ("a", "b", "c"):
         catalog.records[name].state = ModelState.RUNNING
     target = catalog.records["a"].spec
-    assert [(c.name, c.held_gb, c.pinned) for c in catalog.candidates(target)] == [
-        ("c", 10.0, True)
+    assert [(c.name, dict(c.held_gb), c.pinned) for c in catalog.candidates(target, (0, 1))] == [
+        ("b", {1: 20.0}, False),
+        ("c", {0: 5.0, 1: 5.0}, True),
     ]
-    assert overlaps(catalog.records["b"].spec, catalog.records["c"].spec)
-    assert not overlaps(catalog.records["a"].spec, catalog.records["b"].spec)
 
 
 def test_model_json_reports_measured_memory_only_while_active(catalog: Catalog) -> None:

@@ -921,3 +921,39 @@ def test_load_defaults_to_process_environ(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("SWITCHD_API_KEYS", "from-env")
     path = write(tmp_path, "models:\n  m: {cmd: engine, size_gb: 1}\n")
     assert load_settings(path).api_keys == ("from-env",)
+
+
+def test_gpu_count_asks_for_any_n_devices() -> None:
+    two = {"total_gb": 48, "devices": 2}
+    spec = parse(gpu="simulated", simulated_gpu=two, models={"m": model(gpu_count=2)}).models["m"]
+    assert (spec.gpus, spec.docker.gpu_count) == (None, 2)
+    error = refused(gpu="simulated", models={"m": model(gpu_count=1, gpus=[0])})
+    assert (error.key, error.problem) == (
+        "models.m.gpu_count",
+        "give `gpus` (devices or a count) or `gpu_count`",
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        (
+            {"gpus": [0]},
+            "60 GB over 1 device(s) is 60.00 GB on each, more than one 48.00 GB card of "
+            "the simulated GPU holds",
+        ),
+        (
+            {"gpu_count": 1},
+            "60 GB over 1 device(s) is 60.00 GB on each, more than one 48.00 GB card of "
+            "the simulated GPU holds",
+        ),
+    ],
+)
+def test_a_share_per_device_larger_than_one_card_is_refused(
+    settings: dict[str, Any], problem: str
+) -> None:
+    two = {"total_gb": 48, "devices": 2}
+    error = refused(gpu="simulated", simulated_gpu=two, models={"m": model(size_gb=60, **settings)})
+    assert (error.key, error.problem) == ("models.m.size_gb", problem)
+    # Split over both cards (no `gpus`: every device), 30 GB each fits.
+    assert parse(gpu="simulated", simulated_gpu=two, models={"m": model(size_gb=60)})

@@ -160,12 +160,13 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def test_render_sets_the_gauges_from_status_and_gpu() -> None:
     metrics = Metrics()
-    status = {
+    status: dict[str, Any] = {
         "models": {
             "gpt-oss-20b": model_status("running", in_flight=3),
             "gpt-oss-120b": {**model_status("exited"), "waiting": 5},
             "mistral-7b-v0.1": model_status("loading"),
-        }
+        },
+        "gpu": {"devices": [{"index": 0, "models": {"gpt-oss-20b": 24.0}}, {"index": 1}]},
     }
     total = gib_to_bytes(95.59)
     snapshot = GpuSnapshot(
@@ -200,6 +201,7 @@ def test_render_sets_the_gauges_from_status_and_gpu() -> None:
     assert at("switchd_waiting_requests", model="gpt-oss-120b") == 5.0
     assert at("switchd_waiting_requests", model="gpt-oss-20b") == 0.0
     assert at("switchd_sse_streams") == 0.0
+    assert at("switchd_model_memory_bytes", model="gpt-oss-20b", device="0") == 24 * 2**30
     assert 'switchd_model_state{model="gpt-oss-20b",state="running"} 1.0' in text
 
     # Gauges follow the status at each scrape; they never accumulate.

@@ -158,8 +158,8 @@ class EngineRuntime(FakeRuntime):
 
     urls: dict[str, str] = field(default_factory=dict)
 
-    async def start(self, spec: ModelSpec) -> EngineInfo:
-        info = await super().start(spec)
+    async def start(self, spec: ModelSpec, devices: tuple[int, ...] | None = None) -> EngineInfo:
+        info = await super().start(spec, devices)
         return dataclasses.replace(info, url=self.urls[spec.name])
 
     def health(self) -> httpx.MockTransport:

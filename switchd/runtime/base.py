@@ -27,6 +27,7 @@ class EngineInfo:
     started_at: float  # epoch seconds
     pid: int | None = None
     container: str | None = None
+    devices: tuple[int, ...] | None = None  # the GPU indexes it runs on; None: unknown/all
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,16 @@ class Discovery:
 
 
 class Runtime(Protocol):
-    async def start(self, spec: ModelSpec) -> EngineInfo:
-        """Start the engine; returns once it runs (not once it is healthy)."""
+    async def start(self, spec: ModelSpec, devices: tuple[int, ...] | None = None) -> EngineInfo:
+        """Start the engine on `devices` (GPU indexes, as NVML numbers them; None: every
+        device, or as the model is configured); returns once it runs (not once it is
+        healthy). An engine that already runs is returned as it is, wherever it runs.
+        A `container:` model ignores `devices`: compose placed it."""
+        ...
+
+    async def devices_of(self, spec: ModelSpec) -> tuple[int, ...] | None:
+        """The devices of an engine switchd does not place (a `container:` model keeps
+        what compose gave it); None when unknown or every device."""
         ...
 
     async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:

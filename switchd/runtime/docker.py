@@ -6,6 +6,11 @@ itself, labelled `switchd.model=NAME`. Every SDK call runs in a worker thread.
 Docker's event stream, followed in a thread of its own, tells switchd at once
 about a container stopped, killed or crashed behind its back. Containers
 outlive switchd: after a restart, the running ones are adopted, not restarted.
+
+Placement: an `image:` model started on some devices gets a container that
+requests exactly those (a device request with their ids); one left from an
+earlier start with other devices is removed and created anew. A `container:`
+model keeps the devices compose gave it: read back from its device requests.
 """
 
 from __future__ import annotations
@@ -68,6 +73,57 @@ def started_ns(container: Container) -> int:
 
 def name_taken(name: str) -> str:
     return f"the name {name} is taken by a container switchd did not make"
+
+
+def device_requests(spec: ModelSpec, devices: tuple[int, ...] | None) -> list[DeviceRequest]:
+    """What an `image:` model's container asks Docker for: `devices` when given,
+    else the model's `gpus` (indexes, a count, or every device)."""
+    options = spec.docker
+    if not options.request_gpus:
+        return []
+    if devices is not None:  # placed by switchd; () means no device at all
+        placed = [str(index) for index in devices]
+        return [DeviceRequest(device_ids=placed, capabilities=[["gpu"]])] if placed else []
+    ids = [str(i) for i in spec.gpus] if spec.gpus is not None else None
+    count = None if ids else (options.gpu_count or -1)
+    return [DeviceRequest(count=count, device_ids=ids, capabilities=[["gpu"]])]
+
+
+def _request_key(request: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A device request, as given to `create` or as `inspect` shows it, comparable."""
+    normal = DeviceRequest(**request)  # fills in what either side left out
+    return (
+        normal["Driver"],
+        normal["Count"],
+        tuple(normal["DeviceIDs"]),
+        tuple(tuple(caps) for caps in normal["Capabilities"]),
+        tuple(sorted((normal["Options"] or {}).items())),
+    )
+
+
+def requests_of(container: Container) -> list[Mapping[str, Any]]:
+    """HostConfig.DeviceRequests of a container (null when it has none)."""
+    requests: list[Mapping[str, Any]] = container.attrs["HostConfig"].get("DeviceRequests") or []
+    return requests
+
+
+def same_requests(a: list[Mapping[str, Any]], b: list[Mapping[str, Any]]) -> bool:
+    return sorted(map(_request_key, a)) == sorted(map(_request_key, b))
+
+
+def devices_requested(container: Container) -> tuple[int, ...] | None:
+    """The device indexes a container asks for; None when it asks for a count, for
+    every device, for ids that are not indexes (UUIDs), or for none at all."""
+    indexes: set[int] = set()
+    for request in requests_of(container):
+        ids = request.get("DeviceIDs") or []
+        if request.get("Count") or not ids:
+            return None  # a count (-1: all): Docker picks, switchd cannot tell which
+        try:
+            indexes.update(int(device) for device in ids)
+        except ValueError:
+            return None
+    return tuple(sorted(indexes)) or None
 
 
 def describe_exit(code: int | None, oom: bool) -> str:
@@ -159,8 +215,10 @@ class DockerRuntime:
 
     # ---- the Runtime protocol -------------------------------------------------
 
-    async def start(self, spec: ModelSpec) -> EngineInfo:
-        container = await asyncio.to_thread(self._start_blocking, spec)
+    async def start(self, spec: ModelSpec, devices: tuple[int, ...] | None = None) -> EngineInfo:
+        # A `container:` model runs where compose put it: `devices` does not apply.
+        wanted = devices if spec.image else None
+        container = await asyncio.to_thread(self._start_blocking, spec, wanted)
         url = spec.url or self._derive_url(spec, container)
         run = self._run_of(spec, container, url)
         self._runs[spec.name] = run
@@ -171,7 +229,7 @@ class DockerRuntime:
             self._on_death(run, death[1])
         return run.info
 
-    def _start_blocking(self, spec: ModelSpec) -> Container:
+    def _start_blocking(self, spec: ModelSpec, devices: tuple[int, ...] | None) -> Container:
         name = container_name(spec)
         try:
             container = self._client.containers.get(name)
@@ -180,10 +238,12 @@ class DockerRuntime:
                 raise StartFailed(
                     f"container {name} does not exist (create it with `docker compose create`)"
                 ) from None
-            container = self._create(spec)
+            container = self._create(spec, devices)
         else:
             if spec.image and container.labels.get(LABEL) != spec.name:
                 raise StartFailed(name_taken(name))
+            if spec.image and self._misplaced(spec, container, devices):
+                container = self._recreate(spec, container, devices)
         try:
             container.start()
             container.reload()
@@ -191,17 +251,42 @@ class DockerRuntime:
             raise StartFailed(f"container {name} did not start: {exc.explanation or exc}") from exc
         return container
 
-    def _create(self, spec: ModelSpec) -> Container:
+    @staticmethod
+    def _misplaced(spec: ModelSpec, container: Container, devices: tuple[int, ...] | None) -> bool:
+        """A stopped switchd-made container that asks for other devices than wanted now.
+
+        A running one is left as it is (start returns it, wherever it runs)."""
+        if container.status not in ("created", "exited", "dead"):
+            return False
+        wanted: list[Mapping[str, Any]] = list(device_requests(spec, devices))
+        return not same_requests(requests_of(container), wanted)
+
+    def _recreate(
+        self, spec: ModelSpec, container: Container, devices: tuple[int, ...] | None
+    ) -> Container:
+        """Remove a stopped container and create it again, on `devices`."""
+        log.info(
+            "%s asks for other GPUs than %s is placed on now: created anew",
+            container.name,
+            spec.name,
+        )
+        try:
+            container.remove()  # not forced: a container started meanwhile is kept, and fails
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            raise StartFailed(
+                f"cannot remove {container.name} to place it on other GPUs: "
+                f"{exc.explanation or exc}"
+            ) from exc
+        return self._create(spec, devices)
+
+    def _create(self, spec: ModelSpec, devices: tuple[int, ...] | None) -> Container:
         assert spec.image is not None
         options = spec.docker
         ports: dict[str, Any] = dict(options.ports)
         if not spec.url and not options.network and f"{options.port}/tcp" not in ports:
             ports[f"{options.port}/tcp"] = ("127.0.0.1", free_port())
-        devices = []
-        if options.request_gpus:
-            ids = [str(i) for i in spec.gpus] if spec.gpus is not None else None
-            count = None if ids else (options.gpu_count or -1)
-            devices.append(DeviceRequest(count=count, device_ids=ids, capabilities=[["gpu"]]))
         try:
             return self._client.containers.create(
                 spec.image,
@@ -214,7 +299,7 @@ class DockerRuntime:
                 ports=ports,
                 shm_size=options.shm_size,
                 ipc_mode=options.ipc,
-                device_requests=devices,
+                device_requests=device_requests(spec, devices),
             )
         except docker.errors.ImageNotFound:
             raise StartFailed(
@@ -305,8 +390,21 @@ class DockerRuntime:
             url=url,
             started_at=started / 1e9,
             container=container.name,
+            devices=devices_requested(container),
         )
         return _Run(spec, container.id, started, info)
+
+    async def devices_of(self, spec: ModelSpec) -> tuple[int, ...] | None:
+        """The devices the model's container asks Docker for (compose's, for a
+        `container:` model); None when unknown, all, a count, or no container."""
+        try:
+            container = await asyncio.to_thread(self._client.containers.get, container_name(spec))
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            log.warning("cannot read the devices of %s: %s", container_name(spec), exc)
+            return None
+        return devices_requested(container)
 
     def events(self) -> AsyncIterator[RuntimeEvent]:
         return aiter(self._events)

@@ -4,6 +4,10 @@ Each engine leads its own session, so its process group holds the workers it
 forks (vLLM does) and a stop reaches them all; every output line is kept for
 `log` events and failure messages.
 
+An engine started on some devices sees only those: CUDA_VISIBLE_DEVICES lists
+them (with CUDA_DEVICE_ORDER=PCI_BUS_ID, so CUDA's numbers are NVML's), and
+`${GPUS}` in its `cmd` and `env` is the same list. Its own `env` wins.
+
 The engines stop with switchd. A clean stop sends SIGTERM to each group (then
 SIGKILL after the grace). On a crash (even `kill -9`) PR_SET_PDEATHSIG sends
 SIGTERM to each engine's direct child, but only to it: the children of a
@@ -73,6 +77,20 @@ def substitute(words: Sequence[str], values: dict[str, str]) -> list[str]:
     return result
 
 
+def placement_env(devices: tuple[int, ...] | None) -> dict[str, str]:
+    """The variables that confine an engine to `devices` (NVML's indexes); none for None.
+
+    CUDA numbers devices fastest first unless told PCI_BUS_ID, NVML in PCI bus
+    order: without it, CUDA_VISIBLE_DEVICES=1 may be another card than NVML's 1.
+    """
+    if devices is None:
+        return {}
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in devices),
+    }
+
+
 @dataclass
 class _Engine:
     spec: ModelSpec
@@ -95,15 +113,16 @@ class ProcessRuntime:
         self._pid_dir = state_dir / ENGINES_DIR if state_dir is not None else None
         self._self = _read_stat("self") if state_dir is not None else None
 
-    async def start(self, spec: ModelSpec) -> EngineInfo:
+    async def start(self, spec: ModelSpec, devices: tuple[int, ...] | None = None) -> EngineInfo:
         current = self._engines.get(spec.name)
         if current is not None and current.process.returncode is None:
             return current.info
         port = free_port()
-        values = {"PORT": str(port), "MODEL": spec.name, "PYTHON": sys.executable}
+        gpus = ",".join(str(index) for index in devices) if devices is not None else ""
+        values = {"PORT": str(port), "MODEL": spec.name, "PYTHON": sys.executable, "GPUS": gpus}
         argv = substitute(spec.cmd, values)
         extra = {name: substitute([value], values)[0] for name, value in spec.env.items()}
-        env = {**os.environ, **extra}
+        env = {**os.environ, **placement_env(devices), **extra}  # the model's own env wins
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -123,6 +142,7 @@ class ProcessRuntime:
             url=spec.url or f"http://127.0.0.1:{port}",
             started_at=time.time(),
             pid=process.pid,
+            devices=devices,
         )
         engine = _Engine(spec, process, info)
         # Before the pump exists, so the pump's removal always follows this write.
@@ -130,6 +150,9 @@ class ProcessRuntime:
         self._engines[spec.name] = engine
         engine.pump = asyncio.create_task(self._pump(engine), name=f"engine-{spec.name}")
         return info
+
+    async def devices_of(self, spec: ModelSpec) -> tuple[int, ...] | None:
+        return None  # switchd places every process engine itself
 
     async def _pump(self, engine: _Engine) -> None:
         """Forward the output lines, then the exit, of one engine."""

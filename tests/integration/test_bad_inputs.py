@@ -385,10 +385,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder: Path = tmp_path_factory.mktemp("bad-inputs")
     models = {
         "small": {"cmd": engine_cmd(0.2), "size_gb": 10},
-        "huge": {"cmd": engine_cmd(0.2), "size_gb": 500},
+        "base": {"cmd": engine_cmd(0.2), "size_gb": 10, "pinned": True},
+        "huge": {"cmd": engine_cmd(0.2), "size_gb": 90},  # never beside the pinned base
     }
     running = write_config(folder, models, max_body_bytes=MAX_BODY)
     running.start()
+    loaded = httpx.post(
+        f"{running.url}/v1/models/switch",
+        params={"target_model": "base", "wait": "ready"},
+        timeout=30,
+    )
+    assert loaded.status_code == 200, loaded.text
     yield running
     running.stop()
 

@@ -61,6 +61,7 @@ async def test_status_reports_every_model_and_the_gpu(client: httpx.AsyncClient)
                 "used_gb": 0.0,
                 "total_gb": 95.59,
                 "available_gb": 95.59,
+                "models": {},
             },
         ],
     }
@@ -103,21 +104,23 @@ async def test_already_loaded(client: httpx.AsyncClient) -> None:
 
 async def test_insufficient_memory_is_409_and_unloads_nothing(make_server: ServerFactory) -> None:
     models = seed_models()
-    models["huge"] = {"cmd": engine_cmd(0.5), "size_gb": 120}
+    models["base"] = {"cmd": engine_cmd(0.5), "size_gb": 30, "pinned": True}
+    models["huge"] = {"cmd": engine_cmd(0.5), "size_gb": 70}  # never beside the pinned base
     server = make_server(models)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        await switch_and_wait(http, "base")
         await switch_and_wait(http, "gpt-oss-20b")
         response = await http.post("/v1/models/switch", params={"target_model": "huge"})
         assert response.status_code == 409
         assert response.json() == {
             "status": "error",
             "error": "insufficient_memory",
-            "message": "huge needs 120.00 GB but only 95.59 GB would be free after unloading "
+            "message": "huge needs 70.00 GB but only 65.59 GB would be free after unloading "
             "every unpinned model; nothing was unloaded",
-            "required_gb": 120.0,
-            "available_gb": 71.59,
+            "required_gb": 70.0,
+            "available_gb": 41.59,
             "freed_gb": 0.0,
-            "total_available_gb": 95.59,
+            "total_available_gb": 65.59,
         }
         assert (await model_status(http, "gpt-oss-20b"))["status"] == "running"
 

@@ -18,6 +18,7 @@ import docker
 import docker.errors
 import httpx
 import pytest
+from docker.types import DeviceRequest
 
 from switchd.config import ModelSpec, parse_settings
 from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
@@ -237,6 +238,162 @@ async def test_remove_true_removes_the_container_on_stop(
         containers.get(f"switchd-{model}")
     exited = await harness.exit_of(model, within=5)
     assert exited.reason == "stopped"
+
+
+# ---- placement on GPU devices ----------------------------------------------------------
+
+
+def device_requests_of(state: dict[str, Any]) -> list[tuple[int, list[str], list[list[str]]]]:
+    """HostConfig.DeviceRequests of `docker inspect`: (Count, DeviceIDs, Capabilities)."""
+    requests = state["HostConfig"]["DeviceRequests"] or []
+    return [(r["Count"], r["DeviceIDs"] or [], r["Capabilities"]) for r in requests]
+
+
+async def start_placed(harness: Harness, spec: ModelSpec, devices: tuple[int, ...] | None) -> None:
+    """Start on `devices`, then stop: Docker creates the container here, but without an
+    NVIDIA runtime (no GPU on this host) it cannot start one that asks for a GPU."""
+    failure = None
+    try:
+        await harness.runtime.start(spec, devices)
+    except StartFailed as failed:
+        failure = str(failed)
+    if failure is None:  # a host with GPUs: stopped, so the next start may place it elsewhere
+        await harness.runtime.stop(spec, GRACE)
+    else:
+        assert failure.startswith(f"container {container_name(spec)} did not start: ")
+
+
+async def test_an_image_model_placed_on_devices_asks_docker_for_exactly_them(
+    open_runtime: OpenRuntime, containers: Containers, engine_image: str
+) -> None:
+    model = containers.model("placed")
+    harness = await open_runtime({model: image_model(engine_image, model, request_gpus=True)})
+    spec = harness.specs[model]
+
+    await start_placed(harness, spec, (1,))
+
+    state = containers.inspect(f"switchd-{model}")
+    assert device_requests_of(state) == [(0, ["1"], [["gpu"]])]
+    assert state["Config"]["Labels"] == {LABEL: model}
+    assert await harness.runtime.devices_of(spec) == (1,)
+
+
+async def test_another_placement_recreates_the_container_and_the_same_one_reuses_it(
+    open_runtime: OpenRuntime, containers: Containers, engine_image: str
+) -> None:
+    model = containers.model("moved")
+    harness = await open_runtime({model: image_model(engine_image, model, request_gpus=True)})
+    spec = harness.specs[model]
+    name = f"switchd-{model}"
+    await start_placed(harness, spec, (1,))
+    first = containers.inspect(name)["Id"]
+
+    await start_placed(harness, spec, (0, 2))
+
+    second = containers.inspect(name)
+    assert second["Id"] != first  # removed and created anew
+    assert device_requests_of(second) == [(0, ["0", "2"], [["gpu"]])]
+    assert second["Config"]["Labels"] == {LABEL: model}
+
+    await start_placed(harness, spec, (0, 2))
+    assert containers.inspect(name)["Id"] == second["Id"]  # same placement: reused
+
+    await start_placed(harness, spec, None)  # as configured: every device
+    unplaced = containers.inspect(name)
+    assert unplaced["Id"] != second["Id"]
+    assert device_requests_of(unplaced) == [(-1, [], [["gpu"]])]
+    assert await harness.runtime.devices_of(spec) is None
+
+
+async def test_without_request_gpus_a_placement_asks_docker_for_no_device(
+    open_runtime: OpenRuntime, containers: Containers, engine_image: str
+) -> None:
+    model = containers.model("nogpus")
+    harness = await open_runtime({model: image_model(engine_image, model)})  # request_gpus: false
+    spec = harness.specs[model]
+
+    info = await harness.runtime.start(spec, (1,))
+
+    state = containers.inspect(f"switchd-{model}")
+    assert state["State"]["Running"] is True
+    assert not state["HostConfig"]["DeviceRequests"]
+    assert info.devices is None
+    await healthy(info.url)
+
+
+async def test_a_running_container_is_not_recreated_for_another_placement(
+    open_runtime: OpenRuntime, containers: Containers, engine_image: str
+) -> None:
+    model = containers.model("busy")
+    first = await open_runtime({model: image_model(engine_image, model)})
+    info = await first.runtime.start(first.specs[model])
+    await first.close()
+    # The next switchd asks for GPUs: the engine running already is left as it runs.
+    second = await open_runtime({model: image_model(engine_image, model, request_gpus=True)})
+
+    again = await second.runtime.start(second.specs[model], (1,))
+
+    state = containers.inspect(f"switchd-{model}")
+    assert again.instance == info.instance
+    assert not state["HostConfig"]["DeviceRequests"]
+    assert again.devices is None
+
+
+async def test_a_container_model_ignores_the_placement(
+    open_runtime: OpenRuntime,
+    containers: Containers,
+    docker_client: docker.DockerClient,
+    engine_image: str,
+) -> None:
+    model = unique("compose-placed")
+    name = containers.name("compose-placed")
+    harness = await open_runtime({model: container_model(docker_client, engine_image, name, model)})
+    created = containers.inspect(name)["Id"]
+
+    info = await harness.runtime.start(harness.specs[model], (1,))
+
+    state = containers.inspect(name)
+    assert state["Id"] == created  # compose's container, as compose made it
+    assert state["State"]["Running"] is True
+    assert not state["HostConfig"]["DeviceRequests"]
+    assert info.devices is None
+    await healthy(info.url)
+
+
+@pytest.mark.parametrize(
+    ("requests", "expected"),
+    [
+        ([DeviceRequest(device_ids=["2", "0"], capabilities=[["gpu"]])], (0, 2)),
+        ([DeviceRequest(driver="nvidia", device_ids=["3"], capabilities=[["gpu"]])], (3,)),
+        ([DeviceRequest(count=-1, capabilities=[["gpu"]])], None),  # all
+        ([DeviceRequest(count=2, capabilities=[["gpu"]])], None),  # any 2: Docker picks
+        ([DeviceRequest(device_ids=["GPU-0a1b"], capabilities=[["gpu"]])], None),  # a UUID
+        ([], None),
+    ],
+)
+async def test_devices_of_reads_the_device_requests_compose_gave_a_container(
+    open_runtime: OpenRuntime,
+    containers: Containers,
+    engine_image: str,
+    requests: list[DeviceRequest],
+    expected: tuple[int, ...] | None,
+) -> None:
+    model = unique("compose-gpus")
+    name = containers.name("compose-gpus")
+    containers.client.containers.create(engine_image, ["true"], name=name, device_requests=requests)
+    harness = await open_runtime({model: {"container": name, "size_gb": 1}})
+
+    assert await harness.runtime.devices_of(harness.specs[model]) == expected
+    assert containers.inspect(name)["State"]["Status"] == "created"  # only read
+
+
+async def test_devices_of_a_model_without_a_container_is_none(
+    open_runtime: OpenRuntime, containers: Containers, engine_image: str
+) -> None:
+    model = containers.model("never")
+    harness = await open_runtime({model: image_model(engine_image, model, request_gpus=True)})
+
+    assert await harness.runtime.devices_of(harness.specs[model]) is None
 
 
 # ---- clear errors -----------------------------------------------------------------

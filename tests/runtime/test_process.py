@@ -75,8 +75,8 @@ class Harness:
         self.events: AsyncIterator[RuntimeEvent] = self.runtime.events()
         self.groups: list[int] = []
 
-    async def start(self, model: ModelSpec) -> EngineInfo:
-        info = await self.runtime.start(model)
+    async def start(self, model: ModelSpec, devices: tuple[int, ...] | None = None) -> EngineInfo:
+        info = await self.runtime.start(model, devices)
         assert info.pid is not None
         self.groups.append(info.pid)
         return info
@@ -194,6 +194,129 @@ async def test_the_engine_inherits_the_environment(
         "SWITCHD_TEST_INHERITED=from switchd",
         "SWITCHD_TEST_OVERRIDDEN=from the spec",
     ]
+
+
+# ---- placement on GPU devices ---------------------------------------------------------
+
+PLACEMENT_VARIABLES = "CUDA_VISIBLE_DEVICES,CUDA_DEVICE_ORDER,ENGINE_GPUS"
+
+
+async def test_an_engine_placed_on_devices_sees_only_them(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # switchd's own: the placement wins
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    model = spec(
+        "placed",
+        sys.executable,
+        "-c",
+        PRINT_ARGS,
+        PLACEMENT_VARIABLES,
+        "${GPUS}",
+        "--gpus=${GPUS}",
+        env={"ENGINE_GPUS": "devices ${GPUS}"},
+    )
+
+    info = await harness.start(model, (0, 1))
+
+    lines, exited = await harness.until_exit()
+    assert lines == [
+        "arg=0,1",
+        "arg=--gpus=0,1",
+        "CUDA_VISIBLE_DEVICES=0,1",
+        "CUDA_DEVICE_ORDER=PCI_BUS_ID",  # CUDA's numbering is NVML's
+        "ENGINE_GPUS=devices 0,1",
+    ]
+    assert info.devices == (0, 1)
+    assert exited.exit_code == 0
+
+
+async def test_gpus_is_substituted_in_the_words_before_a_shell_sees_them(
+    harness: Harness,
+) -> None:
+    script = 'echo "cvd=$CUDA_VISIBLE_DEVICES gpus=${GPUS}"; sleep 30'
+    model = spec("placed-sh", "sh", "-c", script)
+
+    info = await harness.start(model, (0, 1))
+
+    output = await harness.next_output()
+    assert output == EngineOutput("placed-sh", info.instance, "cvd=0,1 gpus=0,1")
+    await harness.runtime.stop(model, 5)
+    exited = await harness.next_event()
+    assert isinstance(exited, EngineExited)
+    assert exited.reason == "stopped"
+
+
+async def test_the_models_own_cuda_visible_devices_wins_over_the_placement(
+    harness: Harness,
+) -> None:
+    model = spec(
+        "pinned",
+        sys.executable,
+        "-c",
+        PRINT_ARGS,
+        PLACEMENT_VARIABLES,
+        "${GPUS}",
+        env={
+            "CUDA_VISIBLE_DEVICES": "3",
+            "CUDA_DEVICE_ORDER": "FASTEST_FIRST",
+            "ENGINE_GPUS": "${GPUS}",
+        },
+    )
+
+    info = await harness.start(model, (0, 1))
+
+    lines, _ = await harness.until_exit()
+    assert lines == [
+        "arg=0,1",
+        "CUDA_VISIBLE_DEVICES=3",
+        "CUDA_DEVICE_ORDER=FASTEST_FIRST",
+        "ENGINE_GPUS=0,1",
+    ]
+    assert info.devices == (0, 1)
+
+
+async def test_without_devices_the_environment_is_left_as_it_was(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    model = spec(
+        "unplaced",
+        sys.executable,
+        "-c",
+        PRINT_ARGS,
+        PLACEMENT_VARIABLES,
+        "${GPUS}",
+        "--gpus=${GPUS}",
+        env={"ENGINE_GPUS": "[${GPUS}]"},
+    )
+
+    info = await harness.start(model, None)
+
+    lines, _ = await harness.until_exit()
+    assert lines == [
+        "arg=",
+        "arg=--gpus=",
+        "CUDA_VISIBLE_DEVICES=5",
+        "CUDA_DEVICE_ORDER=<unset>",
+        "ENGINE_GPUS=[]",
+    ]
+    assert info.devices is None
+    assert await harness.runtime.devices_of(model) is None  # switchd places them all
+
+
+async def test_a_running_engine_started_on_other_devices_is_returned_as_it_runs(
+    harness: Harness,
+) -> None:
+    model = python("moved", SLEEPER)
+    first = await harness.start(model, (0,))
+    await harness.next_output()
+
+    second = await harness.start(model, (1,))
+
+    assert second is first
+    assert second.devices == (0,)
 
 
 async def test_engine_info_derives_the_url_from_the_port(harness: Harness) -> None:
