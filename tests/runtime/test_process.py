@@ -18,7 +18,7 @@ import pytest
 from switchd.config import ModelSpec
 from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
 from switchd.runtime.process import TAIL_LINES, ProcessRuntime, free_port
-from tests.processes import gone
+from tests.processes import gone, wait_gone
 
 EVENT_TIMEOUT = 10.0
 
@@ -56,15 +56,6 @@ def spec(
 
 def python(name: str, code: str, *args: str, url: str | None = None) -> ModelSpec:
     return spec(name, sys.executable, "-c", code, *args, url=url)
-
-
-async def wait_gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while not gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 class Harness:

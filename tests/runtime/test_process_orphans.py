@@ -25,7 +25,7 @@ import pytest
 from switchd.config import ModelSpec
 from switchd.runtime.base import Discovery, EngineExited, RuntimeEvent
 from switchd.runtime.process import ProcessRuntime
-from tests.processes import gone
+from tests.processes import gone, wait_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGGER = "switchd.runtime.process"
@@ -67,15 +67,6 @@ def start_time_of(pid: int) -> int:
 
 def boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
-
-
-async def wait_gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while not gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def orphan_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
