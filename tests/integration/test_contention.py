@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -152,9 +153,12 @@ async def test_an_explicit_switch_while_demand_waits_drains_and_everyone_is_serv
             await asyncio.sleep(0.05)
         # The small model's requests wait: the big one is busy and within its hold.
         small = [asyncio.create_task(http.post(CHAT, json=chat(SMALL))) for _ in range(3)]
+        async with asyncio.timeout(10):
+            while (await http.get("/v1/models/status")).json()["models"][SMALL]["waiting"] < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
         status = (await http.get("/v1/models/status")).json()
-        assert status["models"][SMALL]["waiting"] == 3
+        assert status["models"][SMALL]["waiting"] == 3, "still waiting: the big one holds"
         assert status["models"][SMALL]["oldest_wait_seconds"] >= 0.4
         # The operator switches to a third model: the big one is drained, not cut.
         switched = await http.post(
@@ -176,12 +180,12 @@ async def test_a_model_that_fails_to_load_cools_down_instead_of_restarting_per_r
         "broken": {"cmd": engine_cmd(5, "--fail-after 0.3"), "size_gb": 10},
         "fine": {"cmd": engine_cmd(0.3), "size_gb": 10},
     }
-    server = make_server(models, load_failure_cooldown_seconds=1)
+    server = make_server(models, load_failure_cooldown_seconds=3)
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
         first = await asyncio.gather(*(http.post(CHAT, json=chat("broken")) for _ in range(3)))
         for response in first:
             assert response.status_code == 503
-            assert response.headers["retry-after"] == "1"
+            assert response.headers["retry-after"] == "3"
             error = response.json()["error"]
             assert error["code"] == "load_failed"
             assert error["type"] == "server_error"
@@ -198,10 +202,12 @@ async def test_a_model_that_fails_to_load_cools_down_instead_of_restarting_per_r
         # Other models are not affected.
         assert (await http.post(CHAT, json=chat("fine"))).status_code == 200
         # After the cooldown one request tries again; a second failure doubles it.
-        await asyncio.sleep(1.1)
+        model = (await http.get("/v1/models/status")).json()["models"]["broken"]
+        left = datetime.fromisoformat(model["cooldown_until"]) - datetime.now(UTC)
+        await asyncio.sleep(left.total_seconds() + 0.1)
         retried = await http.post(CHAT, json=chat("broken"))
         assert retried.status_code == 503
-        assert retried.headers["retry-after"] == "2"
+        assert retried.headers["retry-after"] == "6"
         model = (await http.get("/v1/models/status")).json()["models"]["broken"]
         assert model["failures"] == 2
         # An operator's switch clears the cooldown and tries at once.
