@@ -27,6 +27,7 @@ test: lint
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench.status
 	$(BIN)/python -m bench.proxy
+	$(BIN)/python -m bench.contention
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
