@@ -184,9 +184,16 @@ class Catalog:
         return {device: share for device in devices}
 
     def need(self, spec: ModelSpec, every: Sequence[int]) -> planner.Need:
-        """Where `spec` may go and what it needs on each of those devices."""
+        """Where `spec` may go and what it needs on each of those devices: what its
+        fullest device was measured to hold, else the configured `gb_per_device`, else
+        its size split evenly (as tensor-parallel engines split a model)."""
         count = len(spec.gpus) if spec.gpus else (spec.docker.gpu_count or len(every))
-        return planner.Need(self.expected_gb(spec) / count, spec.gpus, count)
+        per_device = (
+            self._stats.get(spec.name).planned_per_device_gb
+            or spec.gb_per_device
+            or self.expected_gb(spec) / count
+        )
+        return planner.Need(per_device, spec.gpus, count)
 
     def available_by_device(self, snapshot: GpuSnapshot) -> dict[int, float]:
         """Per device, the smaller of the driver's free figure and total minus reservations.

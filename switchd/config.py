@@ -93,6 +93,7 @@ class ModelSpec:
     api_key: str | None = None  # sent to the engine instead of the client's key
     docker: DockerOptions = DockerOptions()
     priority: int = 0  # breaks ties between models whose waiters waited as long
+    gb_per_device: float | None = None  # need per device, where it is not an even split
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,7 @@ _MODEL_KEYS = {
     "remove",
     "priority",
     "gpu_count",
+    "gb_per_device",
 }
 _SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds"}
 
@@ -398,6 +400,9 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
         api_key=reader.text("api_key"),
         docker=_parse_docker(reader, gpu_count),
         priority=reader.whole("priority", 0, minimum=-1000),
+        gb_per_device=reader.number("gb_per_device", None, minimum=0.01)
+        if "gb_per_device" in reader.data
+        else None,
         # YAML's `true` would become "True"; engines expect the spelling they were given.
         env={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()},
     )
@@ -452,13 +457,22 @@ def check_devices(
     for spec in settings.models.values():
         key = f"models.{spec.name}.gpus"
         count = len(spec.gpus) if spec.gpus else (spec.docker.gpu_count or device_count)
-        if device_total_gb is not None and count and spec.size_gb / count > device_total_gb:
-            raise ConfigError(
-                settings.source,
-                f"models.{spec.name}.size_gb",
-                f"{spec.size_gb:g} GB over {count} device(s) is {spec.size_gb / count:.2f} GB "
-                f"on each, more than one {device_total_gb:.2f} GB card of {source_name} holds",
-            )
+        if device_total_gb is not None and count:
+            if spec.gb_per_device is not None and spec.gb_per_device > device_total_gb:
+                raise ConfigError(
+                    settings.source,
+                    f"models.{spec.name}.gb_per_device",
+                    f"{spec.gb_per_device:g} GB is more than one {device_total_gb:.2f} GB card "
+                    f"of {source_name} holds",
+                )
+            if spec.size_gb / count > device_total_gb:
+                raise ConfigError(
+                    settings.source,
+                    f"models.{spec.name}.size_gb",
+                    f"{spec.size_gb:g} GB over {count} device(s) is {spec.size_gb / count:.2f} "
+                    f"GB on each, more than one {device_total_gb:.2f} GB card of {source_name} "
+                    "holds",
+                )
         for index in spec.gpus or ():
             if index >= device_count:
                 has = f"{source_name} has {_device_list(device_count)}"

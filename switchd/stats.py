@@ -32,11 +32,19 @@ class Learned:
     footprint_gb: float | None = None  # smoothed
     loads: int = 0
     samples: tuple[float, ...] = ()  # the latest good footprint samples, oldest first
+    # Of the same loads, what the fullest of its devices held: an engine does not
+    # always split itself evenly, and each device must have room for its share.
+    device_samples: tuple[float, ...] = ()
 
     @property
     def planned_gb(self) -> float | None:
         """What to plan with: the largest recent good sample, else the smoothed figure."""
         return max(self.samples) if self.samples else self.footprint_gb
+
+    @property
+    def planned_per_device_gb(self) -> float | None:
+        """What its fullest device held, at most, in the recent good samples."""
+        return max(self.device_samples) if self.device_samples else None
 
 
 class LearnedStats:
@@ -62,9 +70,8 @@ class LearnedStats:
                     load_seconds=_number(entry.get("load_seconds")),
                     footprint_gb=_number(entry.get("footprint_gb")),
                     loads=int(entry.get("loads", 0)),
-                    samples=tuple(
-                        v for v in map(_number, entry.get("samples", [])) if v is not None
-                    )[-RECENT_SAMPLES:],
+                    samples=_numbers(entry.get("samples", [])),
+                    device_samples=_numbers(entry.get("device_samples", [])),
                 )
                 for name, entry in raw.items()
             }
@@ -75,12 +82,22 @@ class LearnedStats:
             log.warning("ignoring unreadable %s: %s", self._path, exc)
             return {}
 
-    async def record(self, model: str, load_seconds: float, footprint_gb: float | None) -> None:
+    async def record(
+        self,
+        model: str,
+        load_seconds: float,
+        footprint_gb: float | None,
+        fullest_device_gb: float | None = None,
+    ) -> None:
+        """A load: its time, and its footprint when one could be attributed (with what
+        the fullest of its devices held)."""
         previous = self.get(model)
-        samples = previous.samples
+        samples, device_samples = previous.samples, previous.device_samples
         smoothed = previous.footprint_gb
         if footprint_gb is not None and footprint_gb > 0:
             samples = (*samples, round(footprint_gb, 2))[-RECENT_SAMPLES:]
+            if fullest_device_gb is not None and fullest_device_gb > 0:
+                device_samples = (*device_samples, round(fullest_device_gb, 2))[-RECENT_SAMPLES:]
             smoothed = round(
                 footprint_gb
                 if smoothed is None
@@ -93,6 +110,7 @@ class LearnedStats:
             footprint_gb=smoothed,
             loads=previous.loads + 1,
             samples=samples,
+            device_samples=device_samples,
         )
         snapshot = {name: asdict(entry) for name, entry in self._by_model.items()}
         try:
@@ -105,6 +123,11 @@ class LearnedStats:
         temporary = self._path.with_suffix(".tmp")
         temporary.write_text(json.dumps(snapshot, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(temporary, self._path)
+
+
+def _numbers(values: object) -> tuple[float, ...]:
+    found = [v for v in map(_number, values if isinstance(values, list) else []) if v is not None]
+    return tuple(found[-RECENT_SAMPLES:])
 
 
 def _number(value: object) -> float | None:

@@ -456,7 +456,8 @@ class Steps:
                 log.warning("footprint of %s not learned from this load: %s", spec.name, why)
             record.measured_by_device = measured
             record.measured_gb = round(sum(measured.values()), 2) if measured else None
-            await self._stats.record(spec.name, load_seconds, record.measured_gb)
+            fullest = max(measured.values()) if measured else None
+            await self._stats.record(spec.name, load_seconds, record.measured_gb, fullest)
         self.catalog.transition(record, ModelState.LOADING, ModelState.RUNNING)
         message = f"{spec.name} is ready after {load_seconds:.1f} s"
         self.emit(job, wire.Ready(load_seconds, record.measured_gb), message, progress=1.0)

@@ -77,6 +77,20 @@ def test_what_a_model_holds_is_split_over_its_devices_unless_measured_there(
     assert catalog.held_by_device(c, (0, 1)) == {1: 9.5}
 
 
+async def test_a_per_device_need_learned_or_configured_beats_an_even_split(
+    tmp_path: Path,
+) -> None:
+    models = {**MODELS, "d": {"cmd": "e", "size_gb": 40, "gb_per_device": 24}}
+    settings = make_settings(tmp_path, models, simulated_gpu=TWO_DEVICES)
+    stats = LearnedStats(settings.state_dir)
+    catalog = Catalog(settings, stats, SimulatedGpu(settings.simulated_gpu), EventBus())
+    d = catalog.records["d"].spec
+    assert catalog.need(d, (0, 1)).per_device_gb == 24.0  # configured
+    await stats.record("d", 1.0, 41.0, 25.5)  # measured: the fullest device held 25.5
+    assert catalog.need(d, (0, 1)).per_device_gb == 25.5
+    assert catalog.need(catalog.records["c"].spec, (0, 1)).per_device_gb == 5.0  # split
+
+
 def test_a_models_need_is_per_device(catalog: Catalog) -> None:
     need = catalog.need(catalog.records["a"].spec, (0, 1))
     assert (need.per_device_gb, need.fixed, need.count) == (40.0, (0,), 1)

@@ -957,3 +957,14 @@ def test_a_share_per_device_larger_than_one_card_is_refused(
     assert (error.key, error.problem) == ("models.m.size_gb", problem)
     # Split over both cards (no `gpus`: every device), 30 GB each fits.
     assert parse(gpu="simulated", simulated_gpu=two, models={"m": model(size_gb=60)})
+
+
+def test_gb_per_device_is_a_need_per_device_no_larger_than_a_card() -> None:
+    two = {"total_gb": 48, "devices": 2}
+    spec = parse(gpu="simulated", simulated_gpu=two, models={"m": model(gb_per_device=30)})
+    assert spec.models["m"].gb_per_device == 30.0
+    error = refused(gpu="simulated", simulated_gpu=two, models={"m": model(gb_per_device=50)})
+    assert (error.key, error.problem) == (
+        "models.m.gb_per_device",
+        "50 GB is more than one 48.00 GB card of the simulated GPU holds",
+    )

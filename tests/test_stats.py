@@ -44,8 +44,15 @@ async def test_record_then_reload_gives_the_same_figures(tmp_path: Path) -> None
             "load_seconds": 14.57,
             "loads": 1,
             "samples": [38.25],
+            "device_samples": [],
         },
-        "mistral": {"footprint_gb": 17.5, "load_seconds": 3.0, "loads": 1, "samples": [17.5]},
+        "mistral": {
+            "footprint_gb": 17.5,
+            "load_seconds": 3.0,
+            "loads": 1,
+            "samples": [17.5],
+            "device_samples": [],
+        },
     }
 
 
@@ -142,7 +149,13 @@ async def test_recording_after_a_damaged_file_replaces_it(tmp_path: Path) -> Non
     stats = await loaded(tmp_path)
     await stats.record("m", 1.0, 2.0)
     assert json.loads((tmp_path / FILE_NAME).read_text(encoding="utf-8")) == {
-        "m": {"footprint_gb": 2.0, "load_seconds": 1.0, "loads": 1, "samples": [2.0]}
+        "m": {
+            "footprint_gb": 2.0,
+            "load_seconds": 1.0,
+            "loads": 1,
+            "samples": [2.0],
+            "device_samples": [],
+        }
     }
 
 
@@ -179,3 +192,13 @@ async def test_a_failed_write_keeps_the_figures_in_memory(
         await stats.record("m", 2.0, 3.0)  # does not raise
     assert stats.get("m") == Learned(load_seconds=2.0, footprint_gb=3.0, loads=1, samples=(3.0,))
     assert "cannot save learned figures" in caplog.text
+
+
+async def test_what_the_fullest_device_held_is_learned_beside_the_total(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record("m", 5.0, 80.0, 42.0)  # 38 + 42 over two cards: not an even split
+    await stats.record("m", 5.0, 80.0, 41.0)
+    await stats.record("m", 5.0, None, None)  # not attributable: nothing learned
+    learned = (await loaded(tmp_path)).get("m")
+    assert (learned.device_samples, learned.planned_per_device_gb) == ((42.0, 41.0), 42.0)
+    assert LearnedStats(tmp_path).get("x").planned_per_device_gb is None
