@@ -227,6 +227,20 @@ async def serve(
         await engine.close()
 
 
+async def die_mid_answer(
+    writer: asyncio.StreamWriter, content_type: str, pieces: tuple[bytes, ...]
+) -> bool:
+    """An engine that starts a chunked 200 answer, sends `pieces`, then dies."""
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n"
+    writer.write(f"{head}transfer-encoding: chunked\r\n\r\n".encode())
+    for piece in pieces:
+        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    writer.transport.abort()
+    return False
+
+
 def openai_error(message: str, kind: str, code: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": code}}
 
@@ -266,15 +280,9 @@ async def test_engine_dying_mid_stream_ends_with_an_error_event_after_the_whole_
     async def die(received: Received, writer: asyncio.StreamWriter) -> bool:
         if json.loads(received.body).get("stream") is not True:
             return await answer_json(received, writer)
-        head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-        writer.write(f"{head}transfer-encoding: chunked\r\n\r\n".encode())
         # Two whole events and half of a third, cut across chunks; then the engine dies.
-        for piece in (b'data: {"n": 1}\n\ndata: {"n"', b': 2}\n\ndata: {"n": 3, "te'):
-            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        writer.transport.abort()
-        return False
+        pieces = (b'data: {"n": 1}\n\ndata: {"n"', b': 2}\n\ndata: {"n": 3, "te')
+        return await die_mid_answer(writer, "text/event-stream", pieces)
 
     async with serve(make_settings(tmp_path), die) as running:
         body = chat("gpt-oss-20b", stream=True)
@@ -305,14 +313,8 @@ async def test_engine_dying_mid_json_answer_leaves_it_visibly_cut_short(tmp_path
     async def die(received: Received, writer: asyncio.StreamWriter) -> bool:
         if json.loads(received.body)["messages"][0]["content"] != "die":
             return await answer_json(received, writer)
-        head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-        writer.write(f"{head}transfer-encoding: chunked\r\n\r\n".encode())
-        piece = b'{"object": "chat.completion", "choices": [{"mess'
-        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.transport.abort()
-        return False
+        pieces = (b'{"object": "chat.completion", "choices": [{"mess',)
+        return await die_mid_answer(writer, "application/json", pieces)
 
     async with serve(make_settings(tmp_path), die) as running:
         async with asyncio.timeout(5):

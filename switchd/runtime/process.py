@@ -145,8 +145,11 @@ class ProcessRuntime:
             devices=devices,
         )
         engine = _Engine(spec, process, info)
-        # Before the pump exists, so the pump's removal always follows this write.
-        engine.pid_file = self._write_pid_file(spec.name, process.pid, argv, info.started_at)
+        # Before the pump exists, so the pump's removal always follows this write; in a
+        # worker thread, like all file work here (it reads /proc and writes a file).
+        engine.pid_file = await asyncio.to_thread(
+            self._write_pid_file, spec.name, process.pid, argv, info.started_at
+        )
         self._engines[spec.name] = engine
         engine.pump = asyncio.create_task(self._pump(engine), name=f"engine-{spec.name}")
         return info
