@@ -3,6 +3,7 @@ real switchd with a simulated 2- and 4-device card and real engine processes."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -113,3 +114,45 @@ async def test_four_cards_fixed_and_counted_models_share_them(make_server: Serve
         {"pair": 30.0, "every": 10.0},
         {"pair": 30.0, "every": 10.0},
     ]
+
+
+async def test_users_wanting_three_models_on_two_cards_are_all_served(
+    make_server: ServerFactory,
+) -> None:
+    """Six users at once want three 40 GB models that fit one per 47.79 GB card: every
+    request is answered, and no card is ever said to hold more than it has."""
+    models = {name: placed_engine(40, gpu_count=1) for name in ("a", "b", "c")}
+    server = make_server(
+        models,
+        simulated_gpu={"total_gb": CARD_GB, "devices": 2},
+        min_residency_seconds=0.5,
+        max_hold_seconds=1.5,
+    )
+    statuses: list[int] = []
+    over: list[dict[str, float]] = []
+
+    async def user(http: httpx.AsyncClient, model: str, until: float) -> None:
+        while asyncio.get_running_loop().time() < until:
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            response = await http.post("/v1/chat/completions", json=body)
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                assert response.json()["model"] == model
+
+    async def watch(http: httpx.AsyncClient) -> None:
+        while True:
+            devices = (await http.get("/v1/models/status")).json()["gpu"]["devices"]
+            for device in devices:
+                if sum(device["models"].values()) > device["total_gb"]:
+                    over.append(device["models"])
+            await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        watcher = asyncio.create_task(watch(http))
+        until = asyncio.get_running_loop().time() + 10
+        await asyncio.gather(*(user(http, model, until) for model in "abcabc"))
+        assert not watcher.done(), watcher
+        watcher.cancel()
+    assert statuses
+    assert set(statuses) == {200}
+    assert over == []
