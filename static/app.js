@@ -5,10 +5,11 @@ import { api, apiKey, readEvents, saveApiKey, Unauthorized } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 const STAGE_EVENTS = new Set([
-  "queued", "memory_check", "drain", "unload", "unloaded", "freed",
-  "start", "loading", "log", "ready", "result", "error",
+  "queued", "memory_check", "drain", "unload", "unloaded", "sleep", "slept", "freed",
+  "wake", "woken", "start", "loading", "log", "ready", "result", "error",
 ]);
 const LOG_LINES = 40;
+const NARROW_PERCENT = 6; // a bar segment this thin shows no text: it would be cut to a glyph
 
 const state = {
   status: null,      // the last /v1/models/status body
@@ -47,8 +48,17 @@ function gb(value) {
   return value == null ? "–" : `${Number(value).toFixed(2)} GB`;
 }
 
+// 1 -> "1", 2.14 -> "2.1", 0.063 -> "0.063": seconds as people read them.
+function secs(value) {
+  return String(Number(Number(value).toPrecision(2)));
+}
+
 function heldGb(model) {
   return model.gpu_memory_used_gb ?? model.size_gb;
+}
+
+function sleeping(model) {
+  return model.status === "sleeping" && model.sleep ? model.sleep : null;
 }
 
 function renderStatus() {
@@ -82,23 +92,83 @@ function renderDevices(status) {
       if (!model) continue;
       const held = Math.min(onDevice, device.total_gb - accounted);
       accounted += held;
-      parts.push({ name, held, css: `model ${model.status}` });
+      const sleep = sleeping(model);
+      parts.push({ name, held, css: `model ${model.status}`, sleep, what: sleep ? " asleep" : "" });
     }
     const other = device.used_gb - accounted;
     if (other > 0.05) parts.push({ name: "other", held: other, css: "other" });
     for (const part of parts) {
       const span = document.createElement("span");
       span.className = part.css;
-      span.style.width = `${(100 * part.held) / device.total_gb}%`;
-      span.textContent = `${part.name} ${part.held.toFixed(1)} GB`;
-      span.title = span.textContent;
+      const percent = (100 * part.held) / device.total_gb;
+      span.style.width = `${percent}%`;
+      if (percent < NARROW_PERCENT) span.classList.add("narrow"); // its title and the note say it
+      span.textContent = `${part.name}${part.what || ""} ${part.held.toFixed(1)} GB`;
+      span.title = part.sleep
+        ? `${span.textContent} (${part.sleep.level}), kept while asleep`
+        : span.textContent;
       bar.append(span);
     }
     bar.setAttribute("aria-label",
-      `${label.children[1].textContent}: ${parts.map((p) => `${p.name} ${p.held.toFixed(1)} GB`).join(", ") || "empty"}`);
+      `${label.children[1].textContent}: ${parts.map((p) => `${p.name}${p.what || ""} ${p.held.toFixed(1)} GB`).join(", ") || "empty"}`);
     box.append(label, bar);
+    const sleepers = parts.filter((part) => part.sleep);
+    if (sleepers.length) box.append(sleepNote(sleepers));
     devices.append(box);
   }
+}
+
+// Under a bar: its sleeping models' residues are too thin to carry their own label.
+function sleepNote(sleepers) {
+  const note = document.createElement("p");
+  note.className = "bar-note";
+  for (const part of sleepers) {
+    const item = document.createElement("span");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch sleeping";
+    const wake = secs(part.sleep.estimated_wake_seconds);
+    item.append(swatch,
+      `${part.name} asleep (${part.sleep.level}): ${part.held.toFixed(1)} GB kept, wakes in ~${wake} s`);
+    note.append(item);
+  }
+  return note;
+}
+
+function statusCell(cell, model) {
+  const badge = document.createElement("span");
+  badge.className = `status ${model.status}`;
+  badge.textContent = model.status;
+  cell.append(badge);
+  const sleep = sleeping(model);
+  if (sleep) {
+    badge.textContent = `sleeping · ${sleep.level}`;
+    const wake = `wakes in ~${secs(sleep.estimated_wake_seconds)} s`;
+    const ram = sleep.host_ram_gb ? `, ${gb(sleep.host_ram_gb)} of host RAM` : "";
+    badge.title = `Asleep since ${new Date(sleep.since).toLocaleTimeString()}${ram}; ${wake}`;
+    cell.append(note(wake));
+  }
+  if (model.error) {
+    const why = document.createElement("span");
+    why.className = "status-error";
+    why.textContent = model.error.split("\n")[0];
+    cell.append(why);
+  }
+}
+
+function memoryCell(cell, model) {
+  if (sleeping(model)) {
+    // What it keeps on the GPU asleep; what it takes back once woken.
+    cell.append(gb(model.gpu_memory_used_gb), note(`asleep; ${gb(model.size_gb)} awake`));
+  } else {
+    cell.textContent = gb(model.status === "running" ? heldGb(model) : model.size_gb);
+  }
+}
+
+function note(text) {
+  const line = document.createElement("span");
+  line.className = "cell-note";
+  line.textContent = text;
+  return line;
 }
 
 function renderModels(models) {
@@ -108,18 +178,8 @@ function renderModels(models) {
     const row = body.insertRow();
     row.dataset.model = name;
     row.insertCell().textContent = name;
-    const status = row.insertCell();
-    const badge = document.createElement("span");
-    badge.className = `status ${model.status}`;
-    badge.textContent = model.status;
-    status.append(badge);
-    if (model.error) {
-      const why = document.createElement("span");
-      why.className = "status-error";
-      why.textContent = model.error.split("\n")[0];
-      status.append(why);
-    }
-    row.insertCell().textContent = gb(model.status === "running" ? heldGb(model) : model.size_gb);
+    statusCell(row.insertCell(), model);
+    memoryCell(row.insertCell(), model);
     row.insertCell().textContent = `~${model.estimated_load_time_seconds} s`;
     row.insertCell().textContent = String(model.in_flight);
     row.insertCell().textContent = model.pinned ? "pinned" : "";
@@ -173,23 +233,41 @@ function stageSentence(name, data) {
   const victim = data.victim;
   switch (name) {
     case "queued": return `Waiting for the switch to ${data.behind} to finish…`;
-    case "memory_check":
-      return data.to_unload.length
-        ? `${data.model} needs ${gb(data.required_gb)}; ${gb(data.available_gb)} free: unloading ${data.to_unload.join(", ")}…`
-        : `${data.model} needs ${gb(data.required_gb)}; ${gb(data.available_gb)} free.`;
+    case "memory_check": return memorySentence(data);
     case "drain": return `Waiting for ${data.in_flight} request(s) on ${victim} to finish…`;
-    case "unload": return `Unloading ${victim}…`;
+    case "unload":
+      // With its reason when it is stopped instead of put to sleep, or its wake failed.
+      return data.message && data.message.startsWith(`Unloading ${victim}: `)
+        ? data.message
+        : `Unloading ${victim}…`;
     case "unloaded": return `${victim} unloaded: ${gb(data.freed_gb)} freed.`;
+    case "sleep": return `${data.message}…`;
+    case "slept": return `${data.message}.`;
+    case "wake": return `${data.message}…`;
+    case "woken": return `${data.message}.`;
     case "freed": return `Freed ${gb(data.freed_gb)}; ${gb(data.available_gb)} free.`;
     case "start": return `Starting ${data.model}…`;
     case "loading":
       return `Loading ${data.model} — ${Math.round(data.elapsed_seconds)} s of ~${Math.round(data.estimated_load_time_seconds)} s`;
-    case "ready": return `${data.model} is ready (loaded in ${data.load_seconds} s).`;
+    case "ready": {
+      const how = state.job && state.job.woken ? "woke" : "loaded";
+      return `${data.model} is ready (${how} in ${data.load_seconds} s).`;
+    }
     case "result":
       return data.status === "already_loaded" ? `${data.model} is already running.` : data.message;
     case "error": return `Switch failed: ${data.message}`;
     default: return data.message;
   }
+}
+
+function memorySentence(data) {
+  const needs = `${data.model} needs ${gb(data.required_gb)}; ${gb(data.available_gb)} free`;
+  const asleep = data.to_sleep || [];
+  const stopped = data.to_unload.filter((name) => !asleep.includes(name));
+  const actions = [];
+  if (asleep.length) actions.push(`sleeping ${asleep.join(", ")}`);
+  if (stopped.length) actions.push(`unloading ${stopped.join(", ")}`);
+  return actions.length ? `${needs}: ${actions.join(", ")}…` : `${needs}.`;
 }
 
 function beginJob(data) {
@@ -248,6 +326,7 @@ function onStageEvent(name, data) {
     return;
   }
   setProgress(data.progress);
+  if (name === "woken") state.job.woken = true;
   const sentence = stageSentence(name, data);
   $("stage-text").textContent = sentence;
   addTimeline(name, sentence);

@@ -10,13 +10,14 @@ StateConflict, which the caller handles on purpose.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from switchd import planner, wire
-from switchd.config import ModelSpec, Settings
+from switchd import planner, standby, wire
+from switchd.config import ModelSpec, Settings, Tier
 from switchd.events import EventBus
 from switchd.gpu import GpuProbe, GpuSnapshot
 from switchd.runtime.base import EngineInfo
@@ -25,7 +26,9 @@ from switchd.stats import LearnedStats
 from switchd.units import gib, gib_to_bytes, iso_timestamp
 
 ACTIVE = (ModelState.RUNNING, ModelState.LOADING)
-HOLDING = (ModelState.RUNNING, ModelState.LOADING, ModelState.STOPPING)
+# An engine runs (it may be asleep); and it holds GPU memory (asleep: its residue).
+ENGINE = (ModelState.RUNNING, ModelState.LOADING, ModelState.SLEEPING)
+HOLDING = (ModelState.RUNNING, ModelState.LOADING, ModelState.STOPPING, ModelState.SLEEPING)
 
 
 class StateConflict(RuntimeError):
@@ -51,6 +54,13 @@ class ModelRecord:
     error: str | None = None
     measured_gb: float | None = None  # what its engine holds, measured at its load
     measured_by_device: dict[int, float] | None = None  # the same, device by device
+    # SLEEPING: its tier, when it fell asleep (epoch), the host RAM it is charged
+    # (level 1) and what it still holds on each device, measured.
+    asleep: Tier | None = None
+    asleep_since: float = 0.0
+    host_ram_gb: float = 0.0
+    residue_by_device: dict[int, float] | None = None
+    ready_cost_seconds: float | None = None  # what its last load or wake took
     devices: tuple[int, ...] | None = None  # where its engine runs (placed or found)
     last_used: float = 0.0  # epoch seconds, for status and TTL
     ready_at: float = 0.0  # epoch seconds
@@ -92,12 +102,13 @@ class Catalog:
         engine: EngineInfo | None = None,
         error: str | None = None,
         devices: tuple[int, ...] | None = None,
+        tier: Tier | None = None,
     ) -> ModelState:
         """Move `record` to `new` if it is in `expected`; returns the state it left.
 
-        `engine` is the engine of a LOADING or RUNNING model (kept when not
-        given), `devices` where it runs (else the engine's, if it knows them);
-        leaving those states drops both.
+        `engine` is the engine of a LOADING, RUNNING or SLEEPING model (kept when
+        not given), `devices` where it runs (else the engine's, if it knows them);
+        leaving those states drops both. `tier`: how a SLEEPING model sleeps.
         """
         assert self.owner is None or asyncio.current_task() is self.owner, (
             "model state changed outside the scheduler's worker"
@@ -109,25 +120,35 @@ class Catalog:
         check(MODEL_TRANSITIONS, old, new)
         record.state = new
         record.error = error
-        if new in ACTIVE:
+        if new in ENGINE:
             record.engine = engine or record.engine
             found = record.engine.devices if record.engine is not None else None
             record.devices = devices or found or record.devices
         elif new is not ModelState.STOPPING:
             record.engine = None
             record.devices = None
+        if old is ModelState.SLEEPING:
+            record.asleep, record.host_ram_gb, record.residue_by_device = None, 0.0, None
         spec = record.spec
         if new is ModelState.RUNNING:
             record.ready_at = time.time()
             record.resident_since = record.last_active = time.monotonic()
         if new is ModelState.LOADING:
             record.last_exit = None
-        if new in ACTIVE and old not in HOLDING:
+        if new in ENGINE and old not in HOLDING:
             # What the engine will really hold: the simulated card's truth is the
             # configured size (NVML sees real allocations and ignores this).
             self._gpu.engine_started(
                 spec.name, gib_to_bytes(spec.size_gb), record.devices or spec.gpus
             )
+            self.memory_moves += 1
+        if new is ModelState.SLEEPING:  # from RUNNING, or adopted asleep
+            self._gpu.engine_slept(spec.name)
+            record.asleep, record.asleep_since = tier, time.time()
+            self.memory_moves += 1
+        if old is ModelState.SLEEPING and new is ModelState.LOADING:
+            self._gpu.engine_woken(spec.name)
+            record.measured_gb = record.measured_by_device = None  # measured again once awake
             self.memory_moves += 1
         if new not in HOLDING and old in HOLDING:
             self._gpu.engine_stopped(spec.name)
@@ -135,6 +156,8 @@ class Catalog:
             self.memory_moves += 1
             self._releasing[spec.name] = time.monotonic() + self._release_seconds
         data: dict[str, Any] = {"model": spec.name, "from": old.value, "to": new.value}
+        if tier is not None and new is ModelState.SLEEPING:
+            data["tier"] = tier.value
         if error:
             data["error"] = error
         self._bus.publish(wire.MODEL_STATE, data)
@@ -164,6 +187,44 @@ class Catalog:
         learned = self._stats.get(spec.name).load_seconds
         return round(learned if learned is not None else spec.load_time_seconds, 2)
 
+    def estimated_wake_seconds(self, spec: ModelSpec, tier: Tier) -> float:
+        """Learned for this tier, else the documented typical figure, at most a tenth
+        of a cold load (vLLM measures 18-200x faster) until a wake is measured."""
+        wakes = self._stats.get(spec.name).wake_seconds
+        learned = wakes.get(tier.value)
+        if learned is not None:
+            return round(learned, 2)
+        cold = self.estimated_load_seconds(spec)
+        guess = min(standby.DEFAULT_WAKE_SECONDS[tier], cold * standby.UNMEASURED_WAKE_SHARE)
+        if tier is Tier.SLEEP2:  # it reloads what level 1 kept: never guessed faster
+            guess = max(guess, wakes.get(Tier.SLEEP1.value, 0.0))
+        return round(guess, 2)
+
+    def estimated_ready_seconds(self, record: ModelRecord) -> float:
+        """How long until it could serve: a wake if it sleeps, else a cold load."""
+        if record.state is ModelState.SLEEPING and record.asleep is not None:
+            return self.estimated_wake_seconds(record.spec, record.asleep)
+        return self.estimated_load_seconds(record.spec)
+
+    def host_ram_in_use_gb(self) -> float:
+        """What level-1 sleepers hold in host RAM, charged at their weights."""
+        return math.fsum(r.host_ram_gb for r in self.records.values())
+
+    def standby_victim(self, record: ModelRecord, held: dict[int, float]) -> standby.Victim:
+        """What `standby.choose` needs to know of a victim."""
+        spec = record.spec
+        learned = self._stats.get(spec.name)
+        tiers = spec.standby if record.state is ModelState.RUNNING else ()
+        return standby.Victim(
+            spec.name,
+            tiers,
+            held,
+            learned.residue_gb,
+            {tier: self.estimated_wake_seconds(spec, tier) for tier in tiers},
+            self.estimated_load_seconds(spec),
+            spec.weights_gb if spec.weights_gb is not None else math.fsum(held.values()),
+        )
+
     def expected_gb(self, spec: ModelSpec) -> float:
         """What a load of it will hold: learned (the largest recent sample), else configured."""
         return self._stats.get(spec.name).planned_gb or spec.size_gb
@@ -177,9 +238,15 @@ class Catalog:
     def held_by_device(self, record: ModelRecord, every: Sequence[int]) -> dict[int, float]:
         """What it holds on each of its devices: measured there, else its share of what
         it holds (tensor-parallel engines split a model evenly over their devices)."""
+        devices = record.devices or record.spec.gpus or tuple(every)
+        if record.state is ModelState.SLEEPING:
+            if record.residue_by_device is not None:
+                return dict(record.residue_by_device)
+            learned = self._stats.get(record.spec.name).residue_gb
+            held = learned if learned is not None else self.expected_gb(record.spec)
+            return dict.fromkeys(devices, held / len(devices))  # unmeasured: assume the worst
         if record.measured_by_device:
             return dict(record.measured_by_device)
-        devices = record.devices or record.spec.gpus or tuple(every)
         share = self.held_gb(record) / len(devices)
         return {device: share for device in devices}
 
@@ -193,6 +260,14 @@ class Catalog:
             or spec.gb_per_device
             or self.expected_gb(spec) / count
         )
+        record = self.records[spec.name]
+        if record.state is ModelState.SLEEPING and record.devices:
+            # It wakes where it sleeps, and its residue is already there.
+            # Its need is the same on each device; the residue may not be: count the
+            # smallest, so that no device is promised more than it has.
+            residue = self.held_by_device(record, every)
+            kept = min(residue.values(), default=0.0)
+            return planner.Need(max(0.0, per_device - kept), record.devices, len(record.devices))
         return planner.Need(per_device, spec.gpus, count)
 
     def available_by_device(self, snapshot: GpuSnapshot) -> dict[int, float]:
@@ -224,7 +299,7 @@ class Catalog:
                 r.spec.name, self.held_by_device(r, every), r.last_used, r.spec.pinned
             )
             for r in self.records.values()
-            if r.spec.name != target.name and r.state in ACTIVE
+            if r.spec.name != target.name and r.state in ENGINE
         ]
 
     def models_json(self) -> dict[str, Any]:
@@ -236,18 +311,30 @@ class Catalog:
             "status": record.state.value,
             "size_gb": spec.size_gb,
             "estimated_load_time_seconds": self.estimated_load_seconds(spec),
-            "gpu_memory_used_gb": record.measured_gb if record.state in ACTIVE else None,
+            "gpu_memory_used_gb": record.measured_gb
+            if record.state in ACTIVE
+            else _rounded_total(record.residue_by_device),
             "pinned": spec.pinned,
             "last_used": iso_timestamp(record.last_used) if record.last_used else None,
             "in_flight": record.in_flight,
             "gpus": list(spec.gpus) if spec.gpus is not None else "all",
-            "devices": list(record.devices) if record.devices and record.state in ACTIVE else None,
+            "devices": list(record.devices) if record.devices and record.state in ENGINE else None,
             "aliases": list(spec.aliases),
             "failures": record.failures,
             "cooldown_until": iso_timestamp(record.cooldown_until)
             if record.cooldown_until > time.time()
             else None,
+            "standby_tiers": [tier.value for tier in spec.standby],
         }
+        if record.state is ModelState.SLEEPING and record.asleep is not None:
+            body["sleep"] = {
+                "tier": record.asleep.value,
+                "level": standby.label(record.asleep),
+                "since": iso_timestamp(record.asleep_since),
+                "residue_gb": _rounded_total(record.residue_by_device),
+                "host_ram_gb": round(record.host_ram_gb, 2),
+                "estimated_wake_seconds": self.estimated_wake_seconds(spec, record.asleep),
+            }
         if record.state is ModelState.RUNNING:
             body["health"] = "healthy"
         if record.state is ModelState.FAILED:
@@ -262,3 +349,7 @@ class Catalog:
                 "started_at": iso_timestamp(record.engine.started_at),
             }
         return body
+
+
+def _rounded_total(by_device: dict[int, float] | None) -> float | None:
+    return round(math.fsum(by_device.values()), 2) if by_device is not None else None

@@ -57,6 +57,21 @@ class SimulatedGpuSettings:
     # How long a stopped engine's memory takes to show as free again; real
     # drivers lag, and the verify-freed path should be exercised.
     release_delay_seconds: float = 0.0
+    # What a sleeping engine still holds (its CUDA context and buffers), in all: the
+    # simulated card's truth, which switchd must measure and learn, never read.
+    sleep_residue_gb: float = 1.5
+
+
+class Tier(StrEnum):
+    """How an engine can be put aside without stopping it (`standby:` in a model)."""
+
+    SLEEP1 = "sleep1"  # vLLM sleep level 1: weights kept in host RAM
+    SLEEP2 = "sleep2"  # vLLM sleep level 2: weights discarded, reloaded on wake
+    RELEASE = "release"  # SGLang's release/resume memory occupation
+
+    @property
+    def uses_host_ram(self) -> bool:
+        return self is Tier.SLEEP1
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,9 @@ class ModelSpec:
     docker: DockerOptions = DockerOptions()
     priority: int = 0  # breaks ties between models whose waiters waited as long
     gb_per_device: float | None = None  # need per device, where it is not an even split
+    standby: tuple[Tier, ...] = ()  # how it can sleep instead of stopping, cheapest wake first
+    weights_gb: float | None = None  # what a level-1 sleep keeps in host RAM (else its footprint)
+    wake_check_path: str = "/v1/completions"  # the one tiny request after a wake
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,8 @@ class Settings:
     # for this long, doubling per consecutive failure up to the maximum.
     load_failure_cooldown_seconds: float = 10.0
     max_load_failure_cooldown_seconds: float = 300.0
+    # Host RAM that level-1 sleeps may hold in all; None: half of MemAvailable at start.
+    standby_host_ram_gb: float | None = None
     state_dir: Path = Path(".switchd-state")
 
     def resolve(self, name: str) -> ModelSpec | None:
@@ -171,6 +191,7 @@ _TOP_KEYS = {
     "max_hold_seconds",
     "load_failure_cooldown_seconds",
     "max_load_failure_cooldown_seconds",
+    "standby_host_ram_gb",
     "state_dir",
     "models",
 }
@@ -200,8 +221,11 @@ _MODEL_KEYS = {
     "priority",
     "gpu_count",
     "gb_per_device",
+    "standby",
+    "weights_gb",
+    "wake_check_path",
 }
-_SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds"}
+_SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds", "sleep_residue_gb"}
 
 
 class _Reader:
@@ -344,6 +368,28 @@ def _parse_docker(reader: _Reader, gpu_count: int | None) -> DockerOptions:
     )
 
 
+def _parse_standby(reader: _Reader) -> tuple[Tier, ...]:
+    """`standby: [sleep1, sleep2]` (vLLM), `[release]` (SGLang) or nothing (stop only)."""
+    value = reader.data.get("standby", [])
+    allowed = " | ".join(tier.value for tier in Tier)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise reader.error("standby", f"must be a list of tiers ({allowed}), got {value!r}")
+    tiers: list[Tier] = []
+    for item in value:
+        try:
+            tier = Tier(item)
+        except ValueError:
+            raise reader.error("standby", f"unknown tier {item!r} (known: {allowed})") from None
+        if tier in tiers:
+            raise reader.error("standby", f"lists {item!r} twice")
+        tiers.append(tier)
+    if Tier.RELEASE in tiers and len(tiers) > 1:
+        raise reader.error(
+            "standby", "`release` is SGLang's, `sleep1`/`sleep2` vLLM's: one engine has one kind"
+        )
+    return tuple(sorted(tiers, key=list(Tier).index))
+
+
 def _parse_model(source: str, name: str, data: object) -> ModelSpec:
     prefix = f"models.{name}."
     if not isinstance(data, dict):
@@ -377,6 +423,9 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
         if "gpus" in reader.data:
             raise reader.error("gpu_count", "give `gpus` (devices or a count) or `gpu_count`")
         gpu_count = int(reader.whole("gpu_count", 1, minimum=1))
+    wake_check_path = reader.text("wake_check_path", "/v1/completions") or "/v1/completions"
+    if not wake_check_path.startswith("/"):
+        raise reader.error("wake_check_path", f"must start with '/', got {wake_check_path!r}")
     if container and image:
         raise ConfigError(
             source,
@@ -403,6 +452,11 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
         gb_per_device=reader.number("gb_per_device", None, minimum=0.01)
         if "gb_per_device" in reader.data
         else None,
+        standby=_parse_standby(reader),
+        weights_gb=reader.number("weights_gb", None, minimum=0.01)
+        if reader.data.get("weights_gb") is not None
+        else None,
+        wake_check_path=wake_check_path,
         # YAML's `true` would become "True"; engines expect the spelling they were given.
         env={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()},
     )
@@ -567,6 +621,7 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
             total_gb=sim.number("total_gb", 95.59, minimum=0.01),
             devices=devices,
             release_delay_seconds=sim.number("release_delay_seconds", 0.0),
+            sleep_residue_gb=sim.number("sleep_residue_gb", 1.5),
         ),
         eviction=top.choice("eviction", EvictionPolicy, EvictionPolicy.LARGEST_FIRST),
         auto_switch=top.boolean("auto_switch", True),
@@ -585,6 +640,9 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         max_hold_seconds=top.number("max_hold_seconds", 60.0),
         load_failure_cooldown_seconds=top.number("load_failure_cooldown_seconds", 10.0),
         max_load_failure_cooldown_seconds=top.number("max_load_failure_cooldown_seconds", 300.0),
+        standby_host_ram_gb=top.number("standby_host_ram_gb", None)
+        if data.get("standby_host_ram_gb") is not None
+        else None,
         state_dir=Path(os.path.expanduser(state_dir)),
     )
     if settings.gpu is GpuKind.SIMULATED:  # for nvml and auto: once the probe is open (app.py)

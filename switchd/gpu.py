@@ -98,6 +98,12 @@ class GpuProbe(Protocol):
     def engine_stopped(self, model: str) -> None:
         """An engine is gone and its memory is being released."""
 
+    def engine_slept(self, model: str) -> None:
+        """An engine went to sleep: it gives most of its memory back, keeps a residue."""
+
+    def engine_woken(self, model: str) -> None:
+        """A sleeping engine woke up and takes its memory back."""
+
     async def close(self) -> None: ...
 
 
@@ -162,6 +168,12 @@ class NvmlProbe:
     def engine_stopped(self, model: str) -> None:
         pass
 
+    def engine_slept(self, model: str) -> None:
+        pass
+
+    def engine_woken(self, model: str) -> None:
+        pass
+
     async def close(self) -> None:
         await asyncio.to_thread(self._nvml.nvmlShutdown)
 
@@ -170,6 +182,7 @@ class NvmlProbe:
 class _Allocation:
     per_device: dict[int, int]
     released_at: float | None = None
+    awake: dict[int, int] | None = None  # a sleeping engine's residue: what it holds awake
 
 
 @dataclass
@@ -196,6 +209,33 @@ class SimulatedGpu:
         for allocation in self._allocations.get(model, []):
             if allocation.released_at is None:
                 allocation.released_at = release_at
+
+    def _live(self, model: str) -> list[_Allocation]:
+        return [a for a in self._allocations.get(model, []) if a.released_at is None]
+
+    def engine_slept(self, model: str) -> None:
+        # The awake allocation is released like a stopped engine's (with the same
+        # lag); the residue, split as the engine was, stays until it wakes or stops.
+        residue = gib_to_bytes(self.settings.sleep_residue_gb)
+        release_at = self.clock() + self.settings.release_delay_seconds
+        for allocation in self._live(model):
+            if allocation.awake is not None:
+                continue  # already asleep
+            awake = dict(allocation.per_device)
+            share = min(residue // len(awake), *awake.values())
+            # The part given back is released with the lag; the residue stays.
+            allocation.per_device = {d: held - share for d, held in awake.items()}
+            allocation.released_at = release_at
+            kept = _Allocation(dict.fromkeys(awake, share), awake=awake)
+            self._allocations[model].append(kept)
+
+    def engine_woken(self, model: str) -> None:
+        now = self.clock()
+        for allocation in self._allocations.get(model, []):
+            if allocation.released_at is not None and allocation.released_at > now:
+                allocation.released_at = now  # taken back before the lag ended: not twice
+            if allocation.awake is not None:
+                allocation.per_device, allocation.awake = allocation.awake, None
 
     def _used_on(self, index: int, now: float) -> int:
         return sum(

@@ -71,7 +71,9 @@ class Job:
         self.result: dict[str, Any] | None = None
         self.error: SwitchError | None = None
         # What the success body reports, filled in as the stages pass.
-        self.unloaded_models: list[str] = []
+        self.unloaded_models: list[str] = []  # stopped
+        self.slept_models: list[str] = []  # put to sleep instead
+        self.woken: bool = False  # the target was woken, not started
         self.memory_info: dict[str, float] = {}
         self.estimated_load_time_seconds: float | None = None
         self.started = asyncio.Event()  # the engine runs (or the job ended first)
@@ -110,6 +112,8 @@ class Job:
             "model": self.target,
             "job": self.id,
             "unloaded_models": list(self.unloaded_models),
+            "slept_models": list(self.slept_models),
+            "woken": self.woken,
             "start_result": {
                 "message": f"Model '{self.target}' "
                 + ("is ready" if ready else "started successfully"),

@@ -14,6 +14,11 @@ serves in batches with a starvation bound:
   goes first (a higher `priority` breaks ties). Only that one may unload
   others; a later one may load only where it fits without unloading anything.
 
+- The hold scales with the cost of the switch it would cause: a wanted model
+  that sleeps and wakes in W seconds, against a cold load of L, waits at most
+  max_hold_seconds * W / L (`hold_seconds`). A cheap switch makes small batches
+  worth it; a cold one keeps the full hold.
+
 Guarantee: a waiter waits at most one hold (the larger of the minimum
 residency and max_hold_seconds), plus the drain, plus one switch, for each
 model ahead of it.
@@ -64,6 +69,14 @@ def yields_at(holder: Holder, wanted_since: float, max_hold_seconds: float) -> f
         return max(resident_until, hold_until)
     idle_from = holder.last_active + ACTIVE_GRACE_SECONDS
     return max(resident_until, min(idle_from, hold_until))
+
+
+def hold_seconds(max_hold_seconds: float, switch_seconds: float, cold_seconds: float) -> float:
+    """How long demand waits for a busy holder when bringing its model in costs
+    `switch_seconds` (a wake) instead of `cold_seconds` (a cold load)."""
+    if cold_seconds <= 0 or switch_seconds >= cold_seconds:
+        return max_hold_seconds
+    return max_hold_seconds * max(0.0, switch_seconds) / cold_seconds
 
 
 def order(wants: Iterable[Want]) -> list[Want]:

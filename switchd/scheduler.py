@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from switchd import planner, policy, wire
-from switchd.catalog import HOLDING, Catalog, ModelRecord
+from switchd import planner, policy, standby, wire
+from switchd.catalog import ENGINE, HOLDING, Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
 from switchd.events import EventBus
@@ -89,6 +89,10 @@ class Scheduler:
 
     async def start(self) -> None:
         """Start the worker; returns once it has adopted what the runtime already runs."""
+        if any(spec.standby for spec in self.settings.models.values()):
+            budget = await standby.host_ram_budget_gb(self.settings.standby_host_ram_gb)
+            self.steps.host_ram_budget_gb = budget
+            log.info("level-1 sleeps may hold up to %.2f GB of host RAM", budget)
         worker = asyncio.create_task(self._work(), name="switchd-worker")
         self.catalog.owner = worker
         self._tasks = [worker, asyncio.create_task(self._watch(), name="switchd-watcher")]
@@ -183,7 +187,7 @@ class Scheduler:
 
     async def _wait_for(self, record: ModelRecord) -> EngineInfo:
         spec = record.spec
-        retry_after = max(1, math.ceil(self.catalog.estimated_load_seconds(spec)))
+        retry_after = max(1, math.ceil(self.catalog.estimated_ready_seconds(record)))
         if (remaining := record.cooldown_until - time.time()) > 0:
             raise self._cooling_down(record, remaining)
         if not self.settings.auto_switch:
@@ -333,11 +337,12 @@ class Scheduler:
         next_check = IDLE_CHECK_SECONDS
         for record in self.records.values():
             ttl = record.spec.ttl_seconds
-            if ttl <= 0 or record.state is not ModelState.RUNNING or record.in_flight:
+            asleep = record.state is ModelState.SLEEPING
+            if ttl <= 0 or not (asleep or record.state is ModelState.RUNNING) or record.in_flight:
                 continue
             if self.demand.waiting(record.spec.name):
                 continue
-            left = ttl - (now - max(record.last_used, record.ready_at))
+            left = ttl - (now - max(record.last_used, record.ready_at, record.asleep_since))
             if left <= 0:
                 return self._new_job(JobKind.UNLOAD, record.spec.name, Cause.TTL), None, 0.0
             next_check = min(next_check, left)
@@ -372,12 +377,19 @@ class Scheduler:
             if not may_unload:
                 continue
             may_unload = False
+            wanted = self.records[want.name]
+            hold = policy.hold_seconds(
+                self.settings.max_hold_seconds,
+                self.catalog.estimated_ready_seconds(wanted),
+                self.catalog.estimated_load_seconds(spec),
+            )
             protected: set[str] = set()
             for candidate in self.catalog.candidates(spec, snapshot.indexes()):
-                if candidate.pinned:
-                    continue
-                holder = self._holder(self.records[candidate.name])
-                yields = policy.yields_at(holder, want.oldest, self.settings.max_hold_seconds)
+                record = self.records[candidate.name]
+                if candidate.pinned or record.state is ModelState.SLEEPING:
+                    continue  # a sleeper serves no one: it may always make room
+                holder = self._holder(record)
+                yields = policy.yields_at(holder, want.oldest, hold)
                 if yields > now:
                     protected.add(candidate.name)
                     next_check = min(next_check, yields - now)
@@ -388,8 +400,10 @@ class Scheduler:
 
     def _holder(self, record: ModelRecord) -> policy.Holder:
         spec = record.spec
+        cost = record.ready_cost_seconds
         residency = max(
-            self.settings.min_residency_seconds, self.catalog.estimated_load_seconds(spec)
+            self.settings.min_residency_seconds,
+            cost if cost is not None else self.catalog.estimated_load_seconds(spec),
         )
         return policy.Holder(
             spec.name,
@@ -439,14 +453,11 @@ class Scheduler:
 
     async def _unload(self, job: Job) -> dict[str, Any]:
         if job.target == "all":
-            chosen = [
-                r
-                for r in self.records.values()
-                if r.state in (ModelState.RUNNING, ModelState.LOADING) and not r.spec.pinned
-            ]
+            chosen = [r for r in self.records.values() if r.state in ENGINE and not r.spec.pinned]
         else:
             record = self.records[job.target]
-            chosen = [record] if record.state is ModelState.RUNNING else []
+            asleep = record.state is ModelState.SLEEPING
+            chosen = [record] if asleep or record.state is ModelState.RUNNING else []
         return await self.steps.unload_models(job, chosen)
 
     def _settle(self, job: Job) -> None:

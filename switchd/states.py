@@ -15,6 +15,7 @@ class ModelState(StrEnum):
     RUNNING = "running"
     LOADING = "loading"
     STOPPING = "stopping"
+    SLEEPING = "sleeping"  # its engine runs but has given most of its memory back
     EXITED = "exited"  # not running: never started, stopped, or exited cleanly
     FAILED = "failed"  # failed to load or crashed; `error` says why
 
@@ -25,7 +26,11 @@ class Stage(StrEnum):
     DRAIN = "drain"
     UNLOAD = "unload"
     UNLOADED = "unloaded"
+    SLEEP = "sleep"  # a victim is put to sleep instead of stopped
+    SLEPT = "slept"
     FREED = "freed"
+    WAKE = "wake"  # the target sleeps: woken instead of started
+    WOKEN = "woken"
     START = "start"
     LOADING = "loading"
     READY = "ready"
@@ -41,13 +46,22 @@ class IllegalTransition(RuntimeError):
 
 
 MODEL_TRANSITIONS: Mapping[ModelState, frozenset[ModelState]] = {
-    # RUNNING: an engine adopted at start-up; FAILED: one that cannot run at all.
-    ModelState.EXITED: frozenset({ModelState.LOADING, ModelState.RUNNING, ModelState.FAILED}),
+    # RUNNING or SLEEPING: an engine adopted at start-up; FAILED: one that cannot run.
+    ModelState.EXITED: frozenset(
+        {ModelState.LOADING, ModelState.RUNNING, ModelState.SLEEPING, ModelState.FAILED}
+    ),
     ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.RUNNING, ModelState.EXITED}),
+    # LOADING also wakes a SLEEPING engine; a wake that fails stops it (STOPPING).
     ModelState.LOADING: frozenset(
         {ModelState.RUNNING, ModelState.STOPPING, ModelState.FAILED, ModelState.EXITED}
     ),
-    ModelState.RUNNING: frozenset({ModelState.STOPPING, ModelState.EXITED, ModelState.FAILED}),
+    ModelState.RUNNING: frozenset(
+        {ModelState.STOPPING, ModelState.SLEEPING, ModelState.EXITED, ModelState.FAILED}
+    ),
+    # SLEEPING: EXITED/FAILED when its engine dies asleep; STOPPING when it must go.
+    ModelState.SLEEPING: frozenset(
+        {ModelState.LOADING, ModelState.STOPPING, ModelState.EXITED, ModelState.FAILED}
+    ),
     ModelState.STOPPING: frozenset({ModelState.EXITED, ModelState.FAILED}),
 }
 
@@ -58,12 +72,21 @@ JOB_TRANSITIONS: Mapping[Stage, frozenset[Stage]] = {
         {Stage.MEMORY_CHECK, Stage.DRAIN, Stage.UNLOAD, Stage.START, Stage.DONE, Stage.FAILED}
     ),
     Stage.MEMORY_CHECK: frozenset(
-        {Stage.DRAIN, Stage.UNLOAD, Stage.START, Stage.DONE, Stage.FAILED}
+        {Stage.DRAIN, Stage.UNLOAD, Stage.SLEEP, Stage.START, Stage.WAKE, Stage.DONE, Stage.FAILED}
     ),
-    Stage.DRAIN: frozenset({Stage.UNLOAD, Stage.FAILED}),
+    Stage.DRAIN: frozenset({Stage.UNLOAD, Stage.SLEEP, Stage.FAILED}),
+    # UNLOAD -> START: a target whose wake failed was stopped; it starts cold.
     Stage.UNLOAD: frozenset({Stage.UNLOADED, Stage.FAILED}),
-    Stage.UNLOADED: frozenset({Stage.DRAIN, Stage.UNLOAD, Stage.FREED, Stage.FAILED}),
-    Stage.FREED: frozenset({Stage.START, Stage.DONE, Stage.FAILED}),
+    Stage.UNLOADED: frozenset(
+        {Stage.DRAIN, Stage.UNLOAD, Stage.SLEEP, Stage.FREED, Stage.START, Stage.FAILED}
+    ),
+    # SLEEP -> UNLOAD: the sleep failed (or freed too little) and the victim is stopped.
+    Stage.SLEEP: frozenset({Stage.SLEPT, Stage.UNLOAD, Stage.FAILED}),
+    Stage.SLEPT: frozenset({Stage.DRAIN, Stage.UNLOAD, Stage.SLEEP, Stage.FREED, Stage.FAILED}),
+    Stage.FREED: frozenset({Stage.START, Stage.WAKE, Stage.DONE, Stage.FAILED}),
+    # WAKE -> UNLOAD: the wake failed; the engine is stopped and started cold.
+    Stage.WAKE: frozenset({Stage.WOKEN, Stage.UNLOAD, Stage.FAILED}),
+    Stage.WOKEN: frozenset({Stage.READY, Stage.FAILED}),
     Stage.START: frozenset({Stage.LOADING, Stage.READY, Stage.FAILED}),
     Stage.LOADING: frozenset({Stage.LOADING, Stage.READY, Stage.FAILED}),
     Stage.READY: frozenset({Stage.DONE, Stage.FAILED}),

@@ -1,4 +1,4 @@
-"""What switchd learned about each model: load time and memory footprint.
+"""What switchd learned about each model: load and wake times, footprint, sleep residue.
 
 A footprint sample is only recorded when it could be attributed to the engine
 (the steps decide; see Steps.load). The learned figure moves smoothly (half
@@ -16,7 +16,8 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,15 @@ class Learned:
     # Of the same loads, what the fullest of its devices held: an engine does not
     # always split itself evenly, and each device must have room for its share.
     device_samples: tuple[float, ...] = ()
+    # Standby tiers: seconds from the wake call to answering (per tier), and what
+    # the engine still held asleep (latest good samples, GB over all its devices).
+    wake_seconds: Mapping[str, float] = field(default_factory=dict)
+    residue_samples: tuple[float, ...] = ()
+
+    @property
+    def residue_gb(self) -> float | None:
+        """What it holds asleep, at most, in the recent samples; None: never measured."""
+        return max(self.residue_samples) if self.residue_samples else None
 
     @property
     def planned_gb(self) -> float | None:
@@ -72,6 +82,8 @@ class LearnedStats:
                     loads=int(entry.get("loads", 0)),
                     samples=_numbers(entry.get("samples", [])),
                     device_samples=_numbers(entry.get("device_samples", [])),
+                    wake_seconds=_wake_seconds(entry.get("wake_seconds")),
+                    residue_samples=_numbers(entry.get("residue_samples", [])),
                 )
                 for name, entry in raw.items()
             }
@@ -105,13 +117,33 @@ class LearnedStats:
                 2,
             )
         # else: nothing attributable was measured: keep what was learned.
-        self._by_model[model] = Learned(
+        self._by_model[model] = replace(
+            previous,
             load_seconds=round(load_seconds, 2),
             footprint_gb=smoothed,
             loads=previous.loads + 1,
             samples=samples,
             device_samples=device_samples,
         )
+        await self._save()
+
+    async def record_wake(self, model: str, tier: str, seconds: float) -> None:
+        """A wake from `tier` took `seconds`; the learned figure moves halfway to it."""
+        previous = self.get(model)
+        known = previous.wake_seconds.get(tier)
+        learned = seconds if known is None else known + SMOOTHING * (seconds - known)
+        wake = {**previous.wake_seconds, tier: round(learned, 3)}
+        self._by_model[model] = replace(previous, wake_seconds=wake)
+        await self._save()
+
+    async def record_residue(self, model: str, residue_gb: float) -> None:
+        """What it still held once asleep, measured."""
+        previous = self.get(model)
+        samples = (*previous.residue_samples, round(max(0.0, residue_gb), 2))[-RECENT_SAMPLES:]
+        self._by_model[model] = replace(previous, residue_samples=samples)
+        await self._save()
+
+    async def _save(self) -> None:
         snapshot = {name: asdict(entry) for name, entry in self._by_model.items()}
         try:
             await asyncio.to_thread(self._write, snapshot)
@@ -123,6 +155,12 @@ class LearnedStats:
         temporary = self._path.with_suffix(".tmp")
         temporary.write_text(json.dumps(snapshot, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(temporary, self._path)
+
+
+def _wake_seconds(value: object) -> dict[str, float]:
+    """Per tier; a damaged entry costs only itself."""
+    items = value.items() if isinstance(value, dict) else ()
+    return {str(tier): n for tier, raw in items if (n := _number(raw)) is not None}
 
 
 def _numbers(values: object) -> tuple[float, ...]:

@@ -21,13 +21,14 @@ from typing import Any
 
 import httpx
 
-from switchd import footprint, planner, wire
+from switchd import footprint, planner, standby, wire
 from switchd.catalog import Catalog, ModelRecord
-from switchd.config import ModelSpec, Settings
+from switchd.config import ModelSpec, Settings, Tier
 from switchd.events import EventBus, LogRate
 from switchd.gpu import GpuProbe, GpuSnapshot
 from switchd.jobs import Job, JobKind, SwitchError
 from switchd.runtime.base import EngineExited, EngineOutput, Runtime, RuntimeEvent, StartFailed
+from switchd.standby import EngineStandby, PutAway, StandbyFailed
 from switchd.states import JOB_TRANSITIONS, ModelState, Stage, check
 from switchd.stats import LearnedStats
 from switchd.units import gib, gib_to_bytes, iso_timestamp
@@ -85,6 +86,8 @@ class Steps:
         self._loading: _Loading | None = None
         self._log_rate = LogRate()  # engine lines each load may publish as `log` events
         self.device_count = 1  # the host's GPUs, as the last snapshot planned with showed
+        self.standby = EngineStandby(http)
+        self.host_ram_budget_gb = 0.0  # for level-1 sleeps; the scheduler sets it at start
 
     # ---- what the runtime reports ------------------------------------------------
 
@@ -134,12 +137,13 @@ class Steps:
         record = self.catalog.records.get(event.model)
         if record is None or record.engine is None or record.engine.instance != event.instance:
             return  # an engine switchd already stopped, or one from an earlier run
-        if record.state not in (ModelState.RUNNING, ModelState.LOADING):
+        if record.state not in (ModelState.RUNNING, ModelState.LOADING, ModelState.SLEEPING):
             return  # STOPPING: the job stopping it sees it go
-        # RUNNING, or LOADING when found so at start-up and its job has not begun.
+        # RUNNING or SLEEPING, or LOADING when found so at start-up and its job has not begun.
         record.last_exit = exit_summary(event)
         lines = "\n".join(event.last_lines[-5:])
-        error = f"{event.reason} outside switchd" + (f":\n{lines}" if lines else "")
+        asleep = " while asleep" if record.state is ModelState.SLEEPING else ""
+        error = f"{event.reason} outside switchd{asleep}" + (f":\n{lines}" if lines else "")
         failed = event.exit_code not in (0, None)
         new = ModelState.FAILED if failed else ModelState.EXITED
         self.catalog.transition(record, record.state, new, error=error)
@@ -154,7 +158,17 @@ class Steps:
             record = self.catalog.records.get(info.model)
             if record is None or record.state is not ModelState.EXITED:
                 continue
-            if await self.healthy(info.url + record.spec.health_path):
+            spec = record.spec
+            if await self.healthy(info.url + spec.health_path):
+                if spec.standby and await self.standby.is_sleeping(spec, info.url):
+                    # Its level is not told: wake it the thorough way (a level-2 wake
+                    # reloads the weights, which a level-1 sleeper kept: slower, correct).
+                    tier = Tier.SLEEP2 if Tier.SLEEP2 in spec.standby else spec.standby[0]
+                    self.catalog.transition(
+                        record, ModelState.EXITED, ModelState.SLEEPING, engine=info, tier=tier
+                    )
+                    log.info("adopted sleeping engine of %s (%s)", info.model, info.instance)
+                    continue
                 self.catalog.transition(record, ModelState.EXITED, ModelState.RUNNING, engine=info)
                 log.info("adopted running engine of %s (%s)", info.model, info.instance)
             else:
@@ -203,8 +217,9 @@ class Steps:
         record = self.catalog.records[job.target]
         spec = record.spec
         victims = [v.name for v in plan.victims]
+        choices = await self._put_away_choices(plan)
         if victims:
-            verdict = f"unloading {', '.join(victims)}"
+            verdict = "; ".join(choice.reason for choice in choices)
         else:
             verdict = "it fits" if plan.enough else "not enough even after unloading every model"
         required = round(plan.required_gb, 2)
@@ -219,6 +234,7 @@ class Steps:
                 plan.enough,
                 list(plan.devices),
                 plan.short_device,
+                [c.name for c in choices if c.tier is not None],
             ),
             f"{spec.name} needs {required:.2f} GB{where}, {plan.available_gb:.2f} GB free: "
             f"{verdict}",
@@ -227,7 +243,9 @@ class Steps:
         job.memory_info = {"required_gb": required, "available_before_gb": plan.available_gb}
         if not plan.enough:
             raise insufficient_memory(spec, plan, self.device_count)
-        freed = await self.unload_all(job, [self.catalog.records[name] for name in victims])
+        chosen = [self.catalog.records[name] for name in victims]
+        freed = await self.unload_all(job, chosen, {c.name: c for c in choices})
+        freed += await self._stop_sleepers_if_short(job, record, chosen, plan)
         job.memory_info["freed_gb"] = round(freed, 2)
         if victims:
             after = self.catalog.available_gb(await self.gpu.snapshot(), plan.devices)
@@ -239,6 +257,48 @@ class Steps:
             )
         await self.load(job, record, plan.devices)
         return job.success_body(ready=True)
+
+    async def _put_away_choices(self, plan: planner.Plan) -> list[PutAway]:
+        """Which of the plan's victims sleep and which stop (switchd.standby.choose)."""
+        if not plan.victims:
+            return []
+        every = (await self.gpu.snapshot()).indexes()
+        victims = [
+            self.catalog.standby_victim(record, self.catalog.held_by_device(record, every))
+            for record in (self.catalog.records[v.name] for v in plan.victims)
+        ]
+        short = {d: plan.required_by_device[d] - plan.available_by_device[d] for d in plan.devices}
+        budget_left = self.host_ram_budget_gb - self.catalog.host_ram_in_use_gb()
+        return standby.choose(victims, short, budget_left)
+
+    async def _stop_sleepers_if_short(
+        self, job: Job, target: ModelRecord, chosen: list[ModelRecord], plan: planner.Plan
+    ) -> float:
+        """Victims this job put to sleep are stopped if the target still does not fit
+        (a residue larger than learned, or never learned yet): returns the GB freed."""
+        sleepers = [r for r in chosen if r.state is ModelState.SLEEPING]
+        freed = 0.0
+        while sleepers:
+            snapshot = await self.gpu.snapshot()
+            every = snapshot.indexes()
+            available = self.catalog.available_by_device(snapshot)
+            need = self.catalog.need(target.spec, every).per_device_gb
+            short = [d for d in plan.devices if available[d] < need]
+            if not short:
+                break
+            record = max(
+                sleepers,
+                key=lambda r: sum(self.catalog.held_by_device(r, every).get(d, 0.0) for d in short),
+            )
+            sleepers.remove(record)
+            why = (
+                f"{target.spec.name} still lacks memory on GPU {short[0]} with "
+                f"{record.spec.name} asleep: stopping it"
+            )
+            freed += await self._unload(
+                job, record, self.catalog.held_by_device(record, every), 1.0, why=why
+            )
+        return freed
 
     async def unload_models(self, job: Job, chosen: list[ModelRecord]) -> dict[str, Any]:
         """An unload job: stop `chosen`, verify, and report what came back."""
@@ -267,8 +327,14 @@ class Steps:
 
     # ---- unloading ------------------------------------------------------------------
 
-    async def unload_all(self, job: Job, victims: list[ModelRecord]) -> float:
-        """Unload each victim in order; returns the GB measured as freed in all."""
+    async def unload_all(
+        self,
+        job: Job,
+        victims: list[ModelRecord],
+        choices: dict[str, PutAway] | None = None,
+    ) -> float:
+        """Put each victim aside in order, asleep where `choices` says, else stopped;
+        returns the GB measured as freed in all."""
         # Every victim stops taking requests now, before the first await, so no
         # request can start on a model this job is about to stop.
         for record in victims:
@@ -278,7 +344,16 @@ class Steps:
             held = [(record, self.catalog.held_by_device(record, every)) for record in victims]
             freed = 0.0
             for index, (record, on_devices) in enumerate(held):
-                freed += await self._unload(job, record, on_devices, (index + 1) / len(held))
+                choice = (choices or {}).get(record.spec.name)
+                share = (index + 1) / len(held)
+                if choice is not None and choice.tier is not None:
+                    slept, why = await self._sleep(job, record, on_devices, share, choice)
+                    if slept is not None:
+                        freed += slept
+                        continue
+                    freed += await self._unload(job, record, on_devices, share, why=why)
+                else:
+                    freed += await self._unload(job, record, on_devices, share)
             return freed
         finally:
             for record in victims:
@@ -297,19 +372,26 @@ class Steps:
             await self.pause(deadline - self._clock(), until=record.idle)
 
     async def _unload(
-        self, job: Job, record: ModelRecord, held: dict[int, float], share: float
+        self,
+        job: Job,
+        record: ModelRecord,
+        held: dict[int, float],
+        share: float,
+        *,
+        why: str | None = None,
     ) -> float:
-        """Drain, stop and verify one model; returns the GB measured as freed."""
+        """Drain, stop and verify one model; returns the GB measured as freed. `why`:
+        the reason it is stopped rather than put to sleep, for the event."""
         spec = record.spec
         held_gb = sum(held.values())
         await self._drain(job, record)
         self.emit(
             job,
             wire.Unload(spec.name, round(held_gb, 2)),
-            f"Unloading {spec.name}",
+            f"Unloading {spec.name}" + (f": {why}" if why else ""),
         )
         self.apply_reports()  # a victim that died while this job waited or drained
-        if record.state not in (ModelState.RUNNING, ModelState.LOADING):
+        if record.state not in (ModelState.RUNNING, ModelState.LOADING, ModelState.SLEEPING):
             return await self._already_gone(job, record, share)
         started = self._clock()
         before = (await self.gpu.snapshot()).free_by_device()
@@ -324,19 +406,14 @@ class Steps:
                 "unload_failed", 502, f"Could not stop {spec.name}: {exc}", {"victim": spec.name}
             ) from exc
         self.catalog.transition(record, ModelState.STOPPING, ModelState.EXITED)
-        freed_bytes, verified = await self._await_release(before, held)
+        back, verified = await self._await_release(before, held)
         if verified:  # else the rest may still come back while the next model loads
             self.catalog.released(spec.name)
-        freed = gib(freed_bytes)
+        freed = gib(sum(back.values()))
         seconds = round(self._clock() - started, 2)
         job.unloaded_models.append(spec.name)
         message = f"{spec.name} unloaded: {freed:.2f} GB freed in {seconds:.2f} s"
-        if not verified:
-            message += (
-                f" (expected about {held_gb:.2f} GB; the memory had not come back after "
-                f"{self.settings.memory_release_timeout_seconds:g} s)"
-            )
-            log.warning("%s", message)
+        message += self._unverified(verified, spec.name, f"expected about {held_gb:.2f} GB")
         self.emit(
             job,
             wire.Unloaded(spec.name, freed, seconds, verified),
@@ -344,6 +421,74 @@ class Steps:
             progress=self._unload_progress(job, share),
         )
         return freed
+
+    async def _sleep(
+        self, job: Job, record: ModelRecord, held: dict[int, float], share: float, choice: PutAway
+    ) -> tuple[float | None, str]:
+        """Drain and put one victim to sleep, and measure what came back: returns the GB
+        freed, or None with the reason to stop it instead."""
+        spec = record.spec
+        tier = choice.tier
+        assert tier is not None
+        await self._drain(job, record)
+        self.apply_reports()  # a victim that died while this job waited or drained
+        if record.state is not ModelState.RUNNING or record.engine is None:
+            return None, f"it is {record.state.value}"
+        held_gb = round(sum(held.values()), 2)
+        self.emit(
+            job,
+            wire.Sleep(spec.name, tier.value, held_gb, choice.wake_seconds or 0.0, choice.reason),
+            choice.reason[0].upper() + choice.reason[1:],
+        )
+        started = self._clock()
+        before = (await self.gpu.snapshot()).free_by_device()
+        moves, releasing = self.catalog.memory_moves, self.catalog.release_pending()
+        measured = record.measured_by_device is not None
+        try:
+            await self.standby.sleep(spec, record.engine.url, tier)
+        except StandbyFailed as exc:
+            log.warning("%s did not go to sleep: %s", spec.name, exc)
+            return None, f"its sleep failed ({exc})"
+        self.apply_reports()  # an exit during the call
+        if record.state is not ModelState.RUNNING:
+            return None, "it exited while falling asleep"
+        self.catalog.transition(record, ModelState.RUNNING, ModelState.SLEEPING, tier=tier)
+        record.host_ram_gb = choice.host_ram_gb
+        back, verified = await self._await_release(before, held)
+        residue = {d: round(max(0.0, gb - gib(back[d])), 2) for d, gb in held.items()}
+        record.residue_by_device = residue
+        kept = round(sum(residue.values()), 2)
+        # Learned only when the window saw nothing else move and the footprint it
+        # started from was measured: else the residue is a guess, used but not kept.
+        alone = self.catalog.memory_moves == moves + 1 and not releasing
+        if verified and measured and alone:
+            await self._stats.record_residue(spec.name, kept)
+        freed = gib(sum(back.values()))
+        seconds = round(self._clock() - started, 2)
+        job.slept_models.append(spec.name)
+        message = (
+            f"{spec.name} asleep ({standby.label(tier)}): {freed:.2f} GB freed in "
+            f"{seconds:.2f} s, {kept:.2f} GB kept"
+        )
+        message += self._unverified(
+            verified, spec.name, f"expected at least {RELEASED_FRACTION * held_gb:.2f} GB back"
+        )
+        self.emit(
+            job,
+            wire.Slept(spec.name, tier.value, freed, kept, seconds, verified),
+            message,
+            progress=self._unload_progress(job, share),
+        )
+        return freed, ""
+
+    def _unverified(self, verified: bool, model: str, expected: str) -> str:
+        """The note a release message gets when the memory did not come back in time."""
+        if verified:
+            return ""
+        timeout = self.settings.memory_release_timeout_seconds
+        note = f"{expected}; the memory had not come back after {timeout:g} s"
+        log.warning("%s: %s", model, note)
+        return f" ({note})"
 
     async def _already_gone(self, job: Job, record: ModelRecord, share: float) -> float:
         """A victim whose engine exited on its own while this job waited its turn."""
@@ -368,19 +513,18 @@ class Steps:
 
     async def _await_release(
         self, free_before: dict[int, int], held: dict[int, float]
-    ) -> tuple[int, bool]:
+    ) -> tuple[dict[int, int], bool]:
         """Poll free memory until most of what the victim held came back, on each of
-        its devices; returns the bytes seen back there, and whether that was enough."""
+        its devices; returns the bytes seen back on each, and whether that was enough."""
         wanted = {device: RELEASED_FRACTION * gib_to_bytes(gb) for device, gb in held.items()}
         deadline = self._clock() + self.settings.memory_release_timeout_seconds
         while True:
             free = (await self.gpu.snapshot()).free_by_device()
-            back = {d: free.get(d, 0) - free_before.get(d, 0) for d in wanted}
-            freed = sum(max(0, rise) for rise in back.values())
+            back = {d: max(0, free.get(d, 0) - free_before.get(d, 0)) for d in wanted}
             if all(back[d] >= wanted[d] for d in wanted):
-                return freed, True
+                return back, True
             if self._clock() >= deadline:
-                return freed, False
+                return back, False
             await self.pause(MEMORY_POLL_SECONDS)
 
     # ---- loading ----------------------------------------------------------------------
@@ -392,6 +536,8 @@ class Steps:
         wait until it answers its health path; then it is RUNNING and its figures are
         learned."""
         spec = record.spec
+        if record.state is ModelState.SLEEPING and await self._wake(job, record):
+            return
         estimate = self.catalog.estimated_load_seconds(spec)
         job.estimated_load_time_seconds = estimate
         adopted = record.engine if record.state is ModelState.LOADING else None
@@ -458,9 +604,98 @@ class Steps:
             record.measured_gb = round(sum(measured.values()), 2) if measured else None
             fullest = max(measured.values()) if measured else None
             await self._stats.record(spec.name, load_seconds, record.measured_gb, fullest)
+        record.ready_cost_seconds = load_seconds
         self.catalog.transition(record, ModelState.LOADING, ModelState.RUNNING)
         message = f"{spec.name} is ready after {load_seconds:.1f} s"
         self.emit(job, wire.Ready(load_seconds, record.measured_gb), message, progress=1.0)
+
+    async def _wake(self, job: Job, record: ModelRecord) -> bool:
+        """Wake a sleeping target, check that it answers, and measure it: True once it is
+        RUNNING. False when the wake failed: it was stopped, and starts cold."""
+        spec = record.spec
+        info = record.engine
+        tier = record.asleep or spec.standby[0]
+        assert info is not None
+        estimate = self.catalog.estimated_wake_seconds(spec, tier)
+        cold = self.catalog.estimated_load_seconds(spec)
+        job.estimated_load_time_seconds = estimate
+        self.emit(
+            job,
+            wire.Wake(tier.value, estimate, cold),
+            f"Waking {spec.name} ({standby.label(tier)}): about {estimate:g} s instead of "
+            f"a {cold:g} s load",
+            progress=PROGRESS_FREED,
+        )
+        residue = self.catalog.held_by_device(record, (await self.gpu.snapshot()).indexes())
+        before = await self.gpu.snapshot()
+        moves, releasing = self.catalog.memory_moves, self.catalog.release_pending()
+        self.catalog.transition(record, ModelState.SLEEPING, ModelState.LOADING)
+        started = self._clock()
+        job.started.set()
+        loading = _Loading(job, record, info.instance, info.url + spec.health_path)
+        self._loading = loading
+        # A wake slower than a cold load is a failed wake: stop it and load it cold.
+        deadline = started + min(self.settings.health_timeout_seconds, max(10.0, cold))
+        failure: str | None = None
+        try:
+            self.apply_reports()
+            await self.standby.wake(spec, info.url, tier, within_seconds=deadline - self._clock())
+            while not await self.healthy(loading.health_url):
+                if loading.exited is not None or self._clock() >= deadline:
+                    raise StandbyFailed(f"it did not answer {spec.health_path} after waking")
+                await self.pause(MEMORY_POLL_SECONDS)
+            left = max(1.0, deadline - self._clock())
+            await self.standby.check(spec, info.url, within_seconds=left)
+        except StandbyFailed as exc:
+            failure = str(exc)
+        finally:
+            self._loading = None
+            self.apply_reports()
+        if loading.exited is not None:
+            failure = f"it {loading.exited.reason} while waking"
+        if failure is not None:
+            await self._wake_failed(job, record, failure, loading.exited)
+            return False
+        seconds = round(self._clock() - started, 2)
+        after = await self.gpu.snapshot()
+        devices = record.devices or tuple(residue)
+        taken = {
+            d: gib(max(0, before.free_by_device().get(d, 0) - after.free_by_device().get(d, 0)))
+            for d in devices
+        }
+        taken_gb: float | None = None
+        if self.catalog.memory_moves == moves + 1 and not releasing:
+            record.measured_by_device = {d: round(residue.get(d, 0.0) + taken[d], 2) for d in taken}
+            record.measured_gb = round(sum(record.measured_by_device.values()), 2)
+            taken_gb = round(sum(taken.values()), 2)
+        await self._stats.record_wake(spec.name, tier.value, seconds)
+        record.ready_cost_seconds = seconds
+        job.woken = True
+        self.catalog.transition(record, ModelState.LOADING, ModelState.RUNNING)
+        took = f", taking back {taken_gb:.2f} GB" if taken_gb is not None else ""
+        self.emit(
+            job,
+            wire.Woken(seconds, taken_gb),
+            f"{spec.name} woke in {seconds:.2f} s ({standby.label(tier)}){took}",
+            progress=PROGRESS_LOADING_CAP,
+        )
+        message = f"{spec.name} is ready after {seconds:.1f} s"
+        self.emit(job, wire.Ready(seconds, record.measured_gb), message, progress=1.0)
+        return True
+
+    async def _wake_failed(
+        self, job: Job, record: ModelRecord, why: str, exited: EngineExited | None
+    ) -> None:
+        """Stop a target whose wake failed, so that it can start cold."""
+        spec = record.spec
+        log.warning("waking %s failed: %s; starting it cold", spec.name, why)
+        if exited is not None:  # nothing left to stop: its memory went with it
+            record.last_exit = exit_summary(exited)
+            error = f"{spec.name} {exited.reason} while waking"
+            self.catalog.transition(record, ModelState.LOADING, ModelState.FAILED, error=error)
+        held = self.catalog.held_by_device(record, (await self.gpu.snapshot()).indexes())
+        why = f"waking it failed ({why}); starting it cold"
+        await self._unload(job, record, held, 1.0, why=why)
 
     async def _wait_healthy(self, loading: _Loading, started: float, estimate: float) -> None:
         """Poll the health path with backoff, reporting progress every second."""

@@ -59,6 +59,7 @@ class MemoryCheck(Payload):
     enough: bool
     devices: list[int]  # where the target goes
     short_device: int | None  # when not enough: the device that lacks memory
+    to_sleep: list[str] = dataclasses.field(default_factory=list)  # of to_unload: asleep
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,29 @@ class Unloaded(Payload):
 
 
 @dataclass(frozen=True)
+class Sleep(Payload):
+    """A victim put to sleep instead of stopped: which tier, and why."""
+
+    STAGE = Stage.SLEEP
+    victim: str
+    tier: str  # sleep1 | sleep2 | release
+    expected_gb: float  # what it holds now
+    estimated_wake_seconds: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Slept(Payload):
+    STAGE = Stage.SLEPT
+    victim: str
+    tier: str
+    freed_gb: float  # measured
+    residue_gb: float  # what it still holds asleep, measured
+    seconds: float
+    verified: bool  # at least 75% of what it held came back
+
+
+@dataclass(frozen=True)
 class Freed(Payload):
     STAGE = Stage.FREED
     freed_gb: float
@@ -102,6 +126,23 @@ class Start(Payload):
     def fields(self) -> dict[str, Any]:
         # Where it runs (a container or a pid) and `adopted` only where they apply.
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Wake(Payload):
+    """The target sleeps: it is woken instead of started."""
+
+    STAGE = Stage.WAKE
+    tier: str
+    estimated_wake_seconds: float
+    estimated_load_time_seconds: float  # what a cold start would have cost
+
+
+@dataclass(frozen=True)
+class Woken(Payload):
+    STAGE = Stage.WOKEN
+    wake_seconds: float
+    taken_gb: float | None  # memory it took back, measured; None when not attributable
 
 
 @dataclass(frozen=True)

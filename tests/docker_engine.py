@@ -20,7 +20,7 @@ import sys
 import tarfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,11 @@ def engine_volumes() -> list[str]:
 
 
 def engine_command(
-    model: str, *, load_seconds: float = 0.5, fail_after: float | None = None
+    model: str,
+    *,
+    load_seconds: float = 0.5,
+    fail_after: float | None = None,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     command = [
         sys.executable,
@@ -154,7 +158,7 @@ def engine_command(
     ]
     if fail_after is not None:
         command += ["--fail-after", str(fail_after)]
-    return command
+    return [*command, *extra]
 
 
 def image_model(
@@ -188,13 +192,15 @@ def create_engine_container(
     *,
     load_seconds: float = 0.5,
     fail_after: float | None = None,
+    extra: Sequence[str] = (),
 ) -> tuple[Container, str]:
     """A stopped container as compose would make it, publishing the engine's port on
     127.0.0.1; returns it and the URL the engine will answer at."""
     port = free_port()
+    command = engine_command(model, load_seconds=load_seconds, fail_after=fail_after, extra=extra)
     container = client.containers.create(
         image,
-        command=engine_command(model, load_seconds=load_seconds, fail_after=fail_after),
+        command=command,
         name=name,
         volumes=engine_volumes(),
         working_dir=str(REPO_ROOT),
@@ -211,9 +217,13 @@ def container_model(
     *,
     size_gb: float = 10,
     load_seconds: float = 0.5,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Create `name` (stopped) and return the config entry of a `container:` model."""
-    _, url = create_engine_container(client, image, name, model, load_seconds=load_seconds)
+    """Create `name` (stopped) and return the config entry of a `container:` model;
+    `extra`: more arguments for the demo engine."""
+    _, url = create_engine_container(
+        client, image, name, model, load_seconds=load_seconds, extra=extra
+    )
     return {
         "container": name,
         "url": url,

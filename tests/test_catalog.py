@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from switchd.catalog import Catalog
+from switchd.catalog import Catalog, ModelRecord
+from switchd.config import Tier
 from switchd.events import EventBus
 from switchd.gpu import DeviceMemory, GpuSnapshot, SimulatedGpu
 from switchd.states import ModelState
@@ -121,3 +122,83 @@ def test_model_json_reports_measured_memory_only_while_active(catalog: Catalog) 
     )
     assert body["gpus"] == [0]
     assert catalog.model_json(catalog.records["c"])["gpus"] == "all"
+
+
+# ---- sleeping models ------------------------------------------------------------------
+
+SLEEPERS = {
+    "tp": {"cmd": "e", "size_gb": 40, "load_time_seconds": 30, "standby": ["sleep1", "sleep2"]},
+    "solo": {"cmd": "e", "size_gb": 20, "load_time_seconds": 5, "gpus": [0]},
+}
+
+
+@pytest.fixture
+def sleepers(tmp_path: Path) -> Catalog:
+    settings = make_settings(tmp_path, SLEEPERS, simulated_gpu=TWO_DEVICES)
+    return Catalog(
+        settings, LearnedStats(settings.state_dir), SimulatedGpu(settings.simulated_gpu), EventBus()
+    )
+
+
+def put_to_sleep(record: ModelRecord, residue: dict[int, float] | None) -> None:
+    record.state, record.asleep, record.devices = ModelState.SLEEPING, Tier.SLEEP1, (0, 1)
+    record.residue_by_device = residue
+
+
+async def test_an_unmeasured_wake_is_guessed_cheap_and_level_2_never_below_level_1(
+    sleepers: Catalog,
+) -> None:
+    spec = sleepers.records["tp"].spec
+    # The documented figures, capped at a tenth of the 30 s cold load.
+    assert sleepers.estimated_wake_seconds(spec, Tier.SLEEP1) == 1.0
+    assert sleepers.estimated_wake_seconds(spec, Tier.SLEEP2) == 3.0
+    solo = sleepers.records["solo"].spec
+    assert sleepers.estimated_wake_seconds(solo, Tier.SLEEP1) == 0.5
+    stats = sleepers._stats
+    await stats.record_wake("tp", "sleep1", 4.0)
+    assert sleepers.estimated_wake_seconds(spec, Tier.SLEEP1) == 4.0
+    # Level 2 reloads what level 1 kept: unmeasured, it is not guessed faster.
+    assert sleepers.estimated_wake_seconds(spec, Tier.SLEEP2) == 4.0
+    await stats.record_wake("tp", "sleep2", 2.5)
+    assert sleepers.estimated_wake_seconds(spec, Tier.SLEEP2) == 2.5
+
+
+def test_a_sleeper_holds_its_measured_residue_and_wakes_for_the_rest(sleepers: Catalog) -> None:
+    record = sleepers.records["tp"]
+    put_to_sleep(record, {0: 1.0, 1: 2.5})
+    assert sleepers.held_by_device(record, (0, 1)) == {0: 1.0, 1: 2.5}
+    assert sleepers.estimated_ready_seconds(record) == 1.0  # a wake, not the 30 s load
+    # It wakes where it sleeps and needs its share less the residue, the smallest one:
+    # no device is promised more than it has.
+    need = sleepers.need(record.spec, (0, 1))
+    assert (need.per_device_gb, need.fixed, need.count) == (19.0, (0, 1), 2)
+    body = sleepers.model_json(record)
+    assert body["status"] == "sleeping"
+    assert body["gpu_memory_used_gb"] == 3.5
+    assert body["devices"] == [0, 1]
+    assert {k: body["sleep"][k] for k in ("tier", "level", "residue_gb")} == {
+        "tier": "sleep1",
+        "level": "level 1",
+        "residue_gb": 3.5,
+    }
+
+
+async def test_an_unmeasured_sleeper_counts_its_learned_residue_else_all_it_held(
+    sleepers: Catalog,
+) -> None:
+    record = sleepers.records["tp"]
+    put_to_sleep(record, None)  # adopted asleep: nothing measured
+    assert sleepers.held_by_device(record, (0, 1)) == {0: 20.0, 1: 20.0}
+    await sleepers._stats.record_residue("tp", 3.0)
+    assert sleepers.held_by_device(record, (0, 1)) == {0: 1.5, 1: 1.5}
+
+
+def test_sleepers_are_candidates_and_charge_host_ram(sleepers: Catalog) -> None:
+    record = sleepers.records["tp"]
+    put_to_sleep(record, {0: 1.0, 1: 1.0})
+    record.host_ram_gb = 12.5
+    solo = sleepers.records["solo"]
+    assert [c.name for c in sleepers.candidates(solo.spec, (0, 1))] == ["tp"]
+    assert sleepers.host_ram_in_use_gb() == 12.5
+    victim = sleepers.standby_victim(record, {0: 1.0, 1: 1.0})
+    assert victim.tiers == ()  # asleep already: only a stop frees more

@@ -19,6 +19,7 @@ from switchd.config import (
     RuntimeKind,
     Settings,
     SimulatedGpuSettings,
+    Tier,
     check_devices,
     load_settings,
     parse_settings,
@@ -968,3 +969,154 @@ def test_gb_per_device_is_a_need_per_device_no_larger_than_a_card() -> None:
         "models.m.gb_per_device",
         "50 GB is more than one 48.00 GB card of the simulated GPU holds",
     )
+
+
+# --- standby tiers -------------------------------------------------------------------------
+
+TIERS = "sleep1 | sleep2 | release"
+
+
+def test_no_standby_means_stop_only() -> None:
+    spec = parse().models["m"]
+    assert (spec.standby, spec.weights_gb, spec.wake_check_path) == ((), None, "/v1/completions")
+    assert parse(models={"m": model(standby=[])}).models["m"].standby == ()
+
+
+@pytest.mark.parametrize(
+    ("standby", "tiers"),
+    [
+        (["sleep1"], (Tier.SLEEP1,)),
+        (["sleep2"], (Tier.SLEEP2,)),
+        (["sleep1", "sleep2"], (Tier.SLEEP1, Tier.SLEEP2)),
+        (["sleep2", "sleep1"], (Tier.SLEEP1, Tier.SLEEP2)),  # kept in Tier order
+        (["release"], (Tier.RELEASE,)),
+    ],
+)
+def test_standby_tiers(standby: list[str], tiers: tuple[Tier, ...]) -> None:
+    assert parse(models={"m": model(standby=standby)}).models["m"].standby == tiers
+
+
+def test_standby_from_a_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "models:\n"
+        "  m:\n"
+        "    cmd: engine\n"
+        "    size_gb: 20\n"
+        "    standby: [sleep2, sleep1]\n"
+        "    weights_gb: 16\n"
+        "    wake_check_path: /v1/chat/completions\n"
+        "standby_host_ram_gb: 64\n",
+    )
+    settings = load_settings(path, {})
+    spec = settings.models["m"]
+    assert (spec.standby, spec.weights_gb, spec.wake_check_path) == (
+        (Tier.SLEEP1, Tier.SLEEP2),
+        16.0,
+        "/v1/chat/completions",
+    )
+    assert settings.standby_host_ram_gb == 64.0
+
+
+@pytest.mark.parametrize(
+    ("standby", "problem"),
+    [
+        (["sleep3"], f"unknown tier 'sleep3' (known: {TIERS})"),
+        (["sleep1", "Sleep2"], f"unknown tier 'Sleep2' (known: {TIERS})"),
+        (["sleep1", "sleep1"], "lists 'sleep1' twice"),
+        (["release", "release"], "lists 'release' twice"),
+        ("sleep1", f"must be a list of tiers ({TIERS}), got 'sleep1'"),
+        ([1], f"must be a list of tiers ({TIERS}), got [1]"),
+        ({"sleep1": True}, f"must be a list of tiers ({TIERS}), got {{'sleep1': True}}"),
+        (
+            ["release", "sleep1"],
+            "`release` is SGLang's, `sleep1`/`sleep2` vLLM's: one engine has one kind",
+        ),
+        (
+            ["sleep2", "release"],
+            "`release` is SGLang's, `sleep1`/`sleep2` vLLM's: one engine has one kind",
+        ),
+    ],
+)
+def test_bad_standby(standby: object, problem: str) -> None:
+    error = refused(models={"m": model(standby=standby)})
+    assert (error.source, error.key, error.problem) == (SOURCE, "models.m.standby", problem)
+    assert str(error) == f"{SOURCE}: models.m.standby: {problem}"
+
+
+def test_weights_gb() -> None:
+    assert parse(models={"m": model(weights_gb=12.5)}).models["m"].weights_gb == 12.5
+    assert parse(models={"m": model(weights_gb=0.01)}).models["m"].weights_gb == 0.01
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (0, "must be >= 0.01, got 0"),
+        (-3, "must be >= 0.01, got -3"),
+        ("16", "must be a number, got '16'"),
+        (True, "must be a number, got True"),
+    ],
+)
+def test_bad_weights_gb(value: object, problem: str) -> None:
+    error = refused(models={"m": model(weights_gb=value)})
+    assert (error.key, error.problem) == ("models.m.weights_gb", problem)
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/chat/completions", "/generate"])
+def test_wake_check_path(path: str) -> None:
+    assert parse(models={"m": model(wake_check_path=path)}).models["m"].wake_check_path == path
+
+
+def test_a_null_wake_check_path_takes_the_default() -> None:
+    spec = parse(models={"m": {**model(), "wake_check_path": None}}).models["m"]
+    assert spec.wake_check_path == "/v1/completions"
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("v1/completions", "must start with '/', got 'v1/completions'"),
+        ("http://x/v1/completions", "must start with '/', got 'http://x/v1/completions'"),
+        (" ", "must be a non-empty string, got ' '"),
+        (7, "must be a non-empty string, got 7"),
+    ],
+)
+def test_bad_wake_check_path(path: object, problem: str) -> None:
+    error = refused(models={"m": model(wake_check_path=path)})
+    assert (error.source, error.key, error.problem) == (SOURCE, "models.m.wake_check_path", problem)
+
+
+def test_standby_host_ram_gb() -> None:
+    assert parse().standby_host_ram_gb is None  # half of MemAvailable at start
+    assert parse(standby_host_ram_gb=48).standby_host_ram_gb == 48.0
+    assert parse(standby_host_ram_gb=0).standby_host_ram_gb == 0.0  # no level-1 sleeps
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (-1, "must be >= 0, got -1"),
+        ("lots", "must be a number, got 'lots'"),
+        (float("inf"), "must be a finite number, got inf"),
+    ],
+)
+def test_bad_standby_host_ram_gb(value: object, problem: str) -> None:
+    error = refused(standby_host_ram_gb=value)
+    assert (error.source, error.key, error.problem) == (SOURCE, "standby_host_ram_gb", problem)
+
+
+def test_simulated_sleep_residue() -> None:
+    assert parse().simulated_gpu.sleep_residue_gb == 1.5
+    simulated = parse(simulated_gpu={"sleep_residue_gb": 0.75}).simulated_gpu
+    assert simulated == SimulatedGpuSettings(sleep_residue_gb=0.75)
+    assert parse(simulated_gpu={"sleep_residue_gb": 0}).simulated_gpu.sleep_residue_gb == 0.0
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [(-1, "must be >= 0, got -1"), ("1.5", "must be a number, got '1.5'")],
+)
+def test_bad_simulated_sleep_residue(value: object, problem: str) -> None:
+    error = refused(simulated_gpu={"sleep_residue_gb": value})
+    assert (error.key, error.problem) == ("simulated_gpu.sleep_residue_gb", problem)

@@ -33,9 +33,15 @@ class FakeClock:
 
 
 def simulated(
-    total_gb: float = 95.59, devices: int = 1, delay: float = 0.0, clock: FakeClock | None = None
+    total_gb: float = 95.59,
+    devices: int = 1,
+    delay: float = 0.0,
+    clock: FakeClock | None = None,
+    residue: float = 1.5,
 ) -> SimulatedGpu:
-    settings = SimulatedGpuSettings(total_gb=total_gb, devices=devices, release_delay_seconds=delay)
+    settings = SimulatedGpuSettings(
+        total_gb=total_gb, devices=devices, release_delay_seconds=delay, sleep_residue_gb=residue
+    )
     return SimulatedGpu(settings, clock=clock or FakeClock())
 
 
@@ -187,6 +193,123 @@ async def test_simulated_close_clears_the_ledger() -> None:
     assert (await gpu.snapshot()).used_bytes() == 0
 
 
+# --- sleeping engines ----------------------------------------------------------------------
+
+
+async def used_by_device(gpu: SimulatedGpu) -> list[int]:
+    return [d.used_bytes for d in (await gpu.snapshot()).devices]
+
+
+async def test_a_sleeping_engine_keeps_its_residue_split_over_its_devices() -> None:
+    clock = FakeClock(1000.0)
+    gpu = simulated(total_gb=80, devices=2, delay=2.0, clock=clock, residue=1.5)
+    gpu.engine_started("m", 30 * GIB, None)
+    gpu.engine_slept("m")
+    # Nothing comes back before the release delay, and nothing is counted twice.
+    clock.now = 1001.999
+    assert await used_by_device(gpu) == [15 * GIB, 15 * GIB]
+    clock.now = 1002.0
+    assert await used_by_device(gpu) == [3 * GIB // 4, 3 * GIB // 4]
+    clock.now = 5000.0
+    assert await used_by_device(gpu) == [3 * GIB // 4, 3 * GIB // 4]
+
+
+async def test_without_a_delay_the_sleep_releases_at_once() -> None:
+    gpu = simulated(residue=2.0)
+    gpu.engine_started("m", 10 * GIB, None)
+    gpu.engine_slept("m")
+    assert (await gpu.snapshot()).used_bytes() == 2 * GIB
+
+
+async def test_the_residue_stays_on_the_engines_own_device() -> None:
+    gpu = simulated(total_gb=80, devices=2, residue=1.5)
+    gpu.engine_started("m", 30 * GIB, (1,))
+    gpu.engine_started("other", 10 * GIB, (0,))
+    gpu.engine_slept("m")
+    assert await used_by_device(gpu) == [10 * GIB, 3 * GIB // 2]
+
+
+async def test_a_residue_is_never_more_than_the_engine_held() -> None:
+    gpu = simulated(total_gb=80, devices=2, residue=4.0)
+    gpu.engine_started("m", GIB, None)  # half a GiB on each device
+    gpu.engine_slept("m")
+    assert await used_by_device(gpu) == [GIB // 2, GIB // 2]
+
+
+async def test_a_woken_engine_takes_everything_back_at_once() -> None:
+    clock = FakeClock(1000.0)
+    gpu = simulated(total_gb=80, devices=2, delay=2.0, clock=clock, residue=1.5)
+    gpu.engine_started("m", 30 * GIB, None)
+    gpu.engine_slept("m")
+    clock.now = 1002.0
+    assert await used_by_device(gpu) == [3 * GIB // 4, 3 * GIB // 4]
+    gpu.engine_woken("m")
+    assert await used_by_device(gpu) == [15 * GIB, 15 * GIB]
+    clock.now = 5000.0
+    assert await used_by_device(gpu) == [15 * GIB, 15 * GIB]
+
+
+async def test_a_wake_before_the_release_lag_ends_is_not_counted_twice() -> None:
+    clock = FakeClock(1000.0)
+    gpu = simulated(total_gb=80, devices=2, delay=2.0, clock=clock, residue=1.5)
+    gpu.engine_started("m", 30 * GIB, None)
+    gpu.engine_slept("m")
+    clock.now = 1001.0
+    gpu.engine_woken("m")
+    assert await used_by_device(gpu) == [15 * GIB, 15 * GIB]
+
+
+async def test_a_woken_engine_can_sleep_again() -> None:
+    gpu = simulated(residue=1.0)
+    gpu.engine_started("m", 10 * GIB, None)
+    gpu.engine_slept("m")
+    gpu.engine_woken("m")
+    gpu.engine_slept("m")
+    assert (await gpu.snapshot()).used_bytes() == GIB
+    gpu.engine_woken("m")
+    assert (await gpu.snapshot()).used_bytes() == 10 * GIB
+
+
+async def test_stopping_a_sleeping_engine_releases_its_residue_after_the_delay() -> None:
+    clock = FakeClock(1000.0)
+    gpu = simulated(total_gb=80, devices=2, delay=2.0, clock=clock, residue=1.5)
+    gpu.engine_started("m", 30 * GIB, None)
+    gpu.engine_slept("m")
+    clock.now = 1010.0
+    gpu.engine_stopped("m")
+    assert await used_by_device(gpu) == [3 * GIB // 4, 3 * GIB // 4]
+    clock.now = 1011.999
+    assert await used_by_device(gpu) == [3 * GIB // 4, 3 * GIB // 4]
+    clock.now = 1012.0
+    assert await used_by_device(gpu) == [0, 0]
+    gpu.engine_woken("m")  # nothing left to wake
+    assert await used_by_device(gpu) == [0, 0]
+
+
+async def test_sleeping_twice_is_a_no_op() -> None:
+    clock = FakeClock(1000.0)
+    gpu = simulated(delay=1.0, clock=clock, residue=1.5)
+    gpu.engine_started("m", 10 * GIB, None)
+    gpu.engine_slept("m")
+    gpu.engine_slept("m")
+    clock.now = 1001.0
+    assert (await gpu.snapshot()).used_bytes() == 3 * GIB // 2
+    gpu.engine_slept("m")  # after the release, too
+    clock.now = 1002.0
+    assert (await gpu.snapshot()).used_bytes() == 3 * GIB // 2
+    gpu.engine_woken("m")
+    assert (await gpu.snapshot()).used_bytes() == 10 * GIB
+
+
+async def test_sleeping_or_waking_an_unknown_engine_is_harmless() -> None:
+    gpu = simulated()
+    gpu.engine_started("a", GIB, None)
+    gpu.engine_slept("nobody")
+    gpu.engine_woken("nobody")
+    gpu.engine_woken("a")  # awake already
+    assert (await gpu.snapshot()).used_bytes() == GIB
+
+
 # --- NVML against a fake module ------------------------------------------------------------
 
 
@@ -295,6 +418,8 @@ async def test_nvml_engine_notices_are_ignored() -> None:
     probe = await NvmlProbe.open(fake.module)
     before = await probe.snapshot()
     probe.engine_started("m", 10 * GIB, None)
+    probe.engine_slept("m")
+    probe.engine_woken("m")
     probe.engine_stopped("m")
     assert await probe.snapshot() == before
 

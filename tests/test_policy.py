@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from switchd.policy import ACTIVE_GRACE_SECONDS, Holder, Want, order, yields_at
+from switchd.policy import ACTIVE_GRACE_SECONDS, Holder, Want, hold_seconds, order, yields_at
 
 HOLD = 10.0
 
@@ -66,3 +66,32 @@ def test_priority_does_not_jump_a_longer_wait() -> None:
         "patient",
         "vip",
     ]
+
+
+@pytest.mark.parametrize(
+    ("case", "switch", "cold", "expected"),
+    [
+        ("a wake at a twentieth of the load", 0.5, 10.0, 3.0),
+        ("a wake at half the load", 15.0, 30.0, 30.0),
+        ("a free switch", 0.0, 10.0, 0.0),
+        ("a negative estimate counts as free", -1.0, 10.0, 0.0),
+        ("a switch as slow as the cold load", 10.0, 10.0, 60.0),
+        ("a switch slower than the cold load", 12.0, 10.0, 60.0),
+        ("no cold load known", 5.0, 0.0, 60.0),
+        ("a negative cold load", 5.0, -1.0, 60.0),
+        ("nothing known at all", 0.0, 0.0, 60.0),
+    ],
+)
+def test_the_hold_scales_with_the_cost_of_the_switch(
+    case: str, switch: float, cold: float, expected: float
+) -> None:
+    assert hold_seconds(60.0, switch, cold) == pytest.approx(expected), case
+
+
+def test_a_wake_at_a_twentieth_of_the_load_holds_a_twentieth() -> None:
+    assert hold_seconds(60.0, 0.5, 10.0) == 3.0
+
+
+def test_a_cold_switch_keeps_the_configured_hold_whatever_it_is() -> None:
+    assert hold_seconds(12.5, 30.0, 30.0) == 12.5
+    assert hold_seconds(0.0, 0.5, 10.0) == 0.0

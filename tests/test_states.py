@@ -31,6 +31,7 @@ LEGAL_MODEL: set[tuple[ModelState, ModelState]] = {
     (M.EXITED, M.LOADING),
     (M.EXITED, M.RUNNING),  # an engine found running at start-up is adopted
     (M.EXITED, M.FAILED),  # a model found unable to run at start-up (no container)
+    (M.EXITED, M.SLEEPING),  # an engine found asleep at start-up is adopted so
     (M.FAILED, M.LOADING),
     (M.FAILED, M.RUNNING),
     (M.FAILED, M.EXITED),
@@ -39,6 +40,11 @@ LEGAL_MODEL: set[tuple[ModelState, ModelState]] = {
     (M.LOADING, M.FAILED),
     (M.LOADING, M.EXITED),
     (M.RUNNING, M.STOPPING),
+    (M.RUNNING, M.SLEEPING),  # put aside: its engine keeps running, its memory goes
+    (M.SLEEPING, M.LOADING),  # woken
+    (M.SLEEPING, M.STOPPING),  # it must go for good (more memory, unload, TTL)
+    (M.SLEEPING, M.EXITED),  # its engine ended outside switchd
+    (M.SLEEPING, M.FAILED),  # ... or crashed
     (M.RUNNING, M.EXITED),
     (M.RUNNING, M.FAILED),
     (M.STOPPING, M.EXITED),
@@ -55,17 +61,36 @@ LEGAL_JOB: set[tuple[Stage, Stage]] = {
     (S.MEMORY_CHECK, S.DRAIN),
     (S.MEMORY_CHECK, S.UNLOAD),
     (S.MEMORY_CHECK, S.START),
+    (S.MEMORY_CHECK, S.SLEEP),  # the first victim sleeps
+    (S.MEMORY_CHECK, S.WAKE),  # the target sleeps and fits: woken at once
     (S.MEMORY_CHECK, S.DONE),
     (S.MEMORY_CHECK, S.FAILED),
     (S.DRAIN, S.UNLOAD),
+    (S.DRAIN, S.SLEEP),
     (S.DRAIN, S.FAILED),
     (S.UNLOAD, S.UNLOADED),
     (S.UNLOAD, S.FAILED),
     (S.UNLOADED, S.DRAIN),
     (S.UNLOADED, S.UNLOAD),
     (S.UNLOADED, S.FREED),
+    (S.UNLOADED, S.SLEEP),
+    (S.UNLOADED, S.START),  # a target whose wake failed was stopped: it starts cold
+    (S.SLEEP, S.SLEPT),
+    (S.SLEEP, S.UNLOAD),  # the sleep failed: stopped instead
+    (S.SLEEP, S.FAILED),
+    (S.SLEPT, S.DRAIN),
+    (S.SLEPT, S.UNLOAD),  # the next victim, or this one stopped: still short
+    (S.SLEPT, S.SLEEP),
+    (S.SLEPT, S.FREED),
+    (S.SLEPT, S.FAILED),
     (S.UNLOADED, S.FAILED),
     (S.FREED, S.START),
+    (S.FREED, S.WAKE),
+    (S.WAKE, S.WOKEN),
+    (S.WAKE, S.UNLOAD),  # the wake failed: stopped, then started cold
+    (S.WAKE, S.FAILED),
+    (S.WOKEN, S.READY),
+    (S.WOKEN, S.FAILED),
     (S.FREED, S.DONE),
     (S.FREED, S.FAILED),
     (S.START, S.LOADING),

@@ -45,6 +45,8 @@ async def test_record_then_reload_gives_the_same_figures(tmp_path: Path) -> None
             "loads": 1,
             "samples": [38.25],
             "device_samples": [],
+            "wake_seconds": {},
+            "residue_samples": [],
         },
         "mistral": {
             "footprint_gb": 17.5,
@@ -52,6 +54,8 @@ async def test_record_then_reload_gives_the_same_figures(tmp_path: Path) -> None
             "loads": 1,
             "samples": [17.5],
             "device_samples": [],
+            "wake_seconds": {},
+            "residue_samples": [],
         },
     }
 
@@ -155,6 +159,8 @@ async def test_recording_after_a_damaged_file_replaces_it(tmp_path: Path) -> Non
             "loads": 1,
             "samples": [2.0],
             "device_samples": [],
+            "wake_seconds": {},
+            "residue_samples": [],
         }
     }
 
@@ -202,3 +208,128 @@ async def test_what_the_fullest_device_held_is_learned_beside_the_total(tmp_path
     learned = (await loaded(tmp_path)).get("m")
     assert (learned.device_samples, learned.planned_per_device_gb) == ((42.0, 41.0), 42.0)
     assert LearnedStats(tmp_path).get("x").planned_per_device_gb is None
+
+
+# --- standby: wake times and sleep residues ------------------------------------------------
+
+
+async def test_the_first_wake_is_learned_as_is_then_moves_halfway(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record_wake("m", "sleep1", 2.0)
+    assert stats.get("m").wake_seconds == {"sleep1": 2.0}
+    await stats.record_wake("m", "sleep1", 1.0)  # halfway: 1.5
+    await stats.record_wake("m", "sleep1", 0.5)  # halfway: 1.0
+    assert stats.get("m").wake_seconds == {"sleep1": 1.0}
+
+
+async def test_each_tier_learns_its_own_wake(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record_wake("m", "sleep1", 0.4)
+    await stats.record_wake("m", "sleep2", 3.0)
+    await stats.record_wake("m", "sleep2", 2.0)  # halfway: 2.5
+    await stats.record_wake("n", "release", 1.25)
+    assert stats.get("m").wake_seconds == {"sleep1": 0.4, "sleep2": 2.5}
+    assert stats.get("n").wake_seconds == {"release": 1.25}
+
+
+async def test_wake_times_are_kept_to_the_millisecond(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record_wake("m", "sleep1", 0.12345)
+    assert stats.get("m").wake_seconds == {"sleep1": 0.123}
+    await stats.record_wake("m", "sleep1", 0.201)  # 0.123 + (0.201 - 0.123) / 2 = 0.162
+    assert stats.get("m").wake_seconds["sleep1"] == pytest.approx(0.162, abs=1e-9)
+
+
+async def test_a_wake_leaves_the_load_figures_and_a_load_leaves_the_wakes(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record("m", 10.0, 20.0)
+    await stats.record_wake("m", "sleep2", 2.0)
+    await stats.record_residue("m", 1.5)
+    assert stats.get("m") == Learned(
+        load_seconds=10.0,
+        footprint_gb=20.0,
+        loads=1,
+        samples=(20.0,),
+        wake_seconds={"sleep2": 2.0},
+        residue_samples=(1.5,),
+    )
+    await stats.record("m", 12.0, 22.0)
+    learned = stats.get("m")
+    assert (learned.loads, learned.footprint_gb) == (2, 21.0)
+    assert (learned.wake_seconds, learned.residue_samples) == ({"sleep2": 2.0}, (1.5,))
+
+
+async def test_the_residue_is_the_largest_of_the_latest_five(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    assert stats.get("m").residue_gb is None  # never measured
+    await stats.record_residue("m", 9.0)
+    assert stats.get("m").residue_gb == 9.0
+    for sample in (1.0, 2.5, 1.25, 0.5):
+        await stats.record_residue("m", sample)
+    assert stats.get("m").residue_gb == 9.0
+    await stats.record_residue("m", 0.75)  # pushes the 9.0 out
+    assert stats.get("m").residue_samples == (1.0, 2.5, 1.25, 0.5, 0.75)
+    assert stats.get("m").residue_gb == 2.5
+
+
+async def test_a_residue_is_rounded_and_never_negative(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record_residue("m", 1.23456)
+    await stats.record_residue("m", -0.4)
+    assert stats.get("m").residue_samples == (1.23, 0.0)
+    assert stats.get("m").residue_gb == 1.23
+
+
+async def test_wakes_and_residues_persist_and_reload(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    stats = LearnedStats(state_dir)
+    await stats.record_wake("m", "sleep1", 0.8)
+    await stats.record_wake("m", "sleep2", 3.0)
+    await stats.record_wake("m", "sleep2", 2.0)
+    for sample in (1.5, 1.75, 1.5, 1.6, 1.4, 1.45):
+        await stats.record_residue("m", sample)
+
+    expected = Learned(
+        wake_seconds={"sleep1": 0.8, "sleep2": 2.5},
+        residue_samples=(1.75, 1.5, 1.6, 1.4, 1.45),
+    )
+    assert stats.get("m") == expected
+    reloaded = await loaded(state_dir)
+    assert reloaded.get("m") == expected
+    assert reloaded.get("m").residue_gb == 1.75
+    assert json.loads((state_dir / FILE_NAME).read_text(encoding="utf-8")) == {
+        "m": {
+            "footprint_gb": None,
+            "load_seconds": None,
+            "loads": 0,
+            "samples": [],
+            "device_samples": [],
+            "wake_seconds": {"sleep1": 0.8, "sleep2": 2.5},
+            "residue_samples": [1.75, 1.5, 1.6, 1.4, 1.45],
+        }
+    }
+    # Learning goes on from the reloaded figures.
+    await reloaded.record_wake("m", "sleep1", 0.4)  # halfway: 0.6
+    await reloaded.record_residue("m", 1.0)
+    again = await loaded(state_dir)
+    assert again.get("m").wake_seconds == {"sleep1": 0.6, "sleep2": 2.5}
+    assert again.get("m").residue_samples == (1.5, 1.6, 1.4, 1.45, 1.0)
+    assert again.get("m").residue_gb == 1.6
+
+
+async def test_wrongly_typed_wakes_and_residues_are_dropped(tmp_path: Path) -> None:
+    (tmp_path / FILE_NAME).write_text(
+        json.dumps(
+            {
+                "m": {
+                    "wake_seconds": {"sleep1": "fast", "sleep2": 2, "release": True},
+                    "residue_samples": [1.5, "a lot", None, 2],
+                },
+                "n": {"wake_seconds": None, "residue_samples": "1.5"},
+            }
+        ),
+        encoding="utf-8",
+    )
+    stats = await loaded(tmp_path)
+    assert stats.get("m") == Learned(wake_seconds={"sleep2": 2.0}, residue_samples=(1.5, 2.0))
+    assert stats.get("n") == Learned()

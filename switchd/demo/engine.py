@@ -3,6 +3,15 @@
 It behaves like a vLLM server from the outside: it listens at once, reports 503 on
 /health while "loading" (printing vLLM-like log lines), then serves deterministic
 chat, completion and embedding answers, streamed at a fixed token rate if asked.
+
+With --enable-sleep-mode it also offers vLLM's sleep-mode API (what vLLM serves with
+--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1): POST /sleep?level=1|2, POST /wake_up
+(optionally ?tags=weights / ?tags=kv_cache, repeatable), GET /is_sleeping and POST
+/collective_rpc {"method": "reload_weights"}. Level 1 keeps the weights (offloaded to
+CPU RAM); level 2 discards them, so after waking, generation answers 500
+`weights_not_loaded` until reload_weights ran. While asleep /health and /v1/models still
+answer, generation answers 503 `engine_sleeping`, and open streams are ended when a sleep
+starts. Without the flag these paths answer 404, like a vLLM without dev mode.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 
@@ -29,6 +38,8 @@ from starlette.routing import Route
 OWNER = "switchd-demo"
 PROMPT_ECHO_CHARS = 200
 DEFAULT_MAX_TOKENS = 64
+SLEEP_TAGS = ("weights", "kv_cache")
+SLEEP_LEVELS = (1, 2)
 
 
 class Engine:
@@ -38,6 +49,25 @@ class Engine:
         self.created = int(time.time())
         self.loaded = False
         self.stopping = False
+        # Sleep mode (vLLM's --enable-sleep-mode), configured from the command line.
+        self.sleep_mode = False
+        self.sleep_seconds = 0.2
+        self.wake_seconds = 0.3
+        self.reload_seconds = 1.0
+        self.fail_sleep = False
+        self.fail_wake = False
+        # Serialises /sleep, /wake_up and /collective_rpc; /health and /is_sleeping do
+        # not take it, so they keep answering while a call spends its time.
+        self.sleep_lock = asyncio.Lock()
+        self.sleeping: set[str] = set()  # tags asleep, a subset of SLEEP_TAGS
+        self.sleep_level: int | None = None  # the last sleep's level
+        self.weights_loaded = True  # level 2 discards them until reload_weights
+        self.falling_asleep = False
+        # Bumped when a sleep starts: a stream begun under another value ends.
+        self.sleep_epoch = 0
+
+    def asleep(self) -> bool:
+        return self.falling_asleep or bool(self.sleeping)
 
 
 def log(line: str) -> None:
@@ -84,6 +114,16 @@ async def read_body(request: Request, engine: Engine) -> dict[str, Any] | Respon
     if not engine.loaded:
         message = f"Model {engine.model} is still loading."
         return error(503, message, "model_loading", "server_error")
+    if engine.asleep():
+        message = f"Model {engine.model} is sleeping; POST /wake_up first."
+        return error(503, message, "engine_sleeping", "server_error")
+    if not engine.weights_loaded:
+        # A real vLLM would generate garbage here; the demo makes the mistake visible.
+        message = (
+            f"Model {engine.model} woke from a level 2 sleep without its weights; "
+            'POST /collective_rpc {"method": "reload_weights"} first.'
+        )
+        return error(500, message, "weights_not_loaded", "server_error")
     return body
 
 
@@ -137,7 +177,13 @@ async def generate(request: Request, chat: bool) -> Response:
         options = body.get("stream_options")
         with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         stream = stream_chunks(
-            engine, base, tokens, chat=chat, finish=finish, usage=usage if with_usage else None
+            engine,
+            base,
+            tokens,
+            chat=chat,
+            finish=finish,
+            usage=usage if with_usage else None,
+            epoch=engine.sleep_epoch,
         )
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
@@ -158,9 +204,13 @@ async def stream_chunks(
     chat: bool,
     finish: str,
     usage: dict[str, int] | None,
+    epoch: int,
 ) -> AsyncIterator[str]:
     base = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
     delay = 1.0 / engine.tokens_per_second if engine.tokens_per_second > 0 else 0.0
+
+    def cut() -> bool:
+        return engine.stopping or engine.sleep_epoch != epoch
 
     def chunk(piece: str | None, first: bool, finish_reason: str | None) -> str:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
@@ -175,10 +225,11 @@ async def stream_chunks(
 
     for i, token in enumerate(tokens):
         if i and delay:
-            await pause(engine, delay)
-        if engine.stopping:
+            await pause(delay, cut)
+        if cut():
             # Cut the stream short, as a real engine aborts requests on shutdown, rather
-            # than run into uvicorn's graceful-shutdown timeout.
+            # than run into uvicorn's graceful-shutdown timeout; and as vLLM's /sleep
+            # (mode=abort, its default) aborts the requests in flight.
             return
         # Leading spaces make the concatenated deltas equal the non-streamed text.
         yield chunk(token if i == 0 else f" {token}", i == 0, None)
@@ -188,11 +239,11 @@ async def stream_chunks(
     yield "data: [DONE]\n\n"
 
 
-async def pause(engine: Engine, seconds: float) -> None:
-    # Polled in short slices, not an asyncio.Event: the flag is set from a signal
+async def pause(seconds: float, stop: Callable[[], bool]) -> None:
+    # Polled in short slices, not an asyncio.Event: engine.stopping is set from a signal
     # handler, where touching the event loop is unsafe.
     end = time.monotonic() + seconds
-    while not engine.stopping and (left := end - time.monotonic()) > 0:  # noqa: ASYNC110
+    while not stop() and (left := end - time.monotonic()) > 0:  # noqa: ASYNC110
         await asyncio.sleep(min(left, 0.05))
 
 
@@ -235,16 +286,128 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [card]})
 
 
+def tag_list(tags: set[str] | list[str]) -> list[str]:
+    return [tag for tag in SLEEP_TAGS if tag in tags]
+
+
+async def sleep(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    raw = request.query_params.get("level", "1")
+    try:
+        level = int(raw)
+    except ValueError:
+        level = 0
+    if level not in SLEEP_LEVELS:
+        return error(400, f"level must be 1 or 2, not {raw!r}.", "invalid_value")
+    async with engine.sleep_lock:
+        if not engine.loaded:
+            message = f"Model {engine.model} is still loading."
+            return error(503, message, "model_loading", "server_error")
+        if engine.sleeping:
+            log("WARNING Executor is already sleeping.")
+            return Response(status_code=200)
+        log(f"INFO Putting the engine to sleep (level {level})")
+        started = time.monotonic()
+        engine.falling_asleep = True
+        engine.sleep_epoch += 1
+        try:
+            await pause(engine.sleep_seconds, lambda: engine.stopping)
+            if engine.fail_sleep:
+                log("ERROR RuntimeError: Failed to offload weights to CPU (--fail-sleep)")
+                log("ERROR Failed to put the engine to sleep; it stays awake.")
+                message = "Failed to put the engine to sleep (--fail-sleep)."
+                return error(500, message, "sleep_failed", "server_error")
+            # As with loading, the state turns only after the line that explains it.
+            log(f"INFO It took {time.monotonic() - started:.2f} seconds to fall asleep.")
+            engine.sleeping = set(SLEEP_TAGS)
+            engine.sleep_level = level
+            if level == 2:
+                engine.weights_loaded = False
+        finally:
+            engine.falling_asleep = False
+        return Response(status_code=200)
+
+
+async def wake_up(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    asked = request.query_params.getlist("tags")
+    unknown = [tag for tag in asked if tag not in SLEEP_TAGS]
+    if unknown:
+        # vLLM ignores an unknown tag; the demo names the mistake instead.
+        message = f"Unknown tags {unknown}; tags are {list(SLEEP_TAGS)}."
+        return error(400, message, "invalid_value")
+    async with engine.sleep_lock:
+        if not engine.sleeping:
+            log("WARNING Executor is not sleeping.")
+            return Response(status_code=200)
+        tags = tag_list(engine.sleeping & set(asked)) if asked else tag_list(engine.sleeping)
+        if not tags:
+            log(f"WARNING Tags {asked} are not in sleeping tags {tag_list(engine.sleeping)}.")
+            return Response(status_code=200)
+        log(f"INFO Waking up the engine (tags: {', '.join(tags)})")
+        started = time.monotonic()
+        await pause(engine.wake_seconds, lambda: engine.stopping)
+        if engine.fail_wake:
+            log("ERROR RuntimeError: CUDA error: out of memory (--fail-wake)")
+            log("ERROR Failed to wake up the engine; it stays asleep.")
+            message = "Failed to wake up the engine (--fail-wake)."
+            return error(500, message, "wake_up_failed", "server_error")
+        log(f"INFO It took {time.monotonic() - started:.2f} seconds to wake up tags {tags}.")
+        engine.sleeping -= set(tags)
+        return Response(status_code=200)
+
+
+async def is_sleeping(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    return JSONResponse({"is_sleeping": bool(engine.sleeping)})
+
+
+async def collective_rpc(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return error(400, "Request body is not valid JSON.", "invalid_json")
+    if not isinstance(body, dict):
+        return error(400, "Request body must be a JSON object.", "invalid_json")
+    method = body.get("method")
+    if method is None:
+        return error(400, "Missing 'method' in request body.", "invalid_value")
+    if method != "reload_weights":
+        message = f"The demo engine only knows the method reload_weights, not {method!r}."
+        return error(400, message, "invalid_value")
+    async with engine.sleep_lock:
+        if not engine.loaded:
+            message = f"Model {engine.model} is still loading."
+            return error(503, message, "model_loading", "server_error")
+        if "weights" in engine.sleeping:
+            message = "The weights are asleep; POST /wake_up?tags=weights first."
+            return error(503, message, "engine_sleeping", "server_error")
+        log(f"INFO Reloading weights for {engine.model}")
+        started = time.monotonic()
+        await pause(engine.reload_seconds, lambda: engine.stopping)
+        log(f"INFO Reloaded weights in {time.monotonic() - started:.2f} s")
+        engine.weights_loaded = True
+        # vLLM answers each worker's return value; reload_weights returns None.
+        return JSONResponse({"results": [None]})
+
+
 def create_app(engine: Engine) -> Starlette:
-    app = Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/embeddings", embeddings, methods=["POST"]),
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+    ]
+    if engine.sleep_mode:
+        routes += [
+            Route("/sleep", sleep, methods=["POST"]),
+            Route("/wake_up", wake_up, methods=["POST"]),
+            Route("/is_sleeping", is_sleeping, methods=["GET"]),
+            Route("/collective_rpc", collective_rpc, methods=["POST"]),
         ]
-    )
+    app = Starlette(routes=routes)
     app.state.engine = engine
     return app
 
@@ -307,12 +470,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-seconds", type=float, default=3.0)
     parser.add_argument("--tokens-per-second", type=float, default=50.0)
     parser.add_argument("--fail-after", type=float, default=None, metavar="SECONDS")
+    sleep_mode = parser.add_argument_group("sleep mode (vLLM's /sleep, /wake_up API)")
+    sleep_mode.add_argument("--enable-sleep-mode", action="store_true")
+    sleep_mode.add_argument("--sleep-seconds", type=float, default=0.2)
+    sleep_mode.add_argument("--wake-seconds", type=float, default=0.3)
+    sleep_mode.add_argument("--reload-seconds", type=float, default=1.0)
+    sleep_mode.add_argument(
+        "--fail-sleep", action="store_true", help="/sleep answers 500; the engine stays awake"
+    )
+    sleep_mode.add_argument(
+        "--fail-wake", action="store_true", help="/wake_up answers 500; the engine stays asleep"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engine = Engine(args.model, args.tokens_per_second)
+    engine.sleep_mode = args.enable_sleep_mode
+    engine.sleep_seconds = args.sleep_seconds
+    engine.wake_seconds = args.wake_seconds
+    engine.reload_seconds = args.reload_seconds
+    engine.fail_sleep = args.fail_sleep
+    engine.fail_wake = args.fail_wake
     config = uvicorn.Config(
         create_app(engine),
         host=args.host,

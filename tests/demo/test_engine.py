@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,6 +26,19 @@ LOAD_LINES = [
     "INFO Capturing CUDA graphs",
     f"INFO Model {MODEL} loaded in ",
 ]
+SLEEP_MODE = (
+    "--enable-sleep-mode",
+    "--load-seconds",
+    "0",
+    "--sleep-seconds",
+    "0.05",
+    "--wake-seconds",
+    "0.05",
+    "--reload-seconds",
+    "0.05",
+)
+ANSWER = f"Hello from {MODEL}. You said: hi"
+RELOAD = {"method": "reload_weights"}
 
 
 def free_port() -> int:
@@ -267,3 +282,310 @@ def test_sigterm_with_open_stream_exits_promptly(start: type[EngineProcess]) -> 
         assert engine.wait_exit(timeout=5) == 0
         assert time.monotonic() - began < 1.5
         assert "data: [DONE]" not in list(lines)
+
+
+def sleepy(start: type[EngineProcess], *extra: str) -> EngineProcess:
+    """An engine with the sleep API and short sleep, wake and reload times, loaded."""
+    engine = start(*SLEEP_MODE, *extra)
+    engine.wait_healthy()
+    return engine
+
+
+def is_sleeping(engine: EngineProcess) -> bool:
+    response = engine.client.get("/is_sleeping")
+    assert response.status_code == 200, response.text
+    value = response.json()["is_sleeping"]
+    assert isinstance(value, bool)
+    return value
+
+
+def code(response: httpx.Response) -> str:
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    value: str = error["code"]
+    return value
+
+
+def assert_answers(engine: EngineProcess) -> None:
+    response = engine.client.post("/v1/chat/completions", json=chat("hi"))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+def assert_generation_refused(engine: EngineProcess, status: int, error_code: str) -> None:
+    requests = [
+        ("/v1/chat/completions", chat("hi")),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi"}),
+        ("/v1/embeddings", {"model": MODEL, "input": "hi"}),
+    ]
+    for path, payload in requests:
+        response = engine.client.post(path, json=payload)
+        assert response.status_code == status, (path, response.text)
+        assert code(response) == error_code
+
+
+def assert_in_order(lines: list[str], patterns: list[str]) -> None:
+    """Each pattern fully matches some line, each after the line the previous matched."""
+    at = 0
+    for pattern in patterns:
+        found = [i for i in range(at, len(lines)) if re.fullmatch(pattern, lines[i])]
+        assert found, f"{pattern!r} not printed after line {at}: {lines}"
+        at = found[0] + 1
+
+
+def test_sleep_api_is_404_without_sleep_mode(ready: EngineProcess) -> None:
+    calls = [
+        ("POST", "/sleep?level=1"),
+        ("POST", "/wake_up"),
+        ("GET", "/is_sleeping"),
+        ("POST", "/collective_rpc"),
+    ]
+    for method, path in calls:
+        assert ready.client.request(method, path, json=RELOAD).status_code == 404, path
+    assert_answers(ready)
+
+
+def test_level_1_sleep_and_wake_up(start: type[EngineProcess]) -> None:
+    engine = sleepy(start)
+    assert not is_sleeping(engine)
+    response = engine.client.post("/sleep", params={"level": "1"})
+    assert response.status_code == 200
+    assert response.content == b""
+    assert is_sleeping(engine)
+    assert engine.client.get("/health").status_code == 200
+    models = engine.client.get("/v1/models")
+    assert models.status_code == 200
+    assert [m["id"] for m in models.json()["data"]] == [MODEL]
+    assert_generation_refused(engine, 503, "engine_sleeping")
+    # Sleeping again is a no-op.
+    assert engine.client.post("/sleep", params={"level": "2"}).status_code == 200
+    assert is_sleeping(engine)
+
+    woken = engine.client.post("/wake_up")
+    assert woken.status_code == 200
+    assert woken.content == b""
+    assert not is_sleeping(engine)
+    # Level 1 kept the weights: no reload needed.
+    assert_answers(engine)
+    # Waking an awake engine is a no-op.
+    assert engine.client.post("/wake_up").status_code == 200
+    assert not is_sleeping(engine)
+    assert_answers(engine)
+    assert_in_order(
+        engine.lines(),
+        [
+            r"INFO Putting the engine to sleep \(level 1\)",
+            r"INFO It took \d+\.\d\d seconds to fall asleep\.",
+            r"WARNING Executor is already sleeping\.",
+            r"INFO Waking up the engine \(tags: weights, kv_cache\)",
+            r"INFO It took \d+\.\d\d seconds to wake up tags \['weights', 'kv_cache'\]\.",
+            r"WARNING Executor is not sleeping\.",
+        ],
+    )
+    assert not any(line.startswith("ERROR") for line in engine.lines())
+
+
+def test_level_2_wake_up_without_reload_answers_weights_not_loaded(
+    start: type[EngineProcess],
+) -> None:
+    engine = sleepy(start)
+    assert engine.client.post("/sleep", params={"level": "2"}).status_code == 200
+    assert is_sleeping(engine)
+    assert_generation_refused(engine, 503, "engine_sleeping")
+    assert engine.client.post("/wake_up").status_code == 200
+    assert not is_sleeping(engine)
+    assert engine.client.get("/health").status_code == 200
+    assert_generation_refused(engine, 500, "weights_not_loaded")
+    error = engine.client.post("/v1/chat/completions", json=chat("hi")).json()["error"]
+    assert error["type"] == "server_error"
+    assert "reload_weights" in error["message"]
+
+    reloaded = engine.client.post("/collective_rpc", json=RELOAD)
+    assert reloaded.status_code == 200
+    assert reloaded.json() == {"results": [None]}
+    assert_answers(engine)
+    assert_in_order(
+        engine.lines(),
+        [
+            r"INFO Putting the engine to sleep \(level 2\)",
+            r"INFO It took \d+\.\d\d seconds to fall asleep\.",
+            r"INFO Waking up the engine \(tags: weights, kv_cache\)",
+            f"INFO Reloading weights for {MODEL}",
+            r"INFO Reloaded weights in \d+\.\d\d s",
+        ],
+    )
+
+
+def test_level_2_documented_tag_sequence(start: type[EngineProcess]) -> None:
+    engine = sleepy(start)
+    assert engine.client.post("/sleep", params={"level": "2"}).status_code == 200
+    # The weights must be awake before they can be reloaded.
+    early = engine.client.post("/collective_rpc", json=RELOAD)
+    assert early.status_code == 503
+    assert code(early) == "engine_sleeping"
+
+    assert engine.client.post("/wake_up", params={"tags": "weights"}).status_code == 200
+    assert is_sleeping(engine)
+    assert_generation_refused(engine, 503, "engine_sleeping")
+    assert engine.client.post("/collective_rpc", json=RELOAD).status_code == 200
+    assert is_sleeping(engine)
+    # Waking a tag that is already awake is a no-op.
+    assert engine.client.post("/wake_up", params={"tags": "weights"}).status_code == 200
+    assert is_sleeping(engine)
+    assert_generation_refused(engine, 503, "engine_sleeping")
+
+    assert engine.client.post("/wake_up", params={"tags": "kv_cache"}).status_code == 200
+    assert not is_sleeping(engine)
+    assert_answers(engine)
+    assert_in_order(
+        engine.lines(),
+        [
+            r"INFO Putting the engine to sleep \(level 2\)",
+            r"INFO Waking up the engine \(tags: weights\)",
+            r"INFO It took \d+\.\d\d seconds to wake up tags \['weights'\]\.",
+            r"INFO Reloaded weights in \d+\.\d\d s",
+            r"WARNING Tags \['weights'\] are not in sleeping tags \['kv_cache'\]\.",
+            r"INFO Waking up the engine \(tags: kv_cache\)",
+            r"INFO It took \d+\.\d\d seconds to wake up tags \['kv_cache'\]\.",
+        ],
+    )
+
+
+def test_wake_up_takes_repeated_tags_and_refuses_unknown_ones(
+    start: type[EngineProcess],
+) -> None:
+    engine = sleepy(start)
+    assert engine.client.post("/sleep", params={"level": "1"}).status_code == 200
+    unknown = engine.client.post("/wake_up", params={"tags": "everything"})
+    assert unknown.status_code == 400
+    assert code(unknown) == "invalid_value"
+    assert is_sleeping(engine)
+    both = {"tags": ["kv_cache", "weights"]}
+    assert engine.client.post("/wake_up", params=both).status_code == 200
+    assert not is_sleeping(engine)
+    assert_answers(engine)
+    assert "INFO Waking up the engine (tags: weights, kv_cache)" in engine.lines()
+
+
+def test_fail_sleep_answers_500_and_stays_awake(start: type[EngineProcess]) -> None:
+    engine = sleepy(start, "--fail-sleep")
+    response = engine.client.post("/sleep", params={"level": "1"})
+    assert response.status_code == 500
+    assert code(response) == "sleep_failed"
+    assert response.json()["error"]["type"] == "server_error"
+    assert not is_sleeping(engine)
+    assert_answers(engine)
+    lines = engine.lines()
+    assert "INFO Putting the engine to sleep (level 1)" in lines
+    assert any(line.startswith("ERROR Failed to put the engine to sleep") for line in lines)
+    assert not any("to fall asleep" in line for line in lines)
+
+
+def test_fail_wake_answers_500_and_stays_asleep(start: type[EngineProcess]) -> None:
+    engine = sleepy(start, "--fail-wake")
+    assert engine.client.post("/sleep", params={"level": "1"}).status_code == 200
+    response = engine.client.post("/wake_up")
+    assert response.status_code == 500
+    assert code(response) == "wake_up_failed"
+    assert response.json()["error"]["type"] == "server_error"
+    assert is_sleeping(engine)
+    assert_generation_refused(engine, 503, "engine_sleeping")
+    assert engine.client.get("/health").status_code == 200
+    lines = engine.lines()
+    assert any(line.startswith("ERROR Failed to wake up the engine") for line in lines)
+    assert not any("to wake up tags" in line for line in lines)
+
+
+def test_invalid_sleep_level_is_400(start: type[EngineProcess]) -> None:
+    engine = sleepy(start)
+    for level in ["0", "3", "-1", "abc", "1.5", ""]:
+        response = engine.client.post("/sleep", params={"level": level})
+        assert response.status_code == 400, level
+        assert code(response) == "invalid_value"
+        assert not is_sleeping(engine)
+    assert_answers(engine)
+    # Without a level, vLLM sleeps at level 1.
+    assert engine.client.post("/sleep").status_code == 200
+    assert is_sleeping(engine)
+    assert "INFO Putting the engine to sleep (level 1)" in engine.lines()
+
+
+def test_sleep_and_reload_while_loading_are_503(start: type[EngineProcess]) -> None:
+    engine = start(*SLEEP_MODE, "--load-seconds", "30")
+    assert engine.wait_listening() == 503
+    response = engine.client.post("/sleep", params={"level": "1"})
+    assert response.status_code == 503
+    assert code(response) == "model_loading"
+    assert not is_sleeping(engine)
+    reload = engine.client.post("/collective_rpc", json=RELOAD)
+    assert reload.status_code == 503
+    assert code(reload) == "model_loading"
+    assert engine.client.post("/wake_up").status_code == 200
+    assert engine.client.get("/health").status_code == 503
+
+
+def test_collective_rpc_refuses_bad_bodies_and_other_methods(
+    start: type[EngineProcess],
+) -> None:
+    engine = sleepy(start)
+    bad = engine.client.post("/collective_rpc", content=b"{not json")
+    assert bad.status_code == 400
+    assert code(bad) == "invalid_json"
+    listed = engine.client.post("/collective_rpc", json=["reload_weights"])
+    assert listed.status_code == 400
+    assert code(listed) == "invalid_json"
+    for body in [{}, {"method": "sleep"}, {"method": 1}]:
+        response = engine.client.post("/collective_rpc", json=body)
+        assert response.status_code == 400, body
+        assert code(response) == "invalid_value"
+    assert not any("Reloading weights" in line for line in engine.lines())
+
+
+def test_sleep_ends_open_streams(start: type[EngineProcess]) -> None:
+    engine = sleepy(start, "--tokens-per-second", "5")
+    payload = chat("a slow answer", stream=True, max_tokens=50)
+    with engine.client.stream("POST", "/v1/chat/completions", json=payload) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        began = time.monotonic()
+        assert engine.client.post("/sleep", params={"level": "1"}).status_code == 200
+        rest = list(lines)
+        assert time.monotonic() - began < 1.5
+    assert "data: [DONE]" not in rest
+    assert is_sleeping(engine)
+
+
+def test_sleep_calls_are_serialised_and_health_answers_meanwhile(
+    start: type[EngineProcess],
+) -> None:
+    engine = sleepy(start, "--sleep-seconds", "1.0")
+
+    def post(path: str) -> int:
+        with httpx.Client(base_url=engine.base, timeout=5.0) as client:
+            return client.post(path).status_code
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        sleeping = pool.submit(post, "/sleep?level=1")
+        deadline = time.monotonic() + 5
+        while "INFO Putting the engine to sleep (level 1)" not in engine.lines():
+            assert time.monotonic() < deadline, engine.drain()
+            time.sleep(0.01)
+        # Falling asleep: the server still answers, and generation is already refused.
+        assert engine.client.get("/health").status_code == 200
+        assert not is_sleeping(engine)
+        assert_generation_refused(engine, 503, "engine_sleeping")
+        assert not sleeping.done()
+        # A wake_up sent meanwhile waits for the sleep instead of finding nothing asleep.
+        waking = pool.submit(post, "/wake_up")
+        assert sleeping.result() == 200
+        assert waking.result() == 200
+    assert not is_sleeping(engine)
+    assert_answers(engine)
+    assert_in_order(
+        engine.lines(),
+        [
+            r"INFO It took \d+\.\d\d seconds to fall asleep\.",
+            r"INFO Waking up the engine \(tags: weights, kv_cache\)",
+        ],
+    )
+    assert "WARNING Executor is not sleeping." not in engine.lines()

@@ -416,3 +416,68 @@ async def test_the_proxy_loads_a_container_model_and_answers(
         assert found["status"] == "running"
         assert found["engine"]["container"] == name
         assert found["engine"]["url"] == entry["url"]
+
+
+SLEEP_MODE = ("--enable-sleep-mode", "--sleep-seconds", "0.05", "--wake-seconds", "0.05")
+
+
+async def test_container_models_sleep_wake_and_are_adopted_asleep(
+    containers: Containers,
+    make_server: ServerFactory,
+    docker_client: docker.DockerClient,
+    engine_image: str,
+) -> None:
+    """Two compose-made containers with vLLM's sleep API: a switch puts one to sleep (its
+    container keeps running), the way back wakes the same container, and a switchd
+    started later finds the sleeping one asleep (vLLM's /is_sleeping)."""
+    first, second = unique("sleepy"), unique("other")
+    names = {model: containers.name(f"compose-{model}") for model in (first, second)}
+    models = {
+        model: {
+            **container_model(
+                docker_client, engine_image, names[model], model, size_gb=SIZE_GB, extra=SLEEP_MODE
+            ),
+            "standby": ["sleep1", "sleep2"],
+        }
+        for model in (first, second)
+    }
+    server = make_server(models, **SETTINGS, standby_host_ram_gb=500)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        await switch_and_wait(http, first)
+        started = docker_state(containers, names[first])["StartedAt"]
+        away = await switch_events(http, second)
+        assert [e.name for e in away if e.name in ("sleep", "slept", "unload")] == [
+            "sleep",
+            "slept",
+        ]
+        asleep = await model_status(http, first)
+        assert asleep["status"] == "sleeping"
+        assert asleep["sleep"]["tier"] == "sleep1"
+        assert docker_state(containers, names[first])["Running"] is True
+        back = await switch_events(http, first)
+        assert [e.name for e in back if e.name in ("start", "wake", "woken")] == ["wake", "woken"]
+        # The same container run: woken, not restarted.
+        assert docker_state(containers, names[first])["StartedAt"] == started
+        answer = await http.post(
+            "/v1/chat/completions",
+            json={"model": first, "messages": [{"role": "user", "content": "awake?"}]},
+        )
+        assert answer.status_code == 200, answer.text
+        assert (await model_status(http, second))["status"] == "sleeping"
+    assert server.stop() == 0
+
+    again = make_server(models, **SETTINGS, standby_host_ram_gb=500)
+    async with httpx.AsyncClient(base_url=again.url, timeout=30) as http:
+        found = await model_status(http, second)
+        assert found["status"] == "sleeping"
+        assert found["sleep"]["tier"] == "sleep2"  # its level is not told: woken thoroughly
+        assert (await model_status(http, first))["status"] == "running"
+        answer = await http.post(
+            "/v1/chat/completions",
+            json={"model": second, "messages": [{"role": "user", "content": "and you?"}]},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == (
+            f"Hello from {second}. You said: and you?"
+        )
+        assert (await model_status(http, first))["status"] == "sleeping"
