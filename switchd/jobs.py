@@ -20,6 +20,9 @@ from switchd.events import Event
 from switchd.states import Stage
 from switchd.units import iso_timestamp
 
+# Repeating or chatty events: the timeline keeps when each stage began, not these.
+TIMELINE_SKIPS = frozenset({"log", "loading"})
+
 
 class JobKind(StrEnum):
     SWITCH = "switch"
@@ -76,12 +79,18 @@ class Job:
         self.woken: bool = False  # the target was woken, not started
         self.memory_info: dict[str, float] = {}
         self.estimated_load_time_seconds: float | None = None
+        self.timeline: list[tuple[str, float]] = []  # (stage, seconds since created)
         self.started = asyncio.Event()  # the engine runs (or the job ended first)
         self.done = asyncio.Event()
         self._wakeup = asyncio.Event()
 
     def record(self, event: Event) -> None:
         self.events.append(event)
+        if event.name not in TIMELINE_SKIPS and (
+            not self.timeline or self.timeline[-1][0] != event.name
+        ):
+            # When each stage began, for the history: seconds since the job was created.
+            self.timeline.append((event.name, round(time.time() - self.created, 3)))
         self._wakeup.set()
         self._wakeup = asyncio.Event()
 
@@ -143,4 +152,8 @@ class Job:
             "result": self.result,
             "error": self.error.as_json() if self.error else None,
             "events": len(self.events),
+            "unloaded_models": list(self.unloaded_models),
+            "slept_models": list(self.slept_models),
+            "woken": self.woken,
+            "timeline": [{"stage": stage, "at_seconds": at} for stage, at in self.timeline],
         }

@@ -29,7 +29,7 @@ from switchd.jobs import Job, SwitchError
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, ProxyContext
-from switchd.scheduler import Scheduler
+from switchd.scheduler import JOB_HISTORY, Scheduler
 
 PING_SECONDS = 15
 RETRY_MILLISECONDS = 3000
@@ -361,6 +361,19 @@ def _job(request: Request) -> Job | Response:
     return job
 
 
+HISTORY_LIMIT = 50
+
+
+async def list_jobs(request: Request) -> Response:
+    """The latest switch and unload jobs, newest first, with when each stage began."""
+    raw = request.query_params.get("limit", str(HISTORY_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= JOB_HISTORY:
+        message = f"limit must be a whole number from 1 to {JOB_HISTORY}, got {raw!r}"
+        return error_response(400, "invalid_parameter", message)
+    jobs = services(request).scheduler.recent_jobs(int(raw))
+    return JSONResponse({"switches": [job.as_json() for job in jobs]})
+
+
 async def job_status(request: Request) -> Response:
     job = _job(request)
     return job if isinstance(job, Response) else JSONResponse(job.as_json())
@@ -437,6 +450,7 @@ ROUTES = [
     Route("/v1/models/{model_id:path}", one_model),
     Route("/v1/models/switch", switch, methods=["POST"]),
     Route("/v1/models/unload", unload, methods=["POST"]),
+    Route("/v1/switches", list_jobs),
     Route("/v1/switches/{job_id}", job_status),
     Route("/v1/switches/{job_id}/events", job_events),
     Route("/v1/events", server_events),

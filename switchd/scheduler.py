@@ -163,6 +163,10 @@ class Scheduler:
     def job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def recent_jobs(self, limit: int) -> list[Job]:
+        """The latest jobs, newest first (the running one and the queue included)."""
+        return list(reversed(self._jobs.values()))[:limit]
+
     async def ensure(self, name: str) -> None:
         """Return once `name` serves (loading it on demand); raise SwitchError if it cannot."""
         async with self.serving(name):

@@ -403,3 +403,41 @@ async def test_engines_stop_even_when_switchd_is_killed(make_server: ServerFacto
     while not gone(pid):
         assert time.monotonic() < deadline, f"engine {pid} outlived a killed switchd"
         await asyncio.sleep(0.1)
+
+
+async def test_the_switch_history_lists_recent_jobs_newest_first_with_their_stages(
+    client: httpx.AsyncClient,
+) -> None:
+    await switch_and_wait(client, "gpt-oss-120b")
+    await switch_and_wait(client, "gpt-oss-20b")
+    history = await client.get("/v1/switches")
+    assert history.status_code == 200
+    jobs = history.json()["switches"]
+    assert [(j["target"], j["kind"], j["status"]) for j in jobs] == [
+        ("gpt-oss-20b", "switch", "succeeded"),
+        ("gpt-oss-120b", "switch", "succeeded"),
+    ]
+    latest = jobs[0]
+    assert latest["unloaded_models"] == ["gpt-oss-120b"]
+    assert [s["stage"] for s in latest["timeline"]] == [
+        "memory_check",
+        "unload",
+        "unloaded",
+        "freed",
+        "start",
+        "ready",
+        "result",
+    ]
+    offsets = [s["at_seconds"] for s in latest["timeline"]]
+    assert offsets == sorted(offsets)
+    assert offsets[-1] >= 0.5  # the engine's load, at least
+    one = await client.get("/v1/switches", params={"limit": "1"})
+    assert [j["target"] for j in one.json()["switches"]] == ["gpt-oss-20b"]
+    for bad in ("0", "201", "x", "-1"):
+        refused = await client.get("/v1/switches", params={"limit": bad})
+        assert refused.status_code == 400
+        assert refused.json() == {
+            "status": "error",
+            "error": "invalid_parameter",
+            "message": f"limit must be a whole number from 1 to 200, got {bad!r}",
+        }
