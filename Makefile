@@ -1,4 +1,5 @@
 # The two commands: `make demo` serves the demo, `make test` runs every check.
+# `make demo LISTEN=127.0.0.1:8081` serves it elsewhere; `GPUS=2` on two cards.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,16 +8,22 @@ GPUS ?= 1
 
 .PHONY: demo test lint bench clean
 
+# What serving needs, and nothing more: the demo needs only Python.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# The test extra on top (pytest, playwright, mypy, ruff), for test, lint and bench.
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/switchd demo --listen $(LISTEN) --gpus $(GPUS)
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-test
 	$(BIN)/ruff check switchd tests bench
 	$(BIN)/ruff format --check switchd tests bench
 	$(BIN)/mypy --strict switchd tests bench
@@ -24,7 +31,7 @@ lint: $(BIN)/.installed
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed-test
 	$(BIN)/python -m bench.status
 	$(BIN)/python -m bench.proxy
 	$(BIN)/python -m bench.contention

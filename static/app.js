@@ -1,7 +1,14 @@
-// The switchd page: live status, switching with a progress bar, and chat.
-// One event stream per page (/v1/events), resumed with Last-Event-ID.
+// The switchd page: live status, switching with a progress bar, what waits, recent
+// switches, memory over time, and chat. One event stream per page (/v1/events),
+// resumed with Last-Event-ID; the views it feeds live in their own modules.
 
-import { api, apiKey, readEvents, saveApiKey, Unauthorized } from "./api.js";
+import { api, apiKey, firstEvent, readEvents, saveApiKey, Unauthorized } from "./api.js";
+import { MemoryChart } from "./chart.js";
+import { refitOnResize, renderDevices } from "./devices.js";
+import { element, gb, setIfChanged } from "./format.js";
+import { HISTORY_LIMIT, renderHistory } from "./history.js";
+import { renderModels } from "./models.js";
+import { renderWaiting } from "./waiting.js";
 
 const $ = (id) => document.getElementById(id);
 const STAGE_EVENTS = new Set([
@@ -9,15 +16,46 @@ const STAGE_EVENTS = new Set([
   "wake", "woken", "start", "loading", "log", "ready", "result", "error",
 ]);
 const LOG_LINES = 40;
-const NARROW_PERCENT = 6; // a bar segment this thin shows no text: it would be cut to a glyph
+// Requests start waiting without any event (only jobs have events): the Waiting view
+// and the memory chart read the status this often while the stream is live.
+const POLL_MS = 2000;
 
 const state = {
   status: null,      // the last /v1/models/status body
   lastEventId: null, // for Last-Event-ID on reconnect
-  job: null,         // {id, target, done, progress}
+  job: null,         // {id, target, kind, done, progress, locks}
   sending: false,    // a chat answer is streaming
   keyWanted: null,   // resolves when a key is saved
+  live: false,       // the event stream is open
+  stale: false,      // it was lost: the figures on show may be out of date
+  mine: new Map(),   // job id -> {kind, target, position, behind}: jobs this page queued
+  joined: null,      // the running switch's target, when this page asked for it again
+  shown: {},         // view -> the JSON it was last drawn from: unchanged views are not redrawn
 };
+
+const chart = new MemoryChart($("memory-chart"));
+
+// Runs `task` now, or once more after the run in progress when called meanwhile: a
+// burst of triggers becomes one read, plus one that surely follows the last trigger.
+function coalesced(task) {
+  let running = false;
+  let again = false;
+  return async function run() {
+    if (running) {
+      again = true;
+      return;
+    }
+    running = true;
+    try {
+      do {
+        again = false;
+        await task();
+      } while (again);
+    } finally {
+      running = false;
+    }
+  };
+}
 
 // ---- the API key --------------------------------------------------------------
 
@@ -42,190 +80,77 @@ $("key-form").addEventListener("submit", (event) => {
   refreshStatus();
 });
 
-// ---- status: GPU bars, models table, model select -------------------------------
+// ---- status: GPU bars, chart, models, Waiting, the model select ------------------
 
-function gb(value) {
-  return value == null ? "–" : `${Number(value).toFixed(2)} GB`;
+function onStatus(status) {
+  state.status = status;
+  chart.add(status);
+  renderStatus();
+  // A status read while the stream is live: what the page shows is current again.
+  if (state.live && state.stale) setStale(false);
+  updateControls();
 }
 
-// 1 -> "1", 2.14 -> "2.1", 0.063 -> "0.063": seconds as people read them.
-function secs(value) {
-  return String(Number(Number(value).toPrecision(2)));
+// Draws a view only when what it shows changed: the 2 s poll does not rebuild the
+// page under the pointer (a hovered tooltip, an open dropdown, a text selection).
+function redraw(view, key, draw) {
+  if (state.shown[view] === key) return;
+  state.shown[view] = key;
+  draw();
 }
 
-function heldGb(model) {
-  return model.gpu_memory_used_gb ?? model.size_gb;
-}
-
-function sleeping(model) {
-  return model.status === "sleeping" && model.sleep ? model.sleep : null;
-}
+// Fields the table does not show, which change at every read while requests wait.
+const NOT_IN_TABLE = new Set(["oldest_wait_seconds", "waiting", "last_used"]);
 
 function renderStatus() {
   const status = state.status;
   if (!status) return;
-  renderDevices(status);
-  renderModels(status.models);
+  const states = Object.fromEntries(
+    Object.entries(status.models).map(([name, model]) => [name, [model.status, model.sleep]]));
+  redraw("devices", JSON.stringify([status.gpu, states]), () => renderDevices($("devices"), status));
+  const shown = JSON.stringify(status.models, (key, value) => (NOT_IN_TABLE.has(key) ? undefined : value));
+  redraw("models", shown, () => renderModels($("models"), status.models));
   renderSelect(status.models);
-}
-
-function renderDevices(status) {
-  const devices = $("devices");
-  devices.replaceChildren();
-  for (const device of status.gpu.devices) {
-    const box = document.createElement("div");
-    box.className = "device";
-    const label = document.createElement("div");
-    label.className = "device-label";
-    label.innerHTML = "<span></span><span></span>";
-    label.children[0].textContent = `GPU ${device.index}: ${device.name}`;
-    label.children[1].textContent =
-      `${device.used_gb.toFixed(2)} of ${device.total_gb.toFixed(2)} GB used, ${device.available_gb.toFixed(2)} GB free`;
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    bar.setAttribute("role", "img");
-    let accounted = 0;
-    const parts = [];
-    // What each model holds on this device, as switchd accounts it (placed, measured).
-    for (const [name, onDevice] of Object.entries(device.models || {})) {
-      const model = status.models[name];
-      if (!model) continue;
-      const held = Math.min(onDevice, device.total_gb - accounted);
-      accounted += held;
-      const sleep = sleeping(model);
-      parts.push({ name, held, css: `model ${model.status}`, sleep, what: sleep ? " asleep" : "" });
-    }
-    const other = device.used_gb - accounted;
-    if (other > 0.05) parts.push({ name: "other", held: other, css: "other" });
-    for (const part of parts) {
-      const span = document.createElement("span");
-      span.className = part.css;
-      const percent = (100 * part.held) / device.total_gb;
-      span.style.width = `${percent}%`;
-      if (percent < NARROW_PERCENT) span.classList.add("narrow"); // its title and the note say it
-      span.textContent = `${part.name}${part.what || ""} ${part.held.toFixed(1)} GB`;
-      span.title = part.sleep
-        ? `${span.textContent} (${part.sleep.level}), kept while asleep`
-        : span.textContent;
-      bar.append(span);
-    }
-    bar.setAttribute("aria-label",
-      `${label.children[1].textContent}: ${parts.map((p) => `${p.name}${p.what || ""} ${p.held.toFixed(1)} GB`).join(", ") || "empty"}`);
-    box.append(label, bar);
-    const sleepers = parts.filter((part) => part.sleep);
-    if (sleepers.length) box.append(sleepNote(sleepers));
-    devices.append(box);
-  }
-}
-
-// Under a bar: its sleeping models' residues are too thin to carry their own label.
-function sleepNote(sleepers) {
-  const note = document.createElement("p");
-  note.className = "bar-note";
-  for (const part of sleepers) {
-    const item = document.createElement("span");
-    const swatch = document.createElement("span");
-    swatch.className = "swatch sleeping";
-    const wake = secs(part.sleep.estimated_wake_seconds);
-    item.append(swatch,
-      `${part.name} asleep (${part.sleep.level}): ${part.held.toFixed(1)} GB kept, wakes in ~${wake} s`);
-    note.append(item);
-  }
-  return note;
-}
-
-function statusCell(cell, model) {
-  const badge = document.createElement("span");
-  badge.className = `status ${model.status}`;
-  badge.textContent = model.status;
-  cell.append(badge);
-  const sleep = sleeping(model);
-  if (sleep) {
-    badge.textContent = `sleeping · ${sleep.level}`;
-    const wake = `wakes in ~${secs(sleep.estimated_wake_seconds)} s`;
-    const ram = sleep.host_ram_gb ? `, ${gb(sleep.host_ram_gb)} of host RAM` : "";
-    badge.title = `Asleep since ${new Date(sleep.since).toLocaleTimeString()}${ram}; ${wake}`;
-    cell.append(note(wake));
-  }
-  if (model.error) {
-    const why = document.createElement("span");
-    why.className = "status-error";
-    why.textContent = model.error.split("\n")[0];
-    cell.append(why);
-  }
-}
-
-function memoryCell(cell, model) {
-  if (sleeping(model)) {
-    // What it keeps on the GPU asleep; what it takes back once woken.
-    cell.append(gb(model.gpu_memory_used_gb), note(`asleep; ${gb(model.size_gb)} awake`));
-  } else {
-    cell.textContent = gb(model.status === "running" ? heldGb(model) : model.size_gb);
-  }
-}
-
-function note(text) {
-  const line = document.createElement("span");
-  line.className = "cell-note";
-  line.textContent = text;
-  return line;
-}
-
-function renderModels(models) {
-  const body = $("models").tBodies[0];
-  body.replaceChildren();
-  for (const [name, model] of Object.entries(models)) {
-    const row = body.insertRow();
-    row.dataset.model = name;
-    row.insertCell().textContent = name;
-    statusCell(row.insertCell(), model);
-    memoryCell(row.insertCell(), model);
-    row.insertCell().textContent = `~${model.estimated_load_time_seconds} s`;
-    row.insertCell().textContent = String(model.in_flight);
-    row.insertCell().textContent = model.pinned ? "pinned" : "";
-  }
+  renderWaiting($("waiting"), status);
+  renderQueueNote();
 }
 
 function renderSelect(models) {
   const select = $("model");
-  const chosen = select.value;
-  select.replaceChildren();
-  for (const [name, model] of Object.entries(models)) {
-    const option = new Option(`${name} (${model.status})`, name);
-    select.append(option);
-  }
-  if (chosen && models[chosen]) select.value = chosen;
-  else {
-    const running = Object.keys(models).find((name) => models[name].status === "running");
-    if (running) select.value = running;
-  }
+  const labels = Object.entries(models).map(([name, model]) => [name, `${name} (${model.status})`]);
+  redraw("select", JSON.stringify(labels), () => {
+    const chosen = select.value;
+    select.replaceChildren(...labels.map(([name, label]) => new Option(label, name)));
+    if (chosen && models[chosen]) select.value = chosen;
+    else {
+      const running = Object.keys(models).find((name) => models[name].status === "running");
+      if (running) select.value = running;
+    }
+  });
 }
 
-let refreshing = false;
-let refreshAgain = false;
-async function refreshStatus() {
-  // Bursts of model_state events become one read, plus one more if a change came
-  // in while a read was on its way (that read may predate the change).
-  if (refreshing) {
-    refreshAgain = true;
-    return;
-  }
-  refreshing = true;
+const refreshStatus = coalesced(async () => {
   try {
-    do {
-      refreshAgain = false;
-      const response = await api("/v1/models/status");
-      if (response.ok) {
-        state.status = await response.json();
-        renderStatus();
-      }
-    } while (refreshAgain);
+    const response = await api("/v1/models/status");
+    if (response.ok) onStatus(await response.json());
   } catch (error) {
     if (error instanceof Unauthorized) askForKey("That key was refused. Enter the API key.");
-  } finally {
-    refreshing = false;
   }
-}
+});
+
+const refreshHistory = coalesced(async () => {
+  try {
+    const response = await api(`/v1/switches?limit=${HISTORY_LIMIT}`);
+    if (response.ok) renderHistory($("history"), $("history-empty"), (await response.json()).switches);
+  } catch {
+    // Read again after the next job ends or the stream comes back.
+  }
+});
+
+setInterval(() => {
+  if (state.live && !document.hidden) refreshStatus();
+}, POLL_MS);
+refitOnResize($("devices"));
 
 // ---- a switch in progress -------------------------------------------------------
 
@@ -273,13 +198,17 @@ function memorySentence(data) {
 function beginJob(data) {
   // An unload changes no model the chat could be waiting for: it locks nothing.
   const locks = data.kind !== "unload";
-  state.job = { id: data.job, target: data.model, done: false, progress: 0, locks };
+  state.job = { id: data.job, target: data.model, kind: data.kind, done: false, progress: 0, locks };
+  state.mine.delete(data.job); // it waits no more
+  state.joined = null;
   $("banner").hidden = false;
   $("banner").className = "banner";
   $("timeline").replaceChildren();
   $("log").textContent = "";
   setProgress(0);
-  if (locks) lockChat();
+  renderQueueNote();
+  updateControls();
+  refreshStatus(); // the queue in the Waiting view moved up
 }
 
 function setProgress(fraction) {
@@ -293,10 +222,15 @@ function setProgress(fraction) {
 
 function addTimeline(name, text) {
   const timeline = $("timeline");
-  const last = timeline.lastElementChild;
-  if (name === "loading" && last && last.dataset.stage === "loading") {
-    last.textContent = text;
-    return;
+  if (name === "loading") {
+    // One line for the whole load, updated every second, even with "Then: …" notes
+    // of jobs queued meanwhile after it.
+    let last = timeline.lastElementChild;
+    while (last && last.dataset.stage === "queued") last = last.previousElementSibling;
+    if (last && last.dataset.stage === "loading") {
+      last.textContent = text;
+      return;
+    }
   }
   const item = document.createElement("li");
   item.dataset.stage = name;
@@ -315,8 +249,9 @@ function onStageEvent(name, data) {
   if (!state.job || state.job.id !== data.job) {
     if (name === "log") return; // a line of a job this page did not see start
     if (name === "queued" && state.job && !state.job.done) {
-      // Another switch waits behind the one on show: note it, keep following this one.
+      // Another job waits behind the one on show: note it, keep following this one.
       addTimeline("queued", `Then: ${data.model} (queued)`);
+      refreshStatus();
       return;
     }
     beginJob(data);
@@ -332,10 +267,13 @@ function onStageEvent(name, data) {
   addTimeline(name, sentence);
   if (name === "result" || name === "error") {
     state.job.done = true;
+    state.joined = null;
     $("banner").className = `banner ${name === "error" ? "failed" : "done"}`;
     if (name === "error" && data.last_lines) appendLog(data.last_lines);
-    unlockChat();
+    renderQueueNote();
+    updateControls();
     refreshStatus();
+    refreshHistory();
   }
 }
 
@@ -347,7 +285,33 @@ function showRunningSwitch(current) {
   $("stage-text").textContent = `Switching to ${current.target}: ${current.stage}…`;
 }
 
+// Under the stage line: the jobs this page queued behind the one on show, with
+// their place in the queue as the latest status has it.
+function renderQueueNote() {
+  const note = $("queue-note");
+  const current = state.status && state.status.switch;
+  const queue = current ? current.queued || [] : [];
+  const lines = [];
+  if (state.joined) lines.push(`Joined the switch to ${state.joined} already running.`);
+  for (const mine of state.mine.values()) {
+    const index = queue.indexOf(mine.target);
+    const position = index >= 0 ? index + 1 : mine.position;
+    const behind = index > 0 ? queue[index - 1] : index === 0 ? current.target : mine.behind;
+    const what = mine.kind === "unload" ? `unload ${mine.target}` : `switch to ${mine.target}`;
+    lines.push(`Queued behind ${behind} (position ${position}): ${what}`);
+  }
+  note.replaceChildren(...lines.map((line) => element("li", "", line)));
+  note.hidden = lines.length === 0;
+}
+
 // ---- the page's one event stream ---------------------------------------------------
+
+function setStale(stale) {
+  state.stale = stale;
+  $("main").classList.toggle("stale", stale);
+  $("stale-banner").hidden = !stale;
+  updateControls();
+}
 
 async function followEvents() {
   let delay = 500;
@@ -358,19 +322,25 @@ async function followEvents() {
       const response = await api("/v1/events", { headers });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       $("connection").textContent = "Live";
+      state.live = true;
       delay = 500;
+      // Resumed with Last-Event-ID, switchd replays what was missed and sends no
+      // snapshot: a fresh status read says when the figures are current again.
+      if (state.stale) refreshStatus();
       for await (const message of readEvents(response)) {
         if (message.id) state.lastEventId = message.id;
         handleEvent(message.event, JSON.parse(message.data));
       }
       throw new Error("the stream ended");
     } catch (error) {
+      state.live = false;
       if (error instanceof Unauthorized) {
         $("connection").textContent = "API key needed";
         await askForKey(apiKey() ? "That key was refused. Enter the API key." : "");
         continue;
       }
       $("connection").textContent = "Reconnecting…";
+      setStale(true);
       await new Promise((resolve) => setTimeout(resolve, delay));
       delay = Math.min(delay * 2, 5000);
     }
@@ -379,14 +349,17 @@ async function followEvents() {
 
 function handleEvent(name, data) {
   if (name === "snapshot") {
-    state.status = data;
-    renderStatus();
     if (state.job && !state.job.done && !data.switch) {
       // The job ended while we were away (or switchd restarted): do not stay locked.
       state.job.done = true;
-      unlockChat();
     }
+    if (!data.switch) {
+      state.mine.clear();
+      state.joined = null;
+    }
+    onStatus(data);
     showRunningSwitch(data.switch);
+    refreshHistory();
   } else if (name === "model_state") {
     refreshStatus();
   } else if (STAGE_EVENTS.has(name)) {
@@ -394,40 +367,88 @@ function handleEvent(name, data) {
   }
 }
 
-// ---- switching and chat ------------------------------------------------------------
+// ---- switching and unloading ---------------------------------------------------------
 
-$("switch-form").addEventListener("submit", async (event) => {
+// The job on show, or the one the last status says runs.
+function runningJob() {
+  if (state.job && !state.job.done) return state.job;
+  const current = state.status && state.status.switch;
+  if (current && !(state.job && state.job.id === current.id)) return current;
+  return null;
+}
+
+function canUnload(name) {
+  const model = state.status && state.status.models[name];
+  return Boolean(model) && ["running", "loading", "sleeping"].includes(model.status);
+}
+
+// Every control's state from the page's state, in one place.
+function updateControls() {
+  const model = $("model").value;
+  const running = runningJob();
+  const joins = running && running.kind !== "unload" && running.target === model;
+  const button = $("switch-button");
+  setIfChanged(button, "textContent", !running ? "Switch" : joins ? "Join switch" : "Queue switch");
+  setIfChanged(button, "title", !running ? ""
+    : joins ? `A switch to ${model} is running: follow it`
+      : `A job for ${running.target} is running: this switch waits behind it`);
+  setIfChanged(button, "disabled", state.stale || !model);
+  setIfChanged($("unload-button"), "disabled", state.stale || !canUnload(model));
+  setIfChanged($("message"), "disabled", chatLocked());
+  setIfChanged($("send"), "disabled", chatLocked() || state.stale);
+}
+
+// Asks for a job, and reads only its first event: `queued` says it waits behind
+// another job. The page's own event stream shows the rest; closing this stream does
+// not cancel the job.
+async function requestJob(kind, model) {
+  $("switch-error").textContent = "";
+  const running = runningJob();
+  const path = kind === "unload"
+    ? `/v1/models/unload?model=${encodeURIComponent(model)}`
+    : `/v1/models/switch?target_model=${encodeURIComponent(model)}`;
+  try {
+    const response = await api(path, { method: "POST", headers: { Accept: "text/event-stream" } });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      const verb = kind === "unload" ? "Unload" : "Switch";
+      $("switch-error").textContent = `${verb} refused: ${body.message || `HTTP ${response.status}`}`;
+      return;
+    }
+    const first = await firstEvent(response);
+    if (first && first.event === "queued") {
+      const data = JSON.parse(first.data);
+      const started = state.job && state.job.id === data.job; // the job ahead ended meanwhile
+      if (!started) {
+        state.mine.set(data.job, { kind, target: model, position: data.position, behind: data.behind });
+      }
+    } else if (running && running.kind === kind && running.target === model) {
+      state.joined = model;
+    }
+    renderQueueNote();
+  } catch (error) {
+    if (error instanceof Unauthorized) askForKey(`Enter the API key to ${kind} models.`);
+    // Otherwise the connection dropped: the stale banner says so.
+  }
+}
+
+$("switch-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const model = $("model").value;
-  if (!model) return;
-  try {
-    const response = await api(`/v1/models/switch?target_model=${encodeURIComponent(model)}`, { method: "POST" });
-    if (!response.ok && response.status >= 400 && response.status < 500) {
-      const body = await response.json();
-      if (!state.job || state.job.done) {
-        $("banner").hidden = false;
-        $("banner").className = "banner failed";
-        $("stage-text").textContent = `Switch refused: ${body.message}`;
-      }
-    }
-  } catch (error) {
-    if (error instanceof Unauthorized) askForKey("Enter the API key to switch models.");
-  }
+  if (model && !state.stale) requestJob("switch", model);
 });
+
+$("unload-button").addEventListener("click", () => {
+  const model = $("model").value;
+  if (model && !state.stale) requestJob("unload", model);
+});
+
+$("model").addEventListener("change", updateControls);
+
+// ---- chat ------------------------------------------------------------------------------
 
 function chatLocked() {
   return state.sending || Boolean(state.job && state.job.locks && !state.job.done);
-}
-
-function lockChat() {
-  $("message").disabled = true;
-  $("send").disabled = true;
-}
-
-function unlockChat() {
-  if (chatLocked()) return;
-  $("message").disabled = false;
-  $("send").disabled = false;
 }
 
 function addMessage(role, text) {
@@ -450,12 +471,12 @@ $("chat-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const text = $("message").value.trim();
   const model = $("model").value;
-  if (!text || !model || chatLocked()) return;
+  if (!text || !model || chatLocked() || state.stale) return;
   $("message").value = "";
   addMessage("user", text);
   history.push({ role: "user", content: text });
   state.sending = true;
-  lockChat();
+  updateControls();
   const answer = addMessage("assistant", "");
   try {
     const response = await api("/v1/chat/completions", {
@@ -480,7 +501,7 @@ $("chat-form").addEventListener("submit", async (event) => {
     else addMessage("error", String(error.message || error));
   } finally {
     state.sending = false;
-    unlockChat();
+    updateControls();
     $("message").focus();
   }
 });
@@ -492,4 +513,5 @@ $("message").addEventListener("keydown", (event) => {
   }
 });
 
+updateControls();
 followEvents();

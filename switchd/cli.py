@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import errno
 import ipaddress
 import logging
 import os
+import shlex
 import signal
+import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -25,6 +32,9 @@ from switchd.runtime.docker import DockerUnavailable, connect_docker
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 GRACEFUL_SHUTDOWN_SECONDS = 5
+PORTS_TRIED_FOR_A_HINT = 100  # after a busy port, the next free one is suggested
+
+log = logging.getLogger(__name__)
 
 
 def is_loopback(host: str) -> bool:
@@ -42,7 +52,90 @@ def demo_config(gpus: int = 1) -> Path:
     return Path(str(resources.files("switchd.demo").joinpath(name)))
 
 
-def serve(settings: Settings, listen: str | None, insecure: bool, log_level: str) -> int:
+@contextlib.contextmanager
+def demo_state(state_dir: str | None) -> Iterator[Path]:
+    """`state_dir` as given, else a fresh temporary directory, removed on leaving.
+
+    A demo run learns load times and footprints; in a directory of its own they
+    do not leak into the next run.
+    """
+    if state_dir is not None:
+        yield Path(state_dir).expanduser()
+        return
+    with tempfile.TemporaryDirectory(prefix="switchd-demo-", ignore_cleanup_errors=True) as fresh:
+        yield Path(fresh)
+
+
+def demo_settings(gpus: int, state_dir: Path) -> Settings:
+    """The demo's settings, its learned state kept in `state_dir`."""
+    return dataclasses.replace(load_settings(demo_config(gpus)), state_dir=state_dir)
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why uvicorn could not listen on host:port, or None: bound and closed as it binds.
+
+    Every address the host resolves to, with SO_REUSEADDR (and IPV6_V6ONLY), as
+    asyncio's create_server does; an address family the host lacks is skipped.
+    """
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return exc
+    skipped: OSError | None = None
+    bound = False
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    return exc
+                skipped = exc
+            else:
+                bound = True
+    return None if bound else skipped
+
+
+def free_port_after(host: str, port: int) -> int:
+    """The first port after `port` that `host` can listen on (else simply the next one)."""
+    for candidate in range(port + 1, min(port + PORTS_TRIED_FOR_A_HINT, 65535) + 1):
+        if bind_error(host, candidate) is None:
+            return candidate
+    return port + 1 if port < 65535 else port - 1
+
+
+def cannot_listen(host: str, port: int, exc: OSError, elsewhere: str) -> str:
+    """One line: the address is taken (and what to type instead), or why it cannot be had."""
+    if exc.errno == errno.EADDRINUSE:
+        other = address(host, free_port_after(host, port))
+        return (
+            f"switchd: {address(host, port)} is already in use; pick another address: "
+            + elsewhere.replace("{listen}", other)
+        )
+    return f"switchd: cannot listen on {address(host, port)}: {exc.strerror or exc}"
+
+
+def serve(
+    settings: Settings,
+    listen: str | None,
+    insecure: bool,
+    log_level: str,
+    *,
+    elsewhere: str = "switchd serve --listen {listen}",
+    startup: str | None = None,
+) -> int:
+    """Serve until stopped: 0, or 1 if the server never started, or 2 after a refusal.
+
+    `elsewhere` is what to type for another address (`{listen}` filled in), told
+    when the port is taken; `startup` is logged once every check has passed.
+    """
     host, port = (settings.host, settings.port)
     if listen is not None:
         host, port = parse_listen("--listen", listen)
@@ -52,6 +145,11 @@ def serve(settings: Settings, listen: str | None, insecure: bool, log_level: str
             "(or SWITCHD_API_KEYS) or pass --insecure",
             file=sys.stderr,
         )
+        return 2
+    # uvicorn binds only after the app's start-up, which logs `switchd ready`: a port
+    # already taken would show as an error after that line. Tried first instead.
+    if (error := bind_error(host, port)) is not None:
+        print(cannot_listen(host, port, error, elsewhere), file=sys.stderr)
         return 2
     if settings.runtime is RuntimeKind.DOCKER:
         try:
@@ -67,6 +165,8 @@ def serve(settings: Settings, listen: str | None, insecure: bool, log_level: str
         print(f"switchd: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)
+    if startup is not None:
+        log.info("%s", startup)
     config = uvicorn.Config(
         app,
         host=host,
@@ -102,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument(
         "--gpus", type=int, choices=[1, 2], default=1, help="one 96 GB card, or two 48 GB cards"
     )
+    demo_cmd.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep learned times here (default: a fresh directory per run, removed at exit)",
+    )
     for command in (serve_cmd, demo_cmd):
         command.add_argument("--listen", help="HOST:PORT (overrides the config's `listen`)")
         command.add_argument(
@@ -136,10 +241,34 @@ def main(argv: list[str] | None = None) -> int:
     # One line per health poll drowns what matters; keep httpx to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").addFilter(one_line_for_cut_offs)
-    path = demo_config(args.gpus) if args.command == "demo" else Path(args.config)
     try:
-        settings = load_settings(path)
-        return serve(settings, args.listen, args.insecure, args.log_level)
+        if args.command == "demo":
+            return demo(args)
+        settings = load_settings(Path(args.config))
+        elsewhere = f"switchd serve --config {shlex.quote(args.config)} --listen {{listen}}"
+        if args.insecure:
+            elsewhere += " --insecure"
+        return serve(settings, args.listen, args.insecure, args.log_level, elsewhere=elsewhere)
     except ConfigError as error:
         print(f"switchd: bad configuration: {error}", file=sys.stderr)
         return 2
+
+
+def demo(args: argparse.Namespace) -> int:
+    command, make = "switchd demo --listen {listen}", "make demo LISTEN={listen}"
+    if args.gpus != 1:
+        command, make = f"{command} --gpus {args.gpus}", f"{make} GPUS={args.gpus}"
+    if args.insecure:
+        command += " --insecure"
+    with demo_state(args.state_dir) as state_dir:
+        kept = ", fresh for this run, removed at exit (--state-dir DIR keeps it)"
+        if args.state_dir is not None:
+            kept = ""
+        return serve(
+            demo_settings(args.gpus, state_dir),
+            args.listen,
+            args.insecure,
+            args.log_level,
+            elsewhere=f"{command} ({make})",
+            startup=f"demo state (learned load times) in {state_dir}{kept}",
+        )

@@ -112,6 +112,9 @@ class ModelSpec:
     standby: tuple[Tier, ...] = ()  # how it can sleep instead of stopping, cheapest wake first
     weights_gb: float | None = None  # what a level-1 sleep keeps in host RAM (else its footprint)
     wake_check_path: str = "/v1/completions"  # the one tiny request after a wake
+    # Stage and queue progress as reasoning chunks in a streamed chat answer that
+    # must wait for a load; None: as `load_progress_in_stream` says.
+    load_progress_in_stream: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,8 @@ class Settings:
     max_load_failure_cooldown_seconds: float = 300.0
     # Host RAM that level-1 sleeps may hold in all; None: half of MemAvailable at start.
     standby_host_ram_gb: float | None = None
+    # Streamed chat answers that wait for a load get its progress as reasoning chunks.
+    load_progress_in_stream: bool = False
     state_dir: Path = Path(".switchd-state")
 
     def resolve(self, name: str) -> ModelSpec | None:
@@ -192,6 +197,7 @@ _TOP_KEYS = {
     "load_failure_cooldown_seconds",
     "max_load_failure_cooldown_seconds",
     "standby_host_ram_gb",
+    "load_progress_in_stream",
     "state_dir",
     "models",
 }
@@ -224,6 +230,7 @@ _MODEL_KEYS = {
     "standby",
     "weights_gb",
     "wake_check_path",
+    "load_progress_in_stream",
 }
 _SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds", "sleep_residue_gb"}
 
@@ -457,6 +464,9 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
         if reader.data.get("weights_gb") is not None
         else None,
         wake_check_path=wake_check_path,
+        load_progress_in_stream=reader.boolean("load_progress_in_stream", False)
+        if reader.data.get("load_progress_in_stream") is not None
+        else None,
         # YAML's `true` would become "True"; engines expect the spelling they were given.
         env={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()},
     )
@@ -643,6 +653,7 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         standby_host_ram_gb=top.number("standby_host_ram_gb", None)
         if data.get("standby_host_ram_gb") is not None
         else None,
+        load_progress_in_stream=top.boolean("load_progress_in_stream", False),
         state_dir=Path(os.path.expanduser(state_dir)),
     )
     if settings.gpu is GpuKind.SIMULATED:  # for nvml and auto: once the probe is open (app.py)

@@ -148,6 +148,13 @@ class Subscription:
         finally:
             self._bus.unsubscribe(self)
 
+    def queued(self) -> list[Event]:
+        """Every event queued for this reader now, without waiting; it stays subscribed."""
+        taken: list[Event] = []
+        while (event := self._next()) is not None:
+            taken.append(event)
+        return taken
+
     def close(self) -> None:
         self._bus.unsubscribe(self)
 

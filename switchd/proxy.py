@@ -21,7 +21,10 @@ import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
+from switchd import progress
+from switchd.chunks import cut_short_event, event_boundary
 from switchd.config import ModelSpec
+from switchd.events import EventBus
 from switchd.jobs import SwitchError
 from switchd.limits import BodyBudget, BodyHold, BodyTimeout, next_chunk
 from switchd.metrics import Metrics
@@ -48,8 +51,9 @@ HOP_BY_HOP = frozenset(
 )
 # The server in front sets its own; the engine's copies would be duplicates.
 SERVER_SET = frozenset({b"date", b"server"})
-# switchd's key is not the engine's; the body is read already, so no 100-continue.
-NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"expect"}
+# switchd's key is not the engine's; the body is read already, so no 100-continue;
+# the progress switch is switchd's own.
+NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"expect", progress.HEADER}
 
 
 def named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -130,6 +134,8 @@ class ProxyContext:
     max_body_bytes: int
     bodies: BodyBudget
     body_timeout_seconds: float
+    bus: EventBus
+    progress_in_stream: bool  # the default of load_progress_in_stream
 
 
 def declared_length(scope: Scope) -> int | None:
@@ -231,14 +237,6 @@ def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[str, str]]
     return headers
 
 
-def event_boundary(buffer: bytes) -> int:
-    """Where the last complete Server-Sent Event in `buffer` ends (0: none yet)."""
-    return max(
-        buffer.rfind(b"\n\n") + 2 if b"\n\n" in buffer else 0,
-        buffer.rfind(b"\r\n\r\n") + 4 if b"\r\n\r\n" in buffer else 0,
-    )
-
-
 async def until_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -291,6 +289,10 @@ class _Call:
                 await method_not_allowed(self.scope, self.send)
                 return
             path = checked_path(self.scope["path"])
+            try:
+                progress_asked = progress.asked(self.scope)
+            except progress.BadProgressHeader as bad:
+                raise ProxyError(400, "invalid_header", str(bad)) from None
             with context.bodies.hold() as hold:
                 body = await read_body(
                     self.scope,
@@ -305,7 +307,13 @@ class _Call:
                 self.model = spec.name
                 if name != spec.name:  # an alias: the engine knows the model by its own name
                     body = await off_loop_if(large, encode, {**data, "model": spec.name})
-                status = await self._forward(spec, path, body)
+                streamed = data.get("stream") is True
+                if progress.wanted(
+                    path, streamed, progress_asked, spec, context.progress_in_stream
+                ) and not context.scheduler.serves_now(spec):
+                    status = await self._forward_with_progress(spec, path, body)
+                else:
+                    status = await self._forward(spec, path, body)
         except ProxyError as error:
             status = error.status
             await error.send(self.send)
@@ -341,7 +349,57 @@ class _Call:
             raise ClientGone
         return outcome["status"]
 
-    async def _relay(self, spec: ModelSpec, engine: EngineInfo, path: str, body: bytes) -> int:
+    async def _forward_with_progress(self, spec: ModelSpec, path: str, body: bytes) -> int:
+        """A streamed chat answer that must wait for a load: switchd starts the stream,
+        says how the load goes (switchd.progress), then relays the engine's answer."""
+        scheduler = self.context.scheduler
+        stream = progress.ProgressStream(self.send, spec.name)
+        subscription = self.context.bus.subscribe()
+        await stream.start()
+        await stream.say(scheduler.wait_summary(spec.name))
+        follower = asyncio.create_task(
+            progress.follow(stream, subscription, lambda: scheduler.wait_summary(spec.name))
+        )
+        outcome = {"status": 200}
+
+        async def quiet() -> None:
+            async with stream.lock:  # never in the middle of a progress line
+                follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+            await progress.say_queued(stream, subscription)
+
+        async def serve() -> None:
+            try:
+                async with scheduler.serving(spec) as engine:
+                    await quiet()
+                    outcome["status"] = await self._relay(spec, engine, path, body, stream)
+            except SwitchError as error:
+                await quiet()
+                outcome["status"] = error.http_status
+                failed = ProxyError.from_switch(error)
+                await stream.fail(failed.message, failed.code, failed.kind)
+            except ProxyError as error:  # the engine did not answer
+                await quiet()
+                outcome["status"] = error.status
+                await stream.fail(error.message, error.code, error.kind)
+
+        try:
+            if not await first_of(serve(), self.receive):
+                raise ClientGone
+        finally:
+            follower.cancel()
+            subscription.close()
+            await asyncio.gather(follower, return_exceptions=True)
+        return outcome["status"]
+
+    async def _relay(
+        self,
+        spec: ModelSpec,
+        engine: EngineInfo,
+        path: str,
+        body: bytes,
+        into: progress.ProgressStream | None = None,
+    ) -> int:
         query = self.scope.get("query_string", b"").decode("latin-1")
         # The checked path, encoded once and marked so: nothing re-normalises it on the way.
         target = engine.url + quote(path, safe=PATH_SAFE) + (f"?{query}" if query else "")
@@ -354,7 +412,10 @@ class _Call:
             message = f"{engine.model} did not answer: {exc!r}"
             raise ProxyError(502, "engine_unreachable", message, "server_error") from None
         try:
-            await relay_response(self.send, upstream, engine.model)
+            if into is None:
+                await relay_response(self.send, upstream, engine.model)
+            else:
+                await into.relay(upstream)
         finally:
             # An answer read to its end returns its connection to the pool; one cut
             # short (client gone, engine died) closes it, so nothing leaks.
@@ -379,18 +440,6 @@ async def method_not_allowed(scope: Scope, send: Send) -> None:
     ]
     await send({"type": "http.response.start", "status": 405, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def cut_short_event(model: str) -> bytes:
-    """What a stream cut by its engine's death ends with: an OpenAI-shaped error."""
-    error = {
-        "error": {
-            "message": f"{model} stopped in the middle of this answer; it is incomplete",
-            "type": "server_error",
-            "code": "engine_died",
-        }
-    }
-    return b"data: " + json.dumps(error).encode() + b"\n\n"
 
 
 async def relay_response(send: Send, upstream: aiohttp.ClientResponse, model: str) -> None:

@@ -58,6 +58,8 @@ class Services:
             self.settings.max_body_bytes,
             self.bodies,
             self.settings.body_read_timeout_seconds,
+            self.bus,
+            self.settings.load_progress_in_stream,
         )
 
 
@@ -186,12 +188,17 @@ def event_stream(
     shutdown = anyio.Event()
 
     async def with_retry() -> AsyncIterator[ServerSentEvent]:
+        # The reconnection delay rides on the first event, in the same block: a block of
+        # its own would reach httpx-sse and the like as an event with empty data.
+        hint: int | None = RETRY_MILLISECONDS
         streams.inc()
         try:
-            yield ServerSentEvent(retry=RETRY_MILLISECONDS, comment="switchd")
             async for event in until_set(shutdown, events):
+                if hint is not None:
+                    event.retry, hint = hint, None
                 yield event
             if shutdown.is_set() and (final := last_words()) is not None:
+                final.retry = hint
                 yield final
         finally:
             streams.dec()

@@ -163,6 +163,36 @@ class Scheduler:
     def job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def serves_now(self, spec: ModelSpec) -> bool:
+        """Whether a request for it would be admitted at once, without waiting."""
+        return _serves(self.records[spec.name])
+
+    def wait_summary(self, model: str) -> str:
+        """One line on what a request for `model` waits for: the switch under way and
+        the demand, for people waiting (switchd.progress)."""
+        record = self.records[model]
+        waiting = self.demand.waiting(model)
+        parts = [f"{model} is {record.state.value}"]
+        current = self._running
+        if current is not None:
+            doing = "unloading" if current.kind is JobKind.UNLOAD else "switching to"
+            parts.append(
+                f"switchd is {doing} {current.target} ({current.stage.value}, "
+                f"{current.progress:.0%})"
+            )
+        elif record.state is not ModelState.RUNNING:
+            others = [r.spec.name for r in self.records.values() if _serves(r)]
+            if others:
+                parts.append(f"{', '.join(others)} serves other requests first")
+        oldest = self.demand.oldest(model)
+        if waiting:
+            since = f", the first for {time.monotonic() - oldest:.0f} s" if oldest else ""
+            parts.append(f"{waiting} request(s) wait for it{since}")
+        estimate = self.catalog.estimated_ready_seconds(record)
+        verb = "waking" if record.state is ModelState.SLEEPING else "loading"
+        parts.append(f"{verb} it takes about {estimate:g} s")
+        return "; ".join(parts)
+
     def recent_jobs(self, limit: int) -> list[Job]:
         """The latest jobs, newest first (the running one and the queue included)."""
         return list(reversed(self._jobs.values()))[:limit]

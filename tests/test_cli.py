@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,15 @@ import uvicorn
 import yaml
 
 from switchd import __version__
-from switchd.cli import GRACEFUL_SHUTDOWN_SECONDS, is_loopback, main
+from switchd.cli import (
+    GRACEFUL_SHUTDOWN_SECONDS,
+    bind_error,
+    demo_settings,
+    demo_state,
+    is_loopback,
+    main,
+)
+from switchd.config import Settings
 from switchd.runtime.process import free_port
 from tests.integration.server import Server, engine_cmd, write_config
 from tests.processes import gone
@@ -163,11 +173,12 @@ def test_serve_starts_on_a_public_address_when_allowed(
     config = process_config(tmp_path, **({"api_keys": keys} if keys else {}))
     if env_keys:
         monkeypatch.setenv("SWITCHD_API_KEYS", env_keys)
-    argv = ["serve", "--config", str(config), "--listen", "0.0.0.0:18081", *extra]
+    port = free_port()
+    argv = ["serve", "--config", str(config), "--listen", f"0.0.0.0:{port}", *extra]
     assert main(argv) == 0
     [server] = RecordingServer.made
     assert server.ran
-    assert (server.config.host, server.config.port) == ("0.0.0.0", 18081)
+    assert (server.config.host, server.config.port) == ("0.0.0.0", port)
     assert server.config.lifespan == "on"
     assert server.config.timeout_graceful_shutdown == GRACEFUL_SHUTDOWN_SECONDS
     # A SIGTERM lands in uvicorn's own handler, for an orderly exit 0.
@@ -182,26 +193,181 @@ def test_serve_starts_on_a_public_address_when_allowed(
 def test_serve_on_loopback_needs_no_keys(
     tmp_path: Path, recording_server: type[RecordingServer], listen: str, host: str
 ) -> None:
+    if host == "::1" and bind_error("::1", 0) is not None:
+        pytest.skip("this host has no IPv6 loopback")
     config = process_config(tmp_path)
-    assert main(["serve", "--config", str(config), "--listen", f"{listen}:18082"]) == 0
+    port = free_port()
+    assert main(["serve", "--config", str(config), "--listen", f"{listen}:{port}"]) == 0
     [server] = recording_server.made
-    assert (server.config.host, server.config.port) == (host, 18082)
+    assert (server.config.host, server.config.port) == (host, port)
 
 
 def test_serve_listens_where_the_config_says(
     tmp_path: Path, recording_server: type[RecordingServer]
 ) -> None:
-    config = process_config(tmp_path, listen="127.0.0.2:18083")
+    port = free_port()
+    config = process_config(tmp_path, listen=f"127.0.0.2:{port}")
     assert main(["serve", "--config", str(config)]) == 0
     [server] = recording_server.made
-    assert (server.config.host, server.config.port) == ("127.0.0.2", 18083)
+    assert (server.config.host, server.config.port) == ("127.0.0.2", port)
 
 
 def test_serve_returns_1_when_the_server_never_started(
     tmp_path: Path, recording_server: type[RecordingServer]
 ) -> None:
-    recording_server.starts = False  # as when the port is taken
-    assert main(["serve", "--config", str(process_config(tmp_path))]) == 1
+    recording_server.starts = False  # as when the port is taken after switchd tried it
+    config = process_config(tmp_path, listen=f"127.0.0.1:{free_port()}")
+    assert main(["serve", "--config", str(config)]) == 1
+
+
+# ---- serve and demo in-process: a busy port, before anything starts ---------------------
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that a listening socket holds for the test."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def suggested(err: str) -> str:
+    """The address a busy-port message suggests: a free one after the busy one."""
+    match = re.search(r"--listen (\S+)", err)
+    assert match is not None, err
+    return match.group(1)
+
+
+@pytest.mark.usefixtures("nothing_may_start")
+def test_demo_on_a_busy_port_exits_2_with_one_line_naming_another_address(
+    capsys: pytest.CaptureFixture[str], busy_port: int
+) -> None:
+    assert main(["demo", "--listen", f"127.0.0.1:{busy_port}"]) == 2
+    captured = capsys.readouterr()
+    other = suggested(captured.err)
+    assert captured.out == ""
+    assert captured.err == (
+        f"switchd: 127.0.0.1:{busy_port} is already in use; pick another address: "
+        f"switchd demo --listen {other} (make demo LISTEN={other})\n"
+    )
+    host, _, port = other.rpartition(":")
+    assert host == "127.0.0.1"
+    assert busy_port < int(port) <= busy_port + 100
+    assert bind_error(host, int(port)) is None
+
+
+@pytest.mark.usefixtures("nothing_may_start")
+def test_serve_on_a_busy_port_names_its_config_in_the_suggestion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], busy_port: int
+) -> None:
+    config = process_config(tmp_path, listen=f"127.0.0.1:{busy_port}")
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    other = suggested(err)
+    assert err == (
+        f"switchd: 127.0.0.1:{busy_port} is already in use; pick another address: "
+        f"switchd serve --config {config} --listen {other}\n"
+    )
+
+
+@pytest.mark.usefixtures("nothing_may_start")
+def test_serve_on_an_address_this_host_lacks_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = process_config(tmp_path, api_keys=["k1"])
+    port = free_port()
+    assert main(["serve", "--config", str(config), "--listen", f"192.0.2.10:{port}"]) == 2
+    assert capsys.readouterr().err == (
+        f"switchd: cannot listen on 192.0.2.10:{port}: Cannot assign requested address\n"
+    )
+
+
+def test_bind_error_sees_a_busy_port_and_lets_a_free_one_be(busy_port: int) -> None:
+    error = bind_error("127.0.0.1", busy_port)
+    assert error is not None
+    assert error.errno == errno.EADDRINUSE
+    assert bind_error("127.0.0.1", free_port()) is None
+
+
+def test_demo_on_a_busy_port_prints_nothing_else_and_starts_nothing(busy_port: int) -> None:
+    """The real command: its only output is the one line, before any start-up banner."""
+    done = switchd("demo", "--listen", f"127.0.0.1:{busy_port}")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    other = suggested(done.stderr)
+    assert done.stderr == (
+        f"switchd: 127.0.0.1:{busy_port} is already in use; pick another address: "
+        f"switchd demo --listen {other} (make demo LISTEN={other})\n"
+    )
+
+
+# ---- demo: a state directory of its own per run ------------------------------------------
+
+
+def test_each_demo_run_gets_a_fresh_state_dir_removed_at_exit() -> None:
+    with demo_state(None) as first, demo_state(None) as second:
+        assert first != second
+        assert first.is_dir()
+        assert second.is_dir()
+        assert list(first.iterdir()) == []
+        assert demo_settings(1, first).state_dir == first
+        assert demo_settings(2, second).state_dir == second
+    assert not first.exists()
+    assert not second.exists()
+
+
+def test_demo_state_dir_given_is_kept(tmp_path: Path) -> None:
+    given = tmp_path / "kept"
+    with demo_state(str(given)) as state_dir:
+        assert state_dir == given
+        given.mkdir()
+        (given / "learned.json").write_text("{}")
+    assert (given / "learned.json").exists()
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Settings, str | None]]:
+    """serve() replaced: the settings and start-up line of each call, and whether
+    the state directory existed while it served."""
+    calls: list[tuple[Settings, str | None]] = []
+
+    def fake_serve(
+        settings: Settings,
+        listen: str | None,
+        insecure: bool,
+        log_level: str,
+        *,
+        elsewhere: str = "",
+        startup: str | None = None,
+    ) -> int:
+        assert settings.state_dir.is_dir()
+        calls.append((settings, startup))
+        return 0
+
+    monkeypatch.setattr("switchd.cli.serve", fake_serve)
+    return calls
+
+
+def test_demo_serves_each_run_from_its_own_state_dir_and_says_where(
+    tmp_path: Path, served: list[tuple[Settings, str | None]]
+) -> None:
+    assert main(["demo"]) == 0
+    assert main(["demo", "--gpus", "2"]) == 0
+    given = tmp_path / "state"
+    given.mkdir()
+    assert main(["demo", "--state-dir", str(given)]) == 0
+    (first, first_line), (second, _), (kept, kept_line) = served
+    assert first.state_dir != second.state_dir
+    assert not first.state_dir.exists()
+    assert not second.state_dir.exists()
+    assert first_line == (
+        f"demo state (learned load times) in {first.state_dir}, fresh for this run, "
+        "removed at exit (--state-dir DIR keeps it)"
+    )
+    assert kept.state_dir == given
+    assert given.is_dir()
+    assert kept_line == f"demo state (learned load times) in {given}"
 
 
 @pytest.mark.parametrize(

@@ -41,10 +41,13 @@ def mock_client(handler: Handler, key: str | None = None) -> Client:
 
 
 def sse(*events: tuple[str, dict[str, Any]]) -> str:
-    """A stream as the server writes it: retry first, a ping, then numbered events."""
-    parts = ["retry: 3000\n\n", ": ping - 2024-01-01 00:00:00.000000\n\n"]
+    """A stream as the server writes it: numbered events, the first with the retry
+    hint, then a ping."""
+    parts = []
     for seq, (name, data) in enumerate(events, start=1):
-        parts.append(f"event: {name}\nid: {seq}\ndata: {json.dumps(data)}\n\n")
+        retry = "retry: 3000\n" if seq == 1 else ""
+        parts.append(f"event: {name}\nid: {seq}\ndata: {json.dumps(data)}\n{retry}\n")
+    parts.insert(1, ": ping - 2024-01-01 00:00:00.000000\n\n")
     return "".join(parts)
 
 

@@ -1120,3 +1120,25 @@ def test_simulated_sleep_residue() -> None:
 def test_bad_simulated_sleep_residue(value: object, problem: str) -> None:
     error = refused(simulated_gpu={"sleep_residue_gb": value})
     assert (error.key, error.problem) == ("simulated_gpu.sleep_residue_gb", problem)
+
+
+def test_load_progress_in_stream_is_off_unless_asked_globally_or_per_model() -> None:
+    settings = parse()
+    assert settings.load_progress_in_stream is False
+    assert settings.models["m"].load_progress_in_stream is None  # as the global says
+    on = parse(load_progress_in_stream=True, models={"m": model(load_progress_in_stream=False)})
+    assert on.load_progress_in_stream is True
+    assert on.models["m"].load_progress_in_stream is False
+
+
+def test_a_bad_load_progress_in_stream_is_refused() -> None:
+    error = refused(load_progress_in_stream="yes")
+    assert (error.key, error.problem) == (
+        "load_progress_in_stream",
+        "must be true or false, got 'yes'",
+    )
+    error = refused(models={"m": model(load_progress_in_stream=1)})
+    assert (error.key, error.problem) == (
+        "models.m.load_progress_in_stream",
+        "must be true or false, got 1",
+    )

@@ -6,6 +6,7 @@ each test gets its own browser context, so localStorage starts empty.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Error, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Error, Page, expect, sync_playwright
 
 from tests.integration.server import Server, engine_cmd, seed_models, write_config
 
@@ -126,3 +127,34 @@ def page(browser: Browser, js_errors: JsErrors, request: pytest.FixtureRequest) 
     js_errors.watch(opened, request.node.name)
     yield opened
     context.close()
+
+
+def open_live(page: Page, url: str, key: str | None = None) -> None:
+    """Open the page (giving the key when the server wants one) and wait until its
+    event stream is live."""
+    page.goto(url + "/", timeout=WAIT_MS)
+    if key is not None:
+        field = page.get_by_role("textbox", name="API key", exact=True)
+        expect(field).to_be_visible(timeout=WAIT_MS)
+        field.fill(key)
+        page.get_by_role("button", name="Save key").click(timeout=WAIT_MS)
+    expect(page.locator("#connection")).to_have_text("Live", timeout=WAIT_MS)
+
+
+def wait_until_idle(client: httpx.Client, within: float = 30.0) -> dict[str, Any]:
+    """No job running or queued and no request waiting (an earlier test's may still be
+    finishing); returns that status."""
+    deadline = time.monotonic() + within
+    while True:
+        response = client.get("/v1/models/status")
+        assert response.status_code == 200, response.text
+        status: dict[str, Any] = response.json()
+        if status["switch"] is None and status["waiting"] == 0:
+            return status
+        assert time.monotonic() < deadline, f"still busy: {status['switch']}"
+        time.sleep(0.1)
+
+
+def horizontal_scroll_width(page: Page) -> int:
+    width: int = page.evaluate("() => document.scrollingElement.scrollWidth")
+    return width

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -441,3 +442,94 @@ async def test_the_switch_history_lists_recent_jobs_newest_first_with_their_stag
             "error": "invalid_parameter",
             "message": f"limit must be a whole number from 1 to 200, got {bad!r}",
         }
+
+
+# ---- SSE blocks as sent: the retry hint rides on the first event --------------------------
+
+
+async def raw_blocks(response: httpx.Response, until: str, within: float = 30.0) -> list[list[str]]:
+    """The stream's blocks as sent, each its lines, split by hand at the blank lines,
+    up to the first block of event `until` (as a client without an SSE library reads)."""
+    received = b""
+
+    async def collect() -> list[list[str]]:
+        nonlocal received
+        async for chunk in response.aiter_raw():
+            received += chunk
+            text = received.decode().replace("\r\n", "\n")
+            blocks = [block.split("\n") for block in text.split("\n\n")[:-1]]
+            if any(f"event: {until}" in block for block in blocks):
+                return blocks
+        raise AssertionError(f"the stream ended before `{until}`: {received!r}")
+
+    return await asyncio.wait_for(collect(), within)
+
+
+def data_of(block: list[str]) -> Any:
+    lines = [line.removeprefix("data: ") for line in block if line.startswith("data: ")]
+    assert lines, f"a block without data: {block}"
+    return json.loads("\n".join(lines))
+
+
+def check_blocks(blocks: list[list[str]], first_event: str) -> None:
+    """The first block is the first event with `retry: 3000` in it; no other block has a
+    retry, and each block but a comment (a ping) is an event with data."""
+    first = blocks[0]
+    assert "retry: 3000" in first, first
+    assert f"event: {first_event}" in first, first
+    assert any(line.startswith("id: ") for line in first), first
+    data_of(first)
+    for block in blocks:
+        if all(line.startswith(":") for line in block):
+            continue  # a ping: a comment, which clients skip
+        data_of(block)
+    assert [block for block in blocks[1:] if any(x.startswith("retry:") for x in block)] == []
+
+
+async def test_the_first_sse_block_is_the_snapshot_with_the_retry_hint(
+    client: httpx.AsyncClient,
+) -> None:
+    async with client.stream("GET", "/v1/events") as resp:
+        blocks = await raw_blocks(resp, until="snapshot")
+    check_blocks(blocks, "snapshot")
+    assert len(blocks) == 1
+    snapshot = data_of(blocks[0])
+    assert set(snapshot["models"]) >= {"gpt-oss-20b"}
+    snapshot_id = next(line for line in blocks[0] if line.startswith("id: "))[4:]
+    # A resumed stream starts with the first event missed, which carries the hint.
+    await switch_and_wait(client, "mistral-7b-v0.1")
+    headers = {"Last-Event-ID": snapshot_id}
+    async with client.stream("GET", "/v1/events", headers=headers) as resp:
+        resumed = await raw_blocks(resp, until="result")
+    first = resumed[0]
+    assert "event: snapshot" not in first
+    assert f"id: {int(snapshot_id) + 1}" in first
+    check_blocks(resumed, first[1].removeprefix("event: "))
+
+
+async def test_switch_streams_send_the_retry_hint_with_their_first_event(
+    client: httpx.AsyncClient,
+) -> None:
+    params = {"target_model": "mistral-7b-v0.1"}
+    async with client.stream("POST", "/v1/models/switch", params=params, headers=SSE) as resp:
+        live = await raw_blocks(resp, until="result")
+    check_blocks(live, "memory_check")
+    job = data_of(live[0])["job"]
+    assert data_of(live[-1])["status"] == "success"
+    # The job's own stream replays it from its first event, hint included.
+    async with client.stream("GET", f"/v1/switches/{job}/events") as resp:
+        replay = await raw_blocks(resp, until="result")
+    check_blocks(replay, "memory_check")
+    assert [data_of(block)["seq"] for block in replay] == [data_of(b)["seq"] for b in live]
+    # Resumed after Last-Event-ID: the first event not yet seen, hint included.
+    middle = next(line for line in live[1] if line.startswith("id: "))[4:]
+    headers = {"Last-Event-ID": middle}
+    async with client.stream("GET", f"/v1/switches/{job}/events", headers=headers) as resp:
+        rest = await raw_blocks(resp, until="result")
+    assert "retry: 3000" in rest[0]
+    assert [data_of(block)["seq"] for block in rest] == [data_of(b)["seq"] for b in live[2:]]
+    # And once every event was seen: 204, no stream at all.
+    last = next(line for line in live[-1] if line.startswith("id: "))[4:]
+    done = await client.get(f"/v1/switches/{job}/events", headers={"Last-Event-ID": last})
+    assert done.status_code == 204
+    assert done.content == b""

@@ -1,0 +1,204 @@
+"""Load progress inside an OpenAI chat stream, for clients that would hear nothing.
+
+A streamed `/v1/chat/completions` whose model is not serving waits for a load:
+a minute of silence on a real box. With progress on (`load_progress_in_stream`
+for every model or per model, or per request `X-Switchd-Progress: on|off`),
+switchd answers at once and sends, before the engine's stream, chunks that chat
+UIs show as reasoning (`choices[0].delta.reasoning_content`): what it waits for,
+each stage of the load with its measured figures, and a line every few seconds.
+Then the engine's stream, unchanged but for each chunk's `id`, set to the one
+the progress chunks used, so the whole answer has one id and one model. Never
+a word in `delta.content`; a load that fails ends the stream with an OpenAI
+error event, which the SDKs raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from starlette.types import Scope, Send
+
+from switchd import wire
+from switchd.chunks import (
+    cut_short_event,
+    error_event,
+    event_boundary,
+    reasoning_chunk,
+    with_id,
+)
+from switchd.config import ModelSpec
+from switchd.events import Event, Subscription
+
+HEADER = b"x-switchd-progress"
+ON = frozenset({"on", "1", "true", "yes"})
+OFF = frozenset({"off", "0", "false", "no"})
+CHAT_PATH = "/v1/chat/completions"
+EVERY_SECONDS = 3.0  # a line at least this often while nothing else happens
+# Job events shown; `log` lines are the engine's own chatter, `result` and `error`
+# are told by the answer itself.
+SHOWN = frozenset(
+    {
+        "queued",
+        "memory_check",
+        "drain",
+        "unload",
+        "unloaded",
+        "sleep",
+        "slept",
+        "freed",
+        "wake",
+        "woken",
+        "start",
+        "loading",
+        "ready",
+    }
+)
+
+
+class BadProgressHeader(ValueError):
+    """An X-Switchd-Progress value that is neither on nor off."""
+
+
+def asked(scope: Scope) -> bool | None:
+    """What the request's X-Switchd-Progress header asks; None without one."""
+    for name, value in scope["headers"]:
+        if name == HEADER:
+            said = value.decode("latin-1").strip().lower()
+            if said in ON:
+                return True
+            if said in OFF:
+                return False
+            raise BadProgressHeader(
+                f"X-Switchd-Progress must be on or off, got {value.decode('latin-1')!r}"
+            )
+    return None
+
+
+def wanted(path: str, streamed: bool, header: bool | None, spec: ModelSpec, default: bool) -> bool:
+    """Whether this request gets progress if its model must load: streamed chat only."""
+    if path != CHAT_PATH or not streamed:
+        return False
+    if header is not None:
+        return header
+    return spec.load_progress_in_stream if spec.load_progress_in_stream is not None else default
+
+
+class ProgressStream:
+    """One chat answer that switchd starts itself: progress chunks, then the engine's."""
+
+    def __init__(self, send: Send, model: str) -> None:
+        self._send = send
+        self.model = model
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self._started = time.monotonic()
+        self._first = True
+        # Progress lines and the engine's relay never interleave: the relay takes
+        # this before the follower is stopped, so no chunk is cut in two.
+        self.lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def say(self, text: str) -> None:
+        elapsed = time.monotonic() - self._started
+        line = f"[{elapsed:4.1f} s] {text}\n"
+        chunk = reasoning_chunk(self.id, self.created, self.model, line, first=self._first)
+        self._first = False
+        await self._body(chunk)
+
+    async def fail(self, message: str, code: str, kind: str = "server_error") -> None:
+        await self._body(error_event(message, code, kind))
+        await self.end()
+
+    async def relay(self, upstream: aiohttp.ClientResponse) -> None:
+        """The engine's answer into this stream, its chunks under this stream's id."""
+        if upstream.status != 200 or not upstream.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        ):
+            text = (await upstream.text()).strip().replace("\n", " ")[:500]
+            await self.fail(
+                f"{self.model} answered {upstream.status}: {text}", "engine_error", "server_error"
+            )
+            return
+        pending = b""
+        try:
+            async for chunk in upstream.content.iter_any():
+                pending += chunk
+                if end := event_boundary(pending):
+                    complete, pending = pending[:end], pending[end:]
+                    await self._body(with_id(complete, self.id))
+        except (aiohttp.ClientError, OSError):
+            await self._body(cut_short_event(self.model))
+        await self.end()
+
+    async def end(self) -> None:
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _body(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+def line_for(event: Event, model: str) -> str | None:
+    """What to tell about `event` in `model`'s stream; None: nothing."""
+    if event.name not in SHOWN or event.data.get("model") != model:
+        return None
+    return str(event.data.get("message", event.name))
+
+
+async def say_queued(stream: ProgressStream, subscription: Subscription) -> None:
+    """The stages that came before the follower stopped (`ready` among them), told
+    before the answer; `loading` ticks are old news by then."""
+    for event in subscription.queued():
+        line = line_for(event, stream.model)
+        if line is not None and event.name != wire.Loading.STAGE.value:
+            await stream.say(line)
+
+
+async def follow(
+    stream: ProgressStream,
+    subscription: Subscription,
+    describe: Callable[[], str],
+    every: float = EVERY_SECONDS,
+) -> None:
+    """Say each stage of the model's job as it comes, and `describe()` when nothing
+    has been said for `every` seconds; until cancelled."""
+    events: AsyncIterator[Event] = aiter(subscription)
+    upcoming: asyncio.Future[Event] = asyncio.ensure_future(anext(events))
+    last_loading = 0.0
+    try:
+        while True:
+            done, _ = await asyncio.wait({upcoming}, timeout=every)
+            if not done:
+                async with stream.lock:
+                    await stream.say(describe())
+                continue
+            try:
+                event = upcoming.result()
+            except StopAsyncIteration:  # the bus let this reader go: the answer goes on
+                return
+            upcoming = asyncio.ensure_future(anext(events))
+            line = line_for(event, stream.model)
+            if line is None:
+                continue
+            if event.name == wire.Loading.STAGE.value:
+                now = time.monotonic()
+                if now - last_loading < every:
+                    continue  # a line every few seconds is progress; every second is noise
+                last_loading = now
+            async with stream.lock:
+                await stream.say(line)
+    finally:
+        upcoming.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await upcoming
