@@ -6,6 +6,7 @@ created at import time, and tests pass their own fakes in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -27,6 +28,7 @@ from switchd.access import RequestLine
 from switchd.auth import BearerAuth
 from switchd.config import ConfigError, RuntimeKind, Settings, check_devices
 from switchd.events import EventBus
+from switchd.fanout import Shutdown, watch_for_exit
 from switchd.gpu import GpuProbe, open_probe
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
@@ -163,7 +165,12 @@ def create_app(
             await scheduler.start()
             stack.push_async_callback(scheduler.close)
             bodies = BodyBudget(settings.max_buffered_body_bytes)
-            app.state.services = Services(settings, scheduler, bus, metrics, upstream, bodies)
+            shutdown = Shutdown()
+            exit_watch = asyncio.create_task(watch_for_exit(shutdown), name="switchd-exit-watch")
+            stack.callback(exit_watch.cancel)
+            app.state.services = Services(
+                settings, scheduler, bus, metrics, upstream, bodies, shutdown
+            )
             log.info(
                 "switchd ready: %d models, %s runtime, %s GPU",
                 len(settings.models),

@@ -44,12 +44,22 @@ class Event:
     # Encoded once, however many streams send it.
     _json: str | None = field(default=None, init=False, repr=False, compare=False)
 
+    _sse: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
     def json(self) -> str:
         encoded = self._json
         if encoded is None:
             encoded = json.dumps(self.data, separators=(",", ":"))
             object.__setattr__(self, "_json", encoded)
         return encoded
+
+    def sse(self) -> bytes:
+        """The event as one Server-Sent Events block, encoded once for every reader."""
+        block = self._sse
+        if block is None:
+            block = f"id: {self.id}\r\nevent: {self.name}\r\ndata: {self.json()}\r\n\r\n".encode()
+            object.__setattr__(self, "_sse", block)
+        return block
 
 
 def skipped_notice(last: Event, lines: int) -> Event:
@@ -148,8 +158,19 @@ class Subscription:
         finally:
             self._bus.unsubscribe(self)
 
+    def wake(self) -> None:
+        """Wake its reader: the connection went away, or the server stops."""
+        self._wakeup.set()
+
+    async def wait(self) -> None:
+        """Until something is queued for it, or `wake`, since it last took `queued()`."""
+        if self._events or self._logs or self._last_skipped is not None or self.dropped:
+            return
+        await self._wakeup.wait()
+
     def queued(self) -> list[Event]:
         """Every event queued for this reader now, without waiting; it stays subscribed."""
+        self._wakeup.clear()  # what woke it is taken now; `wait` waits for what is next
         taken: list[Event] = []
         while (event := self._next()) is not None:
             taken.append(event)

@@ -25,6 +25,7 @@ from starlette.types import Scope
 from switchd import __version__, wire
 from switchd.config import Settings
 from switchd.events import Event, EventBus
+from switchd.fanout import EventStream, Shutdown
 from switchd.jobs import Job, SwitchError
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
@@ -49,6 +50,7 @@ class Services:
     metrics: Metrics
     upstream: aiohttp.ClientSession
     bodies: BodyBudget
+    shutdown: Shutdown  # set when the server is asked to stop: watchers' streams end
 
     def proxy_context(self) -> ProxyContext:
         return ProxyContext(
@@ -407,23 +409,24 @@ async def server_events(request: Request) -> Response:
     missed = bus.missed_since(last_id) if last_id is not None else None
     # Subscribe before reading the status, so nothing between the two is lost.
     subscription = bus.subscribe(missed)
-    snapshot_id = bus.last_id
-
-    async def events() -> AsyncIterator[ServerSentEvent]:
+    snapshot = b""
+    if missed is None:
+        snapshot_id = bus.last_id
         try:
-            if missed is None:
-                status = await found.scheduler.status()
-                yield ServerSentEvent(
-                    data=json.dumps(status, separators=(",", ":")),
-                    event="snapshot",
-                    id=str(snapshot_id),
-                )
-            async for event in subscription:
-                yield sse(event)
-        finally:
+            status = await found.scheduler.status()
+        except BaseException:
             subscription.close()
-
-    return event_stream(request, events())
+            raise
+        snapshot = Event(snapshot_id, wire.SNAPSHOT, status).sse()
+    return EventStream(
+        subscription,
+        snapshot,
+        retry_milliseconds=RETRY_MILLISECONDS,
+        shutdown=found.shutdown,
+        streams=found.metrics.sse_streams,
+        ping_seconds=PING_SECONDS,
+        send_timeout_seconds=SEND_TIMEOUT_SECONDS,
+    )
 
 
 async def metrics(request: Request) -> Response:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 RELEASED_FRACTION = 0.75  # of a victim's memory that must show as free again
 MEMORY_POLL_SECONDS = 0.1
-HEALTH_BACKOFF = (0.05, 0.25, 1.5)  # first delay, cap, factor: fast at first
+HEALTH_BACKOFF = (0.02, 0.2, 1.5)  # first delay, cap, factor: fast at first
 HEALTH_REQUEST_SECONDS = 1.0  # short, so `loading` still ticks every second
 LAST_LINES_IN_ERRORS = 20
 MAX_LOG_EVENTS_PER_JOB = 500  # more lines still reach /v1/events, not the job's replay
@@ -106,8 +106,9 @@ class Steps:
             else:
                 self._on_exit(event)
 
-    async def pause(self, seconds: float, until: asyncio.Event | None = None) -> None:
-        """Wait up to `seconds` (or until `until` is set), applying reports as they come."""
+    async def pause(self, seconds: float, until: asyncio.Event | None = None) -> bool:
+        """Wait up to `seconds` (or until `until` is set), applying reports as they come;
+        True when a report cut the wait short."""
         waits = [asyncio.ensure_future(self._reported.wait())]
         if until is not None:
             waits.append(asyncio.ensure_future(until.wait()))
@@ -116,7 +117,9 @@ class Steps:
         finally:
             for waiting in waits:
                 waiting.cancel()
+        reported = self._reported.is_set()
         self.apply_reports()
+        return reported
 
     def _on_output(self, event: EngineOutput) -> None:
         loading = self._loading
@@ -701,7 +704,8 @@ class Steps:
         """Poll the health path with backoff, reporting progress every second."""
         record, job = loading.record, loading.job
         spec = record.spec
-        delay, cap, factor = HEALTH_BACKOFF
+        first, cap, factor = HEALTH_BACKOFF
+        delay = first
         next_report = started
         while True:
             if loading.exited is not None:
@@ -728,8 +732,10 @@ class Steps:
                     progress=PROGRESS_FREED + (PROGRESS_LOADING_CAP - PROGRESS_FREED) * fraction,
                 )
                 next_report += 1.0
-            await self.pause(min(delay, next_report - self._clock()))
-            delay = min(cap, delay * factor)
+            # A line from the engine is a hint that it moved on (the last one comes
+            # just before it answers): poll fast again. Only the health path proves it.
+            hinted = await self.pause(min(delay, next_report - self._clock()))
+            delay = first if hinted else min(cap, delay * factor)
 
     async def healthy(self, url: str) -> bool:
         try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
 import httpx
 
 from tests.integration.conftest import ServerFactory
-from tests.integration.server import engine_cmd, read_events, seed_models
+from tests.integration.server import Server, engine_cmd, read_events, seed_models
 from tests.processes import gone
 
 SSE = {"Accept": "text/event-stream"}
@@ -533,3 +534,59 @@ async def test_switch_streams_send_the_retry_hint_with_their_first_event(
     done = await client.get(f"/v1/switches/{job}/events", headers={"Last-Event-ID": last})
     assert done.status_code == 204
     assert done.content == b""
+
+
+async def test_sigterm_ends_open_event_streams_properly_and_promptly(
+    make_server: ServerFactory,
+) -> None:
+    """Watchers of /v1/events get the end of their stream (not a cut connection) when
+    switchd stops, and do not hold its shutdown up."""
+    server = make_server()
+    ended: list[bytes] = []
+
+    async def watch(http: httpx.AsyncClient) -> None:
+        async with http.stream("GET", "/v1/events") as response:
+            ended.append(b"".join([chunk async for chunk in response.aiter_raw()]))
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        watchers = [asyncio.create_task(watch(http)) for _ in range(20)]
+        for _ in range(100):
+            metrics = (await http.get("/metrics")).text
+            if "switchd_sse_streams 20.0" in metrics:
+                break
+            await asyncio.sleep(0.05)
+        assert "switchd_sse_streams 20.0" in metrics
+        started = time.monotonic()
+        assert await asyncio.to_thread(server.stop) == 0
+        await asyncio.wait_for(asyncio.gather(*watchers), 10)
+    assert time.monotonic() - started < 5  # the open streams did not hold switchd up
+    assert len(ended) == 20
+    assert all(body.startswith(b"id: ") and b"event: snapshot" in body for body in ended)
+
+
+async def test_a_watcher_that_stops_reading_does_not_hold_up_the_others(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    # A raw socket that subscribes and never reads, with a tiny receive buffer.
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=1024)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    writer.write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    try:
+        async with client.stream("GET", "/v1/events") as response:
+            events = response.aiter_lines()
+            # Many events for everyone while the stalled one reads nothing.
+            for _ in range(3):
+                await switch_and_wait(client, "mistral-7b-v0.1")
+                await client.post("/v1/models/unload", params={"model": "mistral-7b-v0.1"})
+            seen: list[str] = []
+            async with asyncio.timeout(10):
+                async for line in events:
+                    if line.startswith("event: "):
+                        seen.append(line[7:])
+                    if seen.count("result") == 6:
+                        break
+        assert seen.count("result") == 6
+    finally:
+        writer.close()
