@@ -31,10 +31,10 @@ lint: $(BIN)/.installed-test
 test: lint
 	$(BIN)/python -m pytest -q
 
+# Every benchmark, each bounded, loopback only; writes docs/benchmarks.md.
+# `make bench QUICK=1` runs each with --quick. nginx is compared where installed.
 bench: $(BIN)/.installed-test
-	$(BIN)/python -m bench.status
-	$(BIN)/python -m bench.proxy
-	$(BIN)/python -m bench.contention
+	$(BIN)/python -m bench.report $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

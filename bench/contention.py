@@ -44,20 +44,19 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.server import percentile, start_switchd
+from bench.server import heading, percentile, start_switchd
 
 ENGINE = (
     "${PYTHON} -m switchd.demo.engine --port ${PORT} --model ${MODEL} "
@@ -324,13 +323,10 @@ def main() -> int:
                 file=sys.stderr,
             )
             outcomes.append(run_setting(name, residency, hold, tier, seconds))
-    uname = os.uname()
-    command = " ".join([".venv/bin/python -m bench.contention", *sys.argv[1:]])
+    print(heading("## Contention: two models that do not fit together", "bench.contention"))
     print(
-        f"switchd contention, {uname.sysname} {uname.release} {uname.machine}, "
-        f"{os.cpu_count()} CPUs; `{command}`; "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {USERS_PER_MODEL * len(MODELS)} users, "
-        f"{seconds:g} s per setting and tier\n"
+        f"{USERS_PER_MODEL * len(MODELS)} users, {USERS_PER_MODEL} per model, "
+        f"{seconds:g} s per setting and tier, on the simulated 95.59 GB GPU.\n"
     )
     print(
         "| setting (min residency s, max hold s) | tier | 200 | not 200 | goodput /s "
@@ -340,13 +336,17 @@ def main() -> int:
     print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for outcome in outcomes:
         print(outcome.cells())
-    print("\nSwitch time cold against wake, per model, over every run above:\n")
-    print("\n".join(cold_against_wake(outcomes)))
     print(
-        "\nTrade-off: bigger holds batch more requests per load, so fewer switches and "
+        "\nMeans: bigger holds batch more requests per load, so fewer switches and "
         "more goodput, but each wait for the other model grows with the hold. A wake "
         "costs a fraction of a cold load and the hold shrinks with it (max hold x wake / "
         "load), so the sleep rows switch more often, in smaller batches, and wait less."
+    )
+    print("\nSwitch time cold against wake, per model, over every run above:\n")
+    print("\n".join(cold_against_wake(outcomes)))
+    print(
+        "\nMeans: where the engines support sleep mode, switching back to a model that "
+        "sleeps costs its wake, not its cold load: compare the two p50 columns."
     )
     return 0
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +62,68 @@ def start_switchd(
             time.sleep(0.05)
     process.kill()
     raise SystemExit("switchd did not start")
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def rss_kb(pid: int) -> int:
+    """The resident memory of process `pid` (VmRSS), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raise_open_files(wanted: int) -> int:
+    """Raise this process's soft open-files limit towards `wanted` (children inherit
+    it); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def machine() -> str:
+    """One line: the CPUs this ran on, the kernel and the Python."""
+    uname = os.uname()
+    return (
+        f"{os.cpu_count()} CPUs ({cpu_model()}), {uname.sysname} {uname.release} "
+        f"{uname.machine}, Python {sys.version.split()[0]}"
+    )
+
+
+def heading(title: str, module: str) -> str:
+    """The first lines every benchmark prints: what, where, how and when."""
+    command = " ".join([f".venv/bin/python -m {module}", *sys.argv[1:]])
+    return (
+        f"{title}\n\nMachine: {machine()}. Command: `{command}`. "
+        f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n"
+    )
