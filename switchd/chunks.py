@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-DONE = b"data: [DONE]"
-
 
 def event_boundary(buffer: bytes) -> int:
     """Where the last complete Server-Sent Event in `buffer` ends (0: none yet)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from prometheus_client import Gauge
 from sse_starlette import EventSourceResponse
@@ -23,8 +22,6 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from switchd.events import Subscription
-
-log = logging.getLogger(__name__)
 
 PING = b": ping\r\n\r\n"
 HEADERS = [

@@ -220,7 +220,7 @@ class Steps:
         record = self.catalog.records[job.target]
         spec = record.spec
         victims = [v.name for v in plan.victims]
-        choices = await self._put_away_choices(plan)
+        choices = self._put_away_choices(plan)
         if victims:
             verdict = "; ".join(choice.reason for choice in choices)
         else:
@@ -261,14 +261,13 @@ class Steps:
         await self.load(job, record, plan.devices)
         return job.success_body(ready=True)
 
-    async def _put_away_choices(self, plan: planner.Plan) -> list[PutAway]:
+    def _put_away_choices(self, plan: planner.Plan) -> list[PutAway]:
         """Which of the plan's victims sleep and which stop (switchd.standby.choose)."""
         if not plan.victims:
             return []
-        every = (await self.gpu.snapshot()).indexes()
         victims = [
-            self.catalog.standby_victim(record, self.catalog.held_by_device(record, every))
-            for record in (self.catalog.records[v.name] for v in plan.victims)
+            self.catalog.standby_victim(self.catalog.records[v.name], dict(v.held_gb))
+            for v in plan.victims
         ]
         short = {d: plan.required_by_device[d] - plan.available_by_device[d] for d in plan.devices}
         budget_left = self.host_ram_budget_gb - self.catalog.host_ram_in_use_gb()
@@ -629,8 +628,8 @@ class Steps:
             f"a {cold:g} s load",
             progress=PROGRESS_FREED,
         )
-        residue = self.catalog.held_by_device(record, (await self.gpu.snapshot()).indexes())
         before = await self.gpu.snapshot()
+        residue = self.catalog.held_by_device(record, before.indexes())
         moves, releasing = self.catalog.memory_moves, self.catalog.release_pending()
         self.catalog.transition(record, ModelState.SLEEPING, ModelState.LOADING)
         started = self._clock()

@@ -326,3 +326,39 @@ async def watch(http: httpx.AsyncClient, into: list[str]) -> None:
             event = parser.feed(line)
             if event is not None and event.name not in ("log", "snapshot", "model_state"):
                 into.append(event.name)
+
+
+async def test_a_sleeper_killed_during_anothers_load_teaches_nothing_false(
+    make_server: ServerFactory,
+) -> None:
+    """Three clients wait for `small` while `big` is put to sleep; `big` is killed while
+    `small` loads. Every client is answered, `big` is seen failed, and `small`'s
+    footprint is not learned from a window in which another engine's memory moved."""
+    slow = sleeper(24, "--load-seconds", "1.5")
+    server = make_server(
+        {"big": sleeper(80), "small": slow}, standby_host_ram_gb=200, min_residency_seconds=0.2
+    )
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        await switch(http, "big")
+        pid = (await http.get("/v1/models/status")).json()["models"]["big"]["engine"]["pid"]
+        clients = [asyncio.create_task(chat(http, "small", f"c{i}")) for i in range(3)]
+        for _ in range(200):
+            models = (await http.get("/v1/models/status")).json()["models"]
+            if models["small"]["status"] == "loading":
+                break
+            await asyncio.sleep(0.02)
+        assert (models["big"]["status"], models["small"]["status"]) == ("sleeping", "loading")
+        os.kill(pid, signal.SIGKILL)
+        answers = await asyncio.gather(*clients)
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert [a.json()["choices"][0]["message"]["content"] for a in answers] == [
+            ANSWER_SMALL.format(said=f"c{i}") for i in range(3)
+        ]
+        status = (await http.get("/v1/models/status")).json()["models"]
+        assert status["big"]["status"] == "failed"
+        assert "outside switchd while asleep" in status["big"]["error"]
+        assert status["small"]["gpu_memory_used_gb"] is None  # not attributable
+    assert learned(server)["small"]["samples"] == []
+
+
+ANSWER_SMALL = "Hello from small. You said: {said}"
