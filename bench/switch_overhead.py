@@ -1,4 +1,4 @@
-"""Switch overhead: what a switch costs beyond the engine's own start.
+"""Switch overhead: what a switch costs beyond the engines' own stop and start.
 
 Starts `switchd serve` (simulated GPU) with two stand-in engines of 60 GB each,
 which do not fit on its 95.59 GB together, each loading in 0.5 s
@@ -9,7 +9,21 @@ stopping one engine and starting the other.
 For each switch the phases come from `/v1/events` (each event's `ts`,
 switchd's wall clock, ms resolution) and from the benchmark's own clock:
   - request: the POST sent -> `memory_check`;
-  - unload: `memory_check` -> `freed` (stop the old engine, see its memory back);
+  - unload: `memory_check` -> `freed` (stop the old engine, see its memory back).
+    Most of it is the engine's own stop (the stand-in's uvicorn shuts down
+    gracefully, checking its exit flag every 0.1 s, then its interpreter tears
+    down), so that is measured alone, in the same run, after switchd has
+    stopped: "engine stop (alone)" is the same engine command, with the same
+    flags, started directly in its own session (output to /dev/null); SIGTERM
+    to its group, as switchd does, timed until waitpid() returns; 1 warm-up,
+    then one per switch measured. Each gets its SIGTERM as long after its
+    `/health` first answered 200 (5 ms poller) as the old engine of its switch
+    had been healthy at `memory_check` (that engine's first 200, seen by the
+    previous switch's poller). When matters: uvicorn sees the signal only at
+    its next check, every 0.1 s, and the engine's 0.5 s load ends in step with
+    those checks, so the time since it became healthy decides how long the
+    signal waits (sent at once, nearly a whole 0.1 s). "of which switchd" is
+    derived: per switch, unload - engine stop (alone) p50;
   - spawn: `freed` -> `start` (the new engine's process started);
   - engine start: `start` -> the engine's `/health` first answering 200, as a
     poller in this process sees it, asking every 5 ms from the `start` event on
@@ -19,7 +33,10 @@ switchd's wall clock, ms resolution) and from the benchmark's own clock:
   - ready detection: that first 200 -> the `ready` event (switchd's own
     health polling, with backoff);
   - response: `ready` -> the POST's answer arrived.
-Overhead = (POST -> `ready`) - engine start: what switchd adds to the engine.
+Overhead = (POST -> `ready`) - engine start: what a switch adds to the new
+engine's start. Switchd's own overhead = overhead - engine stop (alone) p50, per
+switch (derived): what switchd adds to both engines' own stop and start. Target:
+switchd's own overhead p50 <= 50 ms.
 Loopback only. Run: `.venv/bin/python -m bench.switch_overhead [--quick]`.
 """
 
@@ -27,9 +44,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +62,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.server import heading, percentile, start_switchd, stop
+from bench.server import free_port, heading, percentile, start_switchd, stop
 
 MODELS = ("switch-a", "switch-b")
 MODEL_GB = 60  # two of them do not fit on the simulated 95.59 GB
@@ -54,11 +75,17 @@ POLL_SECONDS = 0.005
 WARM_UP = 2
 SWITCHES = 20
 QUICK_SWITCHES = 8
+STOP_WARM_UP = 1  # engine stops (alone) not counted
+STOP_PAUSES_SECONDS = 0.2  # healthy -> SIGTERM when no switch says: spread evenly over it
+ENGINE_DEADLINE_SECONDS = 30.0  # for one engine (alone) to answer, or to exit once told
+TARGET_MS = 50  # switchd's own overhead, p50
 LOADED = re.compile(r"loaded in ([0-9.]+)s")
 # The phases, in order: (name, what it is).
 PHASES = [
     ("request", "POST sent -> memory_check"),
     ("unload", "memory_check -> freed: stop the old engine, see its memory back"),
+    ("  engine stop (alone)", "the same engine without switchd: SIGTERM -> exited (waitpid)"),
+    ("  of which switchd", "derived, per switch: unload - engine stop (alone) p50"),
     ("spawn", "freed -> start: the new engine's process started"),
     ("engine start", "start -> its /health first 200 (5 ms poller)"),
     ("  of which interpreter", "engine start - engine load"),
@@ -66,8 +93,10 @@ PHASES = [
     ("ready detection", "first 200 -> ready event"),
     ("response", "ready event -> POST answered"),
     ("total", "POST sent -> ready event"),
-    ("overhead", "total - engine start: what switchd adds"),
+    ("overhead", "total - engine start: what the switch adds to the engine's start"),
+    ("switchd's own overhead", "derived, per switch: overhead - engine stop (alone) p50"),
 ]
+ALONE = "  engine stop (alone)"  # the phase measured apart from the switches
 
 
 class HealthPoller(threading.Thread):
@@ -109,9 +138,14 @@ class Switch:
     stages: dict[str, float] = field(default_factory=dict)  # stage -> its ts
     engine_load: float | None = None  # what the engine logged
     poller: HealthPoller | None = None
+    old_healthy_for: float | None = None  # the old engine's first 200 -> memory_check, s
 
-    def phases(self) -> dict[str, float] | None:
-        """Milliseconds per phase, or None when a stage is missing."""
+    def phases(self, engine_stop: float | None) -> dict[str, float] | None:
+        """Milliseconds per phase, or None when a stage is missing.
+
+        `engine_stop`: the engine's own stop (alone), p50 in seconds, for the
+        derived phases; without it they are left out.
+        """
         stages = self.stages
         healthy = self.poller.healthy_at if self.poller is not None else None
         needed = ("memory_check", "freed", "start", "ready")
@@ -131,6 +165,9 @@ class Switch:
             "total": total,
             "overhead": total - engine_start,
         }
+        if engine_stop is not None:
+            seconds["  of which switchd"] = seconds["unload"] - engine_stop
+            seconds["switchd's own overhead"] = total - engine_start - engine_stop
         return {name: value * 1000 for name, value in seconds.items()}
 
 
@@ -211,25 +248,108 @@ async def measure(url: str, count: int) -> list[Switch]:
     following = asyncio.create_task(follower.follow(port))
     await asyncio.wait_for(follower.subscribed.wait(), 10)
     switches = []
+    previous: Switch | None = None
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as client:
         for index in range(WARM_UP + count):
             switch = await switch_once(client, url, follower, MODELS[index % 2])
+            healthy = previous.poller.healthy_at if previous and previous.poller else None
+            if healthy is not None and "memory_check" in switch.stages:
+                switch.old_healthy_for = switch.stages["memory_check"] - healthy
             if index >= WARM_UP:
                 switches.append(switch)
+            previous = switch
     following.cancel()
     return switches
 
 
-def table(switches: list[Switch]) -> tuple[list[str], dict[str, float], int]:
-    measured = [phases for switch in switches if (phases := switch.phases()) is not None]
+def wait_healthy(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Until the engine's /health answers 200, asking every POLL_SECONDS."""
+    deadline = time.monotonic() + ENGINE_DEADLINE_SECONDS
+    while time.monotonic() < deadline and process.poll() is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        time.sleep(POLL_SECONDS)
+    raise RuntimeError(f"the engine on port {port} never answered 200 on /health")
+
+
+def stop_alone(model: str, pause: float) -> float:
+    """Seconds the engine takes, alone, from SIGTERM to exited (reaped by waitpid).
+
+    The command and flags are the benchmark's models' own; like switchd, it runs
+    in its own session and SIGTERM goes to its process group, `pause` seconds
+    after its /health first answered 200.
+    """
+    port = free_port()
+    values = {"${PYTHON}": sys.executable, "${PORT}": str(port), "${MODEL}": model}
+    argv = [values.get(word, word) for word in ENGINE.split()]
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    # Bounded: should it not exit when told, SIGKILL its group (process.wait() below
+    # is a plain waitpid(), with no timeout: Popen's timeout would poll).
+    watchdog = threading.Timer(2 * ENGINE_DEADLINE_SECONDS, kill_group, (process.pid,))
+    watchdog.start()
+    try:
+        wait_healthy(port, process)
+        time.sleep(pause)
+        began = time.perf_counter()
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+        return time.perf_counter() - began
+    except BaseException:
+        kill_group(process.pid)
+        process.wait()
+        raise
+    finally:
+        watchdog.cancel()
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def engine_stops(switches: list[Switch]) -> tuple[list[float], list[float]]:
+    """The engine's own stop (alone), once per switch after STOP_WARM_UP, in ms.
+
+    Each SIGTERM comes as long after the engine was healthy as in its switch; the
+    pauses (ms) are returned too. Without that from a switch, they are spread evenly.
+    """
+    for index in range(STOP_WARM_UP):
+        stop_alone(MODELS[index % 2], 0.0)
+    pauses = [switch.old_healthy_for for switch in switches]
+    if any(pause is None for pause in pauses):
+        count = len(switches)
+        pauses = [(index + 0.5) / count * STOP_PAUSES_SECONDS for index in range(count)]
+    stops = [
+        stop_alone(MODELS[index % 2], max(0.0, pause or 0.0)) * 1000
+        for index, pause in enumerate(pauses)
+    ]
+    return stops, [(pause or 0.0) * 1000 for pause in pauses]
+
+
+def table(switches: list[Switch], stops: list[float]) -> tuple[list[str], dict[str, float], int]:
+    engine_stop = percentile(stops, 0.5) / 1000 if stops else None
+    measured = [phases for switch in switches if (phases := switch.phases(engine_stop)) is not None]
     rows = [
         "| phase | what | p50 ms | min ms | max ms |",
         "|---|---|--:|--:|--:|",
     ]
     p50s: dict[str, float] = {}
     for name, what in PHASES:
-        samples = [phases[name] for phases in measured]
+        samples = stops if name == ALONE else [phases[name] for phases in measured]
         if not samples:
             continue
         p50s[name] = percentile(samples, 0.5)
@@ -253,27 +373,38 @@ def main() -> int:
             switches = asyncio.run(measure(url, count))
         finally:
             stop(process)
-    rows, p50, complete = table(switches)
+    stops, pauses = engine_stops(switches)  # after switchd has stopped: nothing else runs
+    rows, p50, complete = table(switches, stops)
     print(heading("## Switch overhead", "bench.switch_overhead"))
     print(
         f"{complete} of {len(switches)} switches complete (after {WARM_UP} warm-up), "
         f"between two stand-in engines that do not fit together (engine load "
         f"{LOAD_SECONDS:g} s); phases from `/v1/events` (`ts`, ms) and this process's "
-        "clock; p50 of each phase separately, so they need not add up.\n"
+        "clock; p50 of each phase separately, so they need not add up. Engine stop "
+        f"(alone): the same engine command started {len(stops)} times without switchd "
+        f"(after {STOP_WARM_UP} warm-up), each sent SIGTERM as long after its first 200 as "
+        "the old engine of one switch had been healthy at `memory_check` (p50 "
+        f"{percentile(pauses, 0.5):.0f} ms, min {min(pauses):.0f}, max {max(pauses):.0f}): "
+        "uvicorn sees the signal at its next 0.1 s check. The derived rows subtract its p50 "
+        "from each switch's value.\n"
     )
     print("\n".join(rows))
     print()
-    if "overhead" in p50:
-        print(
-            f"Means: a switch took {p50['total']:.0f} ms, of which {p50['engine start']:.0f} ms "
-            f"was the engine starting ({p50['  of which interpreter']:.0f} ms of it its "
-            f"interpreter); switchd added {p50['overhead']:.0f} ms: "
-            f"{p50['unload']:.0f} ms stopping the old engine, "
-            f"{p50['ready detection']:.0f} ms noticing the new one was ready."
-        )
-    else:
+    if "switchd's own overhead" not in p50:
         print("Means: no switch was measured completely.", file=sys.stderr)
         return 1
+    own = p50["switchd's own overhead"]
+    print(
+        f"Means: a switch took {p50['total']:.0f} ms: the old engine stopping took "
+        f"{p50[ALONE]:.0f} ms of it (as long as it takes alone), the new engine starting "
+        f"{p50['engine start']:.0f} ms ({p50['  of which interpreter']:.0f} ms of it its "
+        f"interpreter), and switchd {own:.0f} ms: {p50['  of which switchd']:.0f} ms "
+        "around the stop (signalling it, seeing it exit and its memory come back), "
+        f"{p50['spawn']:.0f} ms spawning the new engine, {p50['ready detection']:.0f} ms "
+        "noticing it was ready."
+    )
+    verdict = "met" if own <= TARGET_MS else "NOT met"
+    print(f"\nTarget: switchd's own overhead p50 <= {TARGET_MS} ms: {verdict} ({own:.0f} ms).")
     return 0
 
 

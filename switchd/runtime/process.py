@@ -16,6 +16,9 @@ wrapper (`sh -c "…"`, `bash start.sh`) survive, holding GPU memory. So, with a
 and the boot it ran in) while it runs, and the next switchd's `discover()`
 stops whatever of that group is still alive before it starts anything. Such
 leftovers cannot be adopted: their output pipe and their port are gone.
+
+An engine's exit is seen as it happens where Linux offers a pidfd (5.3 on): the
+pidfd becomes readable when the process exits. Elsewhere it is polled for.
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ log = logging.getLogger(__name__)
 
 TAIL_LINES = 50
 _LINE_LIMIT = 1 << 20
-EXIT_POLL_SECONDS = 0.05
+EXIT_POLL_SECONDS = 0.05  # without a pidfd: how often the exit is looked for
+EXIT_CHECK_SECONDS = 1.0  # with one: how often it is looked for anyway (a safety net)
+REAP_POLL_SECONDS = 0.002  # once the pidfd says it exited: until returncode is set
+REAP_FAST_SECONDS = 1.0  # for at most this long, then every EXIT_POLL_SECONDS
 OUTPUT_DRAIN_SECONDS = 2.0
 ENGINES_DIR = "engines"  # under state_dir: one pid file per running engine
 ORPHAN_POLL_SECONDS = 0.05
@@ -160,11 +166,9 @@ class ProcessRuntime:
     async def _pump(self, engine: _Engine) -> None:
         """Forward the output lines, then the exit, of one engine."""
         reader = asyncio.create_task(self._read_output(engine))
-        # Not process.wait(): on Python 3.11 it also waits for the output pipe, which
-        # a worker the engine forked keeps open after the engine itself has died.
-        while engine.process.returncode is None:  # noqa: ASYNC110 - no exit-only event exists
-            await asyncio.sleep(EXIT_POLL_SECONDS)
+        await _wait_for_exit(engine.process)
         code = engine.process.returncode
+        assert code is not None
         self._kill_group(engine.process.pid, signal.SIGKILL)  # workers it left behind
         if engine.pid_file is not None and self._engines.get(engine.spec.name) is engine:
             _drop(engine.pid_file)  # (a newer run of the model has written its own)
@@ -487,6 +491,84 @@ async def _wait_for_orphans(record: _PidRecord, within: float, seen: set[int]) -
         if not left or time.monotonic() >= deadline:
             return left
         await asyncio.sleep(ORPHAN_POLL_SECONDS)
+
+
+async def _wait_for_exit(process: asyncio.subprocess.Process) -> None:
+    """Return once `process` has exited and its returncode is set.
+
+    Not process.wait(): on Python 3.11 it also waits for the output pipe, which a
+    worker the engine forked keeps open after the engine itself has died. Instead,
+    a pidfd of the process (Linux 5.3 on) wakes this when the process exits; the
+    child watcher (asyncio's or uvloop's) reaps it and sets returncode a moment
+    later, so that is polled for, briefly. Without a pidfd (no os.pidfd_open, an
+    older kernel, a loop without add_reader) returncode is polled for, as before.
+    """
+    if process.returncode is not None:
+        return
+    fd = _open_pidfd(process.pid)
+    if fd is None:
+        await _until_returncode(process)
+        return
+    try:
+        watched = await _until_readable(fd, process)
+    finally:
+        os.close(fd)
+    if watched is None:  # the loop cannot watch a file descriptor
+        await _until_returncode(process)
+    else:
+        await _until_returncode(process, fast_for=REAP_FAST_SECONDS)
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A file descriptor readable once `pid` has exited; None where there is none."""
+    pidfd_open = getattr(os, "pidfd_open", None)  # Linux only
+    if pidfd_open is None:
+        return None
+    try:
+        fd: int = pidfd_open(pid)
+    except OSError as exc:  # ENOSYS before Linux 5.3, ESRCH once reaped, EMFILE…
+        log.debug("no pidfd for process %d (%s): polling for its exit", pid, exc)
+        return None
+    return fd
+
+
+async def _until_readable(fd: int, process: asyncio.subprocess.Process) -> bool | None:
+    """Wait until the pidfd `fd` is readable: True; None if the loop cannot watch it.
+
+    False when returncode was set without the pidfd saying so (checked every
+    EXIT_CHECK_SECONDS: a safety net, should the pidfd be of some other process).
+    """
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+
+    def on_readable() -> None:
+        loop.remove_reader(fd)  # it stays readable: once is enough
+        readable.set()
+
+    try:
+        loop.add_reader(fd, on_readable)
+    except (NotImplementedError, OSError, ValueError) as exc:
+        log.debug("cannot watch the pidfd of process %d (%r): polling", process.pid, exc)
+        return None
+    try:
+        while not readable.is_set() and process.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXIT_CHECK_SECONDS):
+                    await readable.wait()
+    finally:
+        loop.remove_reader(fd)
+    return readable.is_set()
+
+
+async def _until_returncode(process: asyncio.subprocess.Process, *, fast_for: float = 0.0) -> None:
+    """Poll until returncode is set (by the child watcher: no event says so).
+
+    Every REAP_POLL_SECONDS for `fast_for` seconds, then every EXIT_POLL_SECONDS.
+    """
+    deadline = time.monotonic() + fast_for
+    while process.returncode is None:
+        fast = time.monotonic() < deadline
+        await asyncio.sleep(REAP_POLL_SECONDS if fast else EXIT_POLL_SECONDS)
 
 
 _PR_SET_PDEATHSIG = 1
