@@ -62,6 +62,7 @@ class RequestLine:
             return
         started = time.perf_counter()
         status = 0
+        query = scope.get("query_string", b"")
 
         async def recording(message: Message) -> None:
             nonlocal status
@@ -70,14 +71,14 @@ class RequestLine:
             await send(message)
 
         try:
-            names = credential_names(scope.get("query_string", b""))
+            names = credential_names(query) if query else None
             if names:
                 await refuse(recording, names, openai=is_proxied(scope))
             else:
                 await self.app(scope, receive, recording)
         finally:
             if log.isEnabledFor(logging.INFO):
-                query = masked_query(scope.get("query_string", b""))
+                shown = masked_query(query) if query else ""
                 client = scope.get("client") or ("-", 0)
                 log.info(
                     '%s:%s "%s %s%s" %d %.1f ms',
@@ -85,7 +86,7 @@ class RequestLine:
                     client[1],
                     scope["method"],
                     scope["path"],
-                    f"?{query}" if query else "",
+                    f"?{shown}" if shown else "",
                     status,
                     (time.perf_counter() - started) * 1000,
                 )

@@ -13,7 +13,6 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,31 +31,28 @@ from switchd.fanout import Shutdown, watch_for_exit
 from switchd.gpu import GpuProbe, open_probe
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
-from switchd.routes import ROUTES, Services, http_error
+from switchd.proxy import Proxy, ProxyFirst
+from switchd.routes import ROUTES, Services, http_error, proxy_context
 from switchd.runtime.base import Runtime
 from switchd.runtime.docker import DockerRuntime
 from switchd.runtime.process import ProcessRuntime
 from switchd.scheduler import Scheduler
 from switchd.stats import LearnedStats
 from switchd.units import gib
+from switchd.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-# Proxied traffic goes through one pooled aiohttp session: measured on this
-# proxy, it costs a third of the CPU per request that httpx does (bench/proxy.py).
-# Streams can be slow and long, so no read timeout (a client that leaves closes
-# its upstream request); enough connections that 128 streams never wait.
-UPSTREAM_CONNECTIONS = 1024
-UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
-
-
-def upstream_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, limit_per_host=0),
-        timeout=UPSTREAM_TIMEOUT,
-        auto_decompress=False,  # pass the engine's bytes through as they are
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-    )
+# Proxied traffic: switchd's own lean HTTP/1.1 client (upstream.py). Streams can
+# be slow and long, so no read timeout (a client that leaves closes its upstream
+# request); no cap on connections either: each is one client's request, and those
+# are capped by `max_connections`.
+# An idle connection is closed by switchd before the engine closes it: uvicorn (so
+# vLLM and SGLang) and llama.cpp's server close theirs after 5 s, and a request
+# sent on a connection the engine is closing at that moment fails (502). Measured:
+# a benchmark client that kept connections 15 s (aiohttp's default) hit exactly that.
+UPSTREAM_IDLE_SECONDS = 4.0
+UPSTREAM_CONNECT_SECONDS = 10.0
 
 
 # The UI loads only its own files and talks only to switchd: nothing injected can run.
@@ -147,7 +143,10 @@ def create_app(
             stack.push_async_callback(engines.close)
             # Health checks: a few requests a second during loads, injectable in tests.
             http = await stack.enter_async_context(httpx.AsyncClient(transport=http_transport))
-            upstream = await stack.enter_async_context(upstream_session())
+            upstream = Upstream(
+                idle_seconds=UPSTREAM_IDLE_SECONDS, connect_seconds=UPSTREAM_CONNECT_SECONDS
+            )
+            stack.push_async_callback(upstream.close)
             stats = LearnedStats(settings.state_dir)
             await stats.load()
             bus = EventBus()
@@ -208,4 +207,5 @@ def middleware(settings: Settings) -> list[Middleware]:
             read_keys=settings.read_keys,
         )
     )
+    stack.append(Middleware(ProxyFirst, proxy=Proxy(proxy_context)))  # innermost
     return stack

@@ -88,6 +88,7 @@ def guarded_protocol(header_timeout_seconds: float) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
+            self.cycle.transport = HeadersWithBody(self.transport, self.loop)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -114,3 +115,45 @@ def guarded_protocol(header_timeout_seconds: float) -> type[HttpToolsProtocol]:
                 self.transport.close()
 
     return GuardedProtocol
+
+
+class HeadersWithBody(asyncio.Transport):
+    """A response's transport that sends its status line and headers together with
+    the first piece of its body, when that comes in the same turn of the loop.
+
+    uvicorn writes the headers at once, then the body: two writes, two packets, and
+    a client woken twice, for what is most often one small answer; measured on the
+    proxy (bench/proxy.py), one write saves CPU on both sides. Headers alone still
+    leave at the end of the loop's turn, so a stream that starts slowly is not held.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._first = True
+        self._held = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        data = bytes(data)
+        if self._first:  # the status line and headers
+            self._first = False
+            self._held = data
+            self._loop.call_soon(self._flush)
+        elif self._held:
+            data, self._held = self._held + data, b""
+            self._transport.write(data)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, b""
+        if held and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()

@@ -100,10 +100,22 @@ class Metrics:
             "switchd_event_subscribers", "Readers of the server's event bus", registry=r
         )
         self._jobs: dict[str, tuple[str, float, float]] = {}  # job: (stage, since, started)
+        # Bounded: models are the catalog's (or "unknown"), statuses a few codes.
+        self._request_counters: dict[tuple[str, int], Counter] = {}
+        self._request_timers: dict[str, Histogram] = {}
 
     def request_done(self, model: str, status: int, seconds: float) -> None:
-        self.requests.labels(model, str(status)).inc()
-        self.request_seconds.labels(model).observe(seconds)
+        # Each labelled child looked up once: labels() takes a lock and builds a key,
+        # every request (bench/proxy.py).
+        key = (model, status)
+        counted = self._request_counters.get(key)
+        if counted is None:
+            counted = self._request_counters[key] = self.requests.labels(model, str(status))
+        timed = self._request_timers.get(model)
+        if timed is None:
+            timed = self._request_timers[model] = self.request_seconds.labels(model)
+        counted.inc()
+        timed.observe(seconds)
 
     def waited(self, model: str, seconds: float, outcome: str) -> None:
         """Called by the scheduler when a request stops waiting for its model."""

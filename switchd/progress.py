@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 from starlette.types import Scope, Send
 
 from switchd import wire
@@ -33,6 +32,7 @@ from switchd.chunks import (
 )
 from switchd.config import ModelSpec
 from switchd.events import Event, Subscription
+from switchd.upstream import Response, UpstreamError
 
 HEADER = b"x-switchd-progress"
 ON = frozenset({"on", "1", "true", "yes"})
@@ -121,24 +121,26 @@ class ProgressStream:
         await self._body(error_event(message, code, kind))
         await self.end()
 
-    async def relay(self, upstream: aiohttp.ClientResponse) -> None:
+    async def relay(self, upstream: Response) -> None:
         """The engine's answer into this stream, its chunks under this stream's id."""
-        if upstream.status != 200 or not upstream.headers.get("content-type", "").startswith(
-            "text/event-stream"
-        ):
-            text = (await upstream.text()).strip().replace("\n", " ")[:500]
+        if upstream.status != 200 or not upstream.is_event_stream():
+            try:
+                text = (await upstream.read()).decode("utf-8", "replace")
+            except UpstreamError as exc:
+                text = f"(its answer was cut short: {exc})"
+            text = text.strip().replace("\n", " ")[:500]
             await self.fail(
                 f"{self.model} answered {upstream.status}: {text}", "engine_error", "server_error"
             )
             return
         pending = b""
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 pending += chunk
                 if end := event_boundary(pending):
                     complete, pending = pending[:end], pending[end:]
                     await self._body(with_id(complete, self.id))
-        except (aiohttp.ClientError, OSError):
+        except (UpstreamError, OSError):
             await self._body(cut_short_event(self.model))
         await self.end()
 

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import aiohttp
-from starlette.types import Message, Receive, Scope, Send
-from yarl import URL
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from switchd import progress
 from switchd.chunks import cut_short_event, event_boundary
@@ -30,6 +28,7 @@ from switchd.limits import BodyBudget, BodyHold, BodyTimeout, next_chunk
 from switchd.metrics import Metrics
 from switchd.runtime.base import EngineInfo
 from switchd.scheduler import Scheduler
+from switchd.upstream import Response, Upstream, UpstreamError
 
 _T = TypeVar("_T")
 
@@ -129,7 +128,7 @@ class ProxyError(Exception):
 @dataclass(frozen=True)
 class ProxyContext:
     scheduler: Scheduler
-    upstream: aiohttp.ClientSession
+    upstream: Upstream
     metrics: Metrics
     max_body_bytes: int
     bodies: BodyBudget
@@ -189,11 +188,10 @@ def checked_path(path: str) -> str:
     Engines have admin routes (vLLM /sleep, llama.cpp /slots): `/v1/../admin`,
     `/v1/%2e%2e/admin` or `/v1/a%3Fb` must never reach them.
     """
-    segments = path.split("/")
     if (
         not path.startswith("/v1/")
-        or any(segment in (".", "..") for segment in segments)
-        or any(char in FORBIDDEN_IN_PATH for char in path)
+        or ("/." in path and any(segment in (".", "..") for segment in path.split("/")))
+        or not FORBIDDEN_IN_PATH.isdisjoint(path)
     ):
         raise ProxyError(
             400, "invalid_path", "The path must stay under /v1/ (no '..', encoded or not)"
@@ -227,13 +225,11 @@ def encode(data: dict[str, Any]) -> bytes:
     return json.dumps(data).encode()
 
 
-def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[str, str]]:
+def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[bytes, bytes]]:
     dropped = NOT_FORWARDED | named_in_connection(scope["headers"])
-    headers = [
-        (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in dropped
-    ]
+    headers = [(k, v) for k, v in scope["headers"] if k not in dropped]
     if api_key:
-        headers.append(("authorization", f"Bearer {api_key}"))
+        headers.append((b"authorization", b"Bearer " + api_key.encode("latin-1")))
     return headers
 
 
@@ -243,20 +239,37 @@ async def until_disconnect(receive: Receive) -> None:
 
 
 async def first_of(work: Awaitable[None], receive: Receive) -> bool:
-    """Run `work` until it ends or the client goes away; True if it ended."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(until_disconnect(receive))
+    """Run `work` until it ends or the client goes away; True if it ended.
+
+    The work runs in the caller's task, and only the watcher for the disconnect is
+    a task of its own: cancelling the caller when the client leaves costs less,
+    request by request, than a second task and asyncio.wait (bench/proxy.py).
+    """
+    caller = asyncio.current_task()
+    assert caller is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await until_disconnect(receive)
+        gone = True
+        caller.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await work
+    except asyncio.CancelledError:
+        # Our own cancel, and no one else's: the work was stopped because the client
+        # left. Any other cancel (the server shutting down) goes on up.
+        if gone and caller.uncancel() == 0:
+            return False
+        raise
     finally:
-        for pending in (task, watcher):
-            pending.cancel()
-        # Let cancelled work close what it holds (the upstream response) before we go.
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    if task in done and not task.cancelled():
-        task.result()  # re-raise what the work raised
-        return True
-    return False
+        watcher.cancel()
+    if gone:  # the client left as the work ended, and the work swallowed our cancel
+        caller.uncancel()
+        return False
+    return True
 
 
 class Proxy:
@@ -267,6 +280,34 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _Call(self._context(scope), scope, receive, send).run()
+
+
+def is_engine_call(scope: Scope) -> bool:
+    """A POST under /v1/ that is none of switchd's own routes: an engine's."""
+    path: str = scope["path"]
+    return (
+        scope["method"] == "POST"
+        and path.startswith("/v1/")
+        and not path.startswith(RESERVED_PATHS)
+    )
+
+
+class ProxyFirst:
+    """Pure ASGI: engine calls go straight to the proxy, past starlette's router (a
+    regex per route) and exception layer, which they never use; all else to `app`.
+
+    The router's catch-all route for them stays, for what this does not take.
+    """
+
+    def __init__(self, app: ASGIApp, proxy: Proxy) -> None:
+        self.app = app
+        self.proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_engine_call(scope):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 class _Call:
@@ -401,15 +442,15 @@ class _Call:
         into: progress.ProgressStream | None = None,
     ) -> int:
         query = self.scope.get("query_string", b"").decode("latin-1")
-        # The checked path, encoded once and marked so: nothing re-normalises it on the way.
-        target = engine.url + quote(path, safe=PATH_SAFE) + (f"?{query}" if query else "")
+        # The checked path, encoded once: nothing re-normalises it on the way.
+        target = quote(path, safe=PATH_SAFE) + (f"?{query}" if query else "")
         headers = upstream_headers(self.scope, spec.api_key)
         try:
             upstream = await self.context.upstream.request(
-                self.scope["method"], URL(target, encoded=True), data=body, headers=headers
+                self.scope["method"], engine.url, target, headers, body
             )
-        except (aiohttp.ClientError, OSError) as exc:
-            message = f"{engine.model} did not answer: {exc!r}"
+        except (UpstreamError, OSError) as exc:
+            message = f"{engine.model} did not answer: {exc}"
             raise ProxyError(502, "engine_unreachable", message, "server_error") from None
         try:
             if into is None:
@@ -419,7 +460,7 @@ class _Call:
         finally:
             # An answer read to its end returns its connection to the pool; one cut
             # short (client gone, engine died) closes it, so nothing leaks.
-            upstream.close() if not upstream.content.at_eof() else upstream.release()
+            upstream.release()
         return upstream.status
 
 
@@ -442,20 +483,31 @@ async def method_not_allowed(scope: Scope, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def relay_response(send: Send, upstream: aiohttp.ClientResponse, model: str) -> None:
+async def relay_response(send: Send, upstream: Response, model: str) -> None:
     """The engine's answer as it comes: status, headers, then each chunk."""
     dropped = HOP_BY_HOP | SERVER_SET | named_in_connection(upstream.raw_headers)
-    headers = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in dropped]
-    if length := upstream.headers.get("content-length"):
-        headers.append((b"content-length", length.encode()))
-    events = upstream.headers.get("content-type", "").startswith("text/event-stream")
-    if events and "x-accel-buffering" not in upstream.headers:
+    headers = [(k, v) for k, v in upstream.raw_headers if k not in dropped]
+    if length := upstream.header(b"content-length"):
+        headers.append((b"content-length", length))
+    events = upstream.is_event_stream()
+    if events and upstream.header(b"x-accel-buffering") is None:
         headers.append((b"x-accel-buffering", b"no"))  # nginx in front: do not buffer
-    start: Message = {"type": "http.response.start", "status": upstream.status}
-    await send({**start, "headers": headers})
+    chunks = upstream.chunks()
+    first = b""
+    if not events:
+        # The headers leave with the first piece of the body, in one write
+        # (limits.HeadersWithBody): one packet, and the client woken once.
+        try:
+            first = await anext(chunks, b"")
+        except (UpstreamError, OSError) as exc:
+            message = f"{model} stopped before the body of its answer: {exc}"
+            raise ProxyError(502, "engine_died", message, "server_error") from None
+    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+    if first:
+        await send({"type": "http.response.body", "body": first, "more_body": True})
     pending = b""
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in chunks:
             if not events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
@@ -464,7 +516,7 @@ async def relay_response(send: Send, upstream: aiohttp.ClientResponse, model: st
             if end := event_boundary(pending):
                 complete, pending = pending[:end], pending[end:]
                 await send({"type": "http.response.body", "body": complete, "more_body": True})
-    except (aiohttp.ClientError, OSError) as exc:
+    except (UpstreamError, OSError) as exc:
         if not events:
             raise EngineCutOff(f"{model} died in the middle of an answer: {exc!r}") from None
         # A stream ends with an error event a client recognises, then ends properly.

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
@@ -31,6 +31,7 @@ from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, ProxyContext
 from switchd.scheduler import JOB_HISTORY, Scheduler
+from switchd.upstream import Upstream
 
 PING_SECONDS = 15
 RETRY_MILLISECONDS = 3000
@@ -48,10 +49,11 @@ class Services:
     scheduler: Scheduler
     bus: EventBus
     metrics: Metrics
-    upstream: aiohttp.ClientSession
+    upstream: Upstream
     bodies: BodyBudget
     shutdown: Shutdown  # set when the server is asked to stop: watchers' streams end
 
+    @functools.cached_property
     def proxy_context(self) -> ProxyContext:
         return ProxyContext(
             self.scheduler,
@@ -72,7 +74,7 @@ def services(request: Request) -> Services:
 
 def proxy_context(scope: Scope) -> ProxyContext:
     found: Services = scope["app"].state.services
-    return found.proxy_context()
+    return found.proxy_context
 
 
 def error_response(status: int, code: str, message: str, **fields: Any) -> JSONResponse:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from switchd.limits import BodyBudget, guarded_protocol
+from switchd.limits import BodyBudget, HeadersWithBody, guarded_protocol
 
 
 def test_the_budget_is_shared_and_returned_when_a_request_ends() -> None:
@@ -93,3 +93,64 @@ async def test_past_the_connection_limit_requests_get_503() -> None:
             writer.close()
         await asyncio.sleep(0.1)
         assert (await get(port)).startswith(b"HTTP/1.1 200")
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "a write after close"
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def test_headers_leave_with_the_first_body_piece_in_one_write() -> None:
+    real = RecordingTransport()
+    transport = HeadersWithBody(real, asyncio.get_running_loop())
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert real.writes == []  # held for the rest of this turn of the loop
+    transport.write(b"body")
+    transport.write(b"more")
+    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"more"]
+    await asyncio.sleep(0)  # the held headers' flush finds nothing left to send
+    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"more"]
+
+
+async def test_headers_alone_leave_at_the_end_of_the_loops_turn() -> None:
+    real = RecordingTransport()
+    transport = HeadersWithBody(real, asyncio.get_running_loop())
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    await asyncio.sleep(0)  # a stream whose first piece is late: its headers go now
+    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
+    transport.write(b"data: 1\n\n")
+    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\n", b"data: 1\n\n"]
+
+
+async def test_close_sends_held_headers_first_and_nothing_goes_after() -> None:
+    real = RecordingTransport()
+    transport = HeadersWithBody(real, asyncio.get_running_loop())
+    transport.write(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+    transport.close()
+    assert real.writes == [b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n"]
+    assert real.closed
+    assert transport.is_closing()
+    await asyncio.sleep(0)
+    assert len(real.writes) == 1
+
+
+async def test_many_clients_get_whole_answers_through_the_guarded_protocol() -> None:
+    async with server(header_timeout=5) as port:
+        answers = await asyncio.gather(*(get(port) for _ in range(20)))
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"content-length: 5" in head
+        assert body == b"hello"

@@ -28,6 +28,7 @@ from starlette.applications import Starlette
 from switchd.app import create_app
 from switchd.config import ModelSpec, Settings
 from switchd.gpu import SimulatedGpu
+from switchd.limits import guarded_protocol
 from switchd.routes import Services
 from switchd.runtime.base import EngineInfo
 from tests import fakes
@@ -210,7 +211,11 @@ async def serve(
         gpu=SimulatedGpu(settings.simulated_gpu),
         http_transport=runtime.health(),
     )
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    # The protocol `switchd serve` runs, so its writes are the ones tested.
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", http=guarded_protocol(30)
+    )
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(10):
@@ -307,6 +312,35 @@ async def test_engine_dying_mid_stream_ends_with_an_error_event_after_the_whole_
         response = await running.http.post(CHAT, json=chat("gpt-oss-20b"))
         assert response.status_code == 200
         assert response.json() == {"object": "chat.completion", "path": CHAT}
+
+
+async def test_engine_dying_after_its_headers_before_any_body_is_a_502(tmp_path: Path) -> None:
+    async def die(received: Received, writer: asyncio.StreamWriter) -> bool:
+        if json.loads(received.body)["messages"][0]["content"] != "die":
+            return await answer_json(received, writer)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 50\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+        return False
+
+    async with serve(make_settings(tmp_path), die) as running:
+        clients = [chat("gpt-oss-20b", "die"), chat("gpt-oss-20b"), chat("gpt-oss-20b", "die")]
+        responses = await asyncio.gather(*(running.http.post(CHAT, json=c) for c in clients))
+        # Nothing was sent yet: the client gets a whole error, not a 200 cut short.
+        assert [r.status_code for r in responses] == [502, 200, 502]
+        for response in (responses[0], responses[2]):
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("server_error", "engine_died")
+            assert error["message"].startswith(
+                "gpt-oss-20b stopped before the body of its answer: "
+            )
+        assert responses[1].json() == {"object": "chat.completion", "path": CHAT}
+        assert await running.in_flight("gpt-oss-20b") == 0
+        metrics = (await running.http.get("/metrics")).text
+        assert 'switchd_requests_total{code="502",model="gpt-oss-20b"} 2.0' in metrics
 
 
 async def test_engine_dying_mid_json_answer_leaves_it_visibly_cut_short(tmp_path: Path) -> None:
@@ -467,6 +501,30 @@ async def test_without_the_api_key_a_proxied_request_is_401(tmp_path: Path) -> N
 
 
 # ---- a client that leaves -------------------------------------------------------------------
+
+
+async def test_of_clients_waiting_for_a_load_those_who_leave_go_and_the_rest_are_served(
+    tmp_path: Path,
+) -> None:
+    runtime = EngineRuntime(load_seconds={"gpt-oss-20b": 1.0})
+    async with serve(make_settings(tmp_path), runtime=runtime) as running:
+
+        async def ask(patience: float) -> int | str:
+            try:
+                response = await running.http.post(CHAT, json=chat("gpt-oss-20b"), timeout=patience)
+            except httpx.ReadTimeout:
+                return "left"
+            return response.status_code
+
+        outcomes = await asyncio.gather(ask(0.3), ask(10), ask(0.3), ask(10), ask(10))
+        assert list(outcomes) == ["left", 200, "left", 200, 200]
+        assert len(running.engine.received) == 3  # the two who left reached no engine
+        assert await running.in_flight("gpt-oss-20b") == 0
+        assert running.services.scheduler.waiting == 0
+        metrics = (await running.http.get("/metrics")).text
+        assert 'switchd_requests_total{code="499",model="gpt-oss-20b"} 2.0' in metrics
+        assert 'switchd_requests_total{code="200",model="gpt-oss-20b"} 3.0' in metrics
+        assert runtime.calls == ["start gpt-oss-20b"]
 
 
 async def test_a_client_leaving_while_its_model_loads_frees_its_place(tmp_path: Path) -> None:
