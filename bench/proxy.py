@@ -383,7 +383,9 @@ async def measure(targets: list[Target], quick: bool) -> list[Figures]:
     figures = [Figures() for _ in targets]
     # The load generator is aiohttp: it needs about a third of httpx's CPU per
     # request, and every cycle it takes is one the engine and the proxies lack.
-    connector = aiohttp.TCPConnector(limit=512)
+    # Idle connections dropped before any target's keep-alive timeout (uvicorn's
+    # 5 s): reusing one a server is closing at that moment fails the request.
+    connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=3)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         # Warm-up: connections, imports, caches.

@@ -92,7 +92,11 @@ class Subscription:
         self._logs_room = LOG_QUEUE_SIZE + len(self._logs)
         self._skipped = 0  # lines skipped since the reader was last told
         self._last_skipped: Event | None = None
-        self._wakeup = asyncio.Event()
+        # Its reader's wake-up: a flag, and the future of a reader waiting for it.
+        # One reader per subscription, so no asyncio.Event (and its list of waiters,
+        # its checks) on the path of every event to every reader.
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
         self.skipped_total = 0  # every line this reader missed
         self.dropped = False
 
@@ -109,7 +113,7 @@ class Subscription:
             return
         else:
             self._events.append(event)
-        self._wakeup.set()
+        self.wake()
 
     def _skip(self, event: Event) -> None:
         lines = _lines_in(event)
@@ -124,7 +128,7 @@ class Subscription:
         self._events.clear()
         self._logs.clear()
         self._skipped, self._last_skipped = 0, None
-        self._wakeup.set()
+        self.wake()
 
     def _next(self) -> Event | None:
         """The queued event with the lowest id, the notice of skipped lines in its place."""
@@ -153,24 +157,38 @@ class Subscription:
                 elif self.dropped:
                     return
                 else:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                    self._woken = False
+                    await self._woken_up()
         finally:
             self._bus.unsubscribe(self)
 
     def wake(self) -> None:
-        """Wake its reader: the connection went away, or the server stops."""
-        self._wakeup.set()
+        """Wake its reader: something came, the connection went away, the server stops."""
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _woken_up(self) -> None:
+        if self._woken:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     async def wait(self) -> None:
         """Until something is queued for it, or `wake`, since it last took `queued()`."""
         if self._events or self._logs or self._last_skipped is not None or self.dropped:
             return
-        await self._wakeup.wait()
+        await self._woken_up()
 
     def queued(self) -> list[Event]:
         """Every event queued for this reader now, without waiting; it stays subscribed."""
-        self._wakeup.clear()  # what woke it is taken now; `wait` waits for what is next
+        self._woken = False  # what woke it is taken now; `wait` waits for what is next
         taken: list[Event] = []
         while (event := self._next()) is not None:
             taken.append(event)
