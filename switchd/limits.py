@@ -71,8 +71,17 @@ async def next_chunk(receive: Any, seconds: float) -> dict[str, Any]:
         raise BodyTimeout from None
 
 
-def guarded_protocol(header_timeout_seconds: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, closing connections slow to send their headers."""
+# A connection closed with answer bytes still unsent is cut off after this long: a
+# client that stopped reading (an event stream's watcher let go) never takes them,
+# and a plain close would wait for it, holding the socket and its buffer for good.
+UNSENT_CLOSE_SECONDS = 5.0
+
+
+def guarded_protocol(
+    header_timeout_seconds: float, unsent_close_seconds: float = UNSENT_CLOSE_SECONDS
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, closing connections slow to send their headers,
+    each response's writes through a ResponseTransport."""
 
     class GuardedProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -88,7 +97,9 @@ def guarded_protocol(header_timeout_seconds: float) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
-            self.cycle.transport = HeadersWithBody(self.transport, self.loop)
+            self.cycle.transport = ResponseTransport(
+                self.transport, self.loop, unsent_close_seconds
+            )
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -117,20 +128,29 @@ def guarded_protocol(header_timeout_seconds: float) -> type[HttpToolsProtocol]:
     return GuardedProtocol
 
 
-class HeadersWithBody(asyncio.Transport):
-    """A response's transport that sends its status line and headers together with
-    the first piece of its body, when that comes in the same turn of the loop.
+class ResponseTransport(asyncio.Transport):
+    """What one response writes through (uvicorn's cycle has it as its transport).
 
-    uvicorn writes the headers at once, then the body: two writes, two packets, and
-    a client woken twice, for what is most often one small answer; measured on the
-    proxy (bench/proxy.py), one write saves CPU on both sides. Headers alone still
-    leave at the end of the loop's turn, so a stream that starts slowly is not held.
+    - Its status line and headers leave together with the first piece of its body,
+      when that comes in the same turn of the loop. uvicorn writes the headers at
+      once, then the body: two writes, two packets, and a client woken twice, for
+      what is most often one small answer; measured on the proxy (bench/proxy.py),
+      one write saves CPU on both sides. Headers alone still leave at the end of the
+      loop's turn, so a stream that starts slowly is not held back.
+    - Closed with bytes still unsent, the connection is cut off (abort) after
+      `unsent_close_seconds` unless they went by then.
     """
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        unsent_close_seconds: float = UNSENT_CLOSE_SECONDS,
+    ) -> None:
         super().__init__()
         self._transport = transport
         self._loop = loop
+        self._unsent_close_seconds = unsent_close_seconds
         self._first = True
         self._held = b""
 
@@ -154,6 +174,12 @@ class HeadersWithBody(asyncio.Transport):
     def close(self) -> None:
         self._flush()
         self._transport.close()
+        if self._transport.get_write_buffer_size():
+            self._loop.call_later(self._unsent_close_seconds, self._cut_off)
+
+    def _cut_off(self) -> None:
+        if self._transport.get_write_buffer_size():  # (0 once it is all sent and closed)
+            self._transport.abort()
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()

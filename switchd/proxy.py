@@ -496,13 +496,16 @@ async def relay_response(send: Send, upstream: Response, model: str) -> None:
     first = b""
     if not events:
         # The headers leave with the first piece of the body, in one write
-        # (limits.HeadersWithBody): one packet, and the client woken once.
+        # (limits.ResponseTransport): one packet, and the client woken once.
         try:
             first = await anext(chunks, b"")
         except (UpstreamError, OSError) as exc:
             message = f"{model} stopped before the body of its answer: {exc}"
             raise ProxyError(502, "engine_died", message, "server_error") from None
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+    if upstream.at_eof:  # all of it came at once (most answers that are not streams)
+        await send({"type": "http.response.body", "body": first, "more_body": False})
+        return
     if first:
         await send({"type": "http.response.body", "body": first, "more_body": True})
     pending = b""

@@ -28,6 +28,7 @@ from switchd.config import SimulatedGpuSettings
 from switchd.events import Event, EventBus
 from switchd.fanout import PING, EventStream, Shutdown
 from switchd.gpu import SimulatedGpu
+from switchd.limits import guarded_protocol
 from tests.fakes import FakeRuntime, make_settings
 
 WITHIN = 10.0  # seconds any one wait may take before the test fails
@@ -97,7 +98,14 @@ async def serving(
     if send_buffer is not None:
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     listening.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=2)
+    # The protocol `switchd serve` runs; a stalled connection is cut off 0.2 s after
+    # its watcher is let go.
+    config = uvicorn.Config(
+        app,
+        log_level="critical",
+        timeout_graceful_shutdown=2,
+        http=guarded_protocol(30, unsent_close_seconds=0.2),
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[listening]))
     try:
@@ -219,7 +227,7 @@ async def test_a_stalled_watcher_is_let_go_while_20_others_get_every_event_in_or
     shutdown = Shutdown(clock_seconds=0.05)
     watchers = Watchers(shutdown, ping_seconds=3600, send_timeout_seconds=0.5)
     bus = watchers.buses["busy"]
-    async with serving(watchers.app(), send_buffer=4096) as (port, _server):
+    async with serving(watchers.app(), send_buffer=4096) as (port, server):
         readers = [await Reader.open(port, "/events/busy") for _ in range(20)]
         # A watcher that never reads, with a small receive buffer.
         stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -242,6 +250,8 @@ async def test_a_stalled_watcher_is_let_go_while_20_others_get_every_event_in_or
                 await asyncio.sleep(0.02)
             assert watchers.open_streams() == 20, "the stalled watcher was let go"
             assert len(shutdown) == 20
+            # Its connection too, though its reader never took what was sent.
+            await eventually(lambda: len(server.server_state.connections) == 20)
             for _ in range(5):  # and the others go on
                 event = bus.publish("loading", {"payload": "after"})
             for reader in readers:

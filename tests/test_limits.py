@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from switchd.limits import BodyBudget, HeadersWithBody, guarded_protocol
+from switchd.limits import BodyBudget, ResponseTransport, guarded_protocol
 
 
 def test_the_budget_is_shared_and_returned_when_a_request_ends() -> None:
@@ -100,6 +100,14 @@ class RecordingTransport(asyncio.Transport):
         super().__init__()
         self.writes: list[bytes] = []
         self.closed = False
+        self.aborted = False
+        self.unsent = 0  # what the kernel has not taken (a reader that stopped reading)
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+    def abort(self) -> None:
+        self.aborted = True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self.closed, "a write after close"
@@ -114,7 +122,7 @@ class RecordingTransport(asyncio.Transport):
 
 async def test_headers_leave_with_the_first_body_piece_in_one_write() -> None:
     real = RecordingTransport()
-    transport = HeadersWithBody(real, asyncio.get_running_loop())
+    transport = ResponseTransport(real, asyncio.get_running_loop())
     transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
     assert real.writes == []  # held for the rest of this turn of the loop
     transport.write(b"body")
@@ -126,7 +134,7 @@ async def test_headers_leave_with_the_first_body_piece_in_one_write() -> None:
 
 async def test_headers_alone_leave_at_the_end_of_the_loops_turn() -> None:
     real = RecordingTransport()
-    transport = HeadersWithBody(real, asyncio.get_running_loop())
+    transport = ResponseTransport(real, asyncio.get_running_loop())
     transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
     await asyncio.sleep(0)  # a stream whose first piece is late: its headers go now
     assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
@@ -136,7 +144,7 @@ async def test_headers_alone_leave_at_the_end_of_the_loops_turn() -> None:
 
 async def test_close_sends_held_headers_first_and_nothing_goes_after() -> None:
     real = RecordingTransport()
-    transport = HeadersWithBody(real, asyncio.get_running_loop())
+    transport = ResponseTransport(real, asyncio.get_running_loop())
     transport.write(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
     transport.close()
     assert real.writes == [b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n"]
@@ -154,3 +162,18 @@ async def test_many_clients_get_whole_answers_through_the_guarded_protocol() -> 
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b"content-length: 5" in head
         assert body == b"hello"
+
+
+async def test_closed_with_bytes_unsent_the_connection_is_cut_off_after_a_while() -> None:
+    stalled, reading = RecordingTransport(), RecordingTransport()
+    loop = asyncio.get_running_loop()
+    for real in (stalled, reading):
+        transport = ResponseTransport(real, loop, unsent_close_seconds=0.05)
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(b"data: 1\n\n")
+        real.unsent = 4096  # both are slow to take it at first
+        transport.close()
+    reading.unsent = 0  # this one's reader takes the rest
+    await asyncio.sleep(0.1)
+    assert stalled.aborted
+    assert not reading.aborted
