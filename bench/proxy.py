@@ -9,7 +9,11 @@ then, pointed at that same engine:
   - LiteLLM's proxy (`litellm[proxy]`), installed by this benchmark into its
     own virtual environment under `.bench-cache/` (kept between runs; the
     folder ignores itself for git), with the engine as an OpenAI-compatible
-    model and a master key (it refuses to start without one).
+    model and a master key (it refuses to start without one). It keeps working
+    in the background (logging, housekeeping), which took a fifth or more of the
+    others' requests/s, so it is stopped (SIGSTOP) while they are measured and
+    continued (SIGCONT) for its own turns; what it does in the pause after each
+    of its own blocks still counts in its CPU.
 Whichever cannot be had is skipped with the reason printed. Then in one run,
 each target side by side:
   - latency of a small non-streamed chat completion, sequential (the targets
@@ -29,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import os
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +78,9 @@ class Target:
     pids: list[int] = field(default_factory=list)  # whose CPU is its
     children: bool = False  # their children's CPU too (nginx's workers; not switchd's engine)
     headers: dict[str, str] = field(default_factory=dict)
+    # Stopped (SIGSTOP) while the others are measured: it keeps working in the
+    # background (LiteLLM: its logging and housekeeping), which took CPU from them.
+    stopped_between: bool = False
 
 
 @dataclass
@@ -91,8 +100,8 @@ def start_engine_behind_switchd(folder: Path) -> tuple[subprocess.Popen[bytes], 
     return start_switchd(folder, {MODEL: {"cmd": engine, "size_gb": 10}})
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of `pid` and its live descendants (nginx's workers, say)."""
+def tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (nginx's workers, say)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -100,15 +109,33 @@ def tree_cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0.0, [pid]
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
-        try:
-            total += cpu_seconds(current)
-        except OSError:
-            continue
+        found.append(current)
         todo += children.get(current, [])
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of `pid` and its live descendants."""
+    total = 0.0
+    for member in tree(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(member)
     return total
+
+
+def turn_of(target: Target | None, targets: list[Target]) -> None:
+    """`target` runs; every other target that is stopped between turns is stopped.
+    None: every target runs (before they are stopped for good)."""
+    for other in targets:
+        if other.stopped_between:
+            wanted = signal.SIGCONT if target in (other, None) else signal.SIGSTOP
+            for pid in other.pids:
+                for member in tree(pid):
+                    with contextlib.suppress(OSError):
+                        os.kill(member, wanted)
 
 
 def wait_until_up(url: str, seconds: float, process: subprocess.Popen[bytes]) -> str | None:
@@ -291,7 +318,7 @@ def start_litellm(
     ).stdout
     number = next((v.split()[-1] for v in version.splitlines() if v.startswith("Version")), "?")
     headers = {"Authorization": f"Bearer {key}"}
-    target = Target("LiteLLM", base, [process.pid], True, headers)
+    target = Target("LiteLLM", base, [process.pid], True, headers, stopped_between=True)
     return process, target, f"LiteLLM {number} ({how})"
 
 
@@ -327,6 +354,7 @@ async def sequential(
     while done < count:
         size = min(block, count - done)
         for index, target in enumerate(targets):
+            turn_of(target, targets)
             before = target_cpu(target)
             for _ in range(size):
                 figures[index].sequential.append(await timed_chat(client, target))
@@ -394,14 +422,17 @@ async def measure(targets: list[Target], quick: bool) -> list[Figures]:
         await sequential(client, targets, count, figures)
         per_worker = 5 if quick else 20
         for index, target in enumerate(targets):
+            turn_of(target, targets)
             print(f"  {CONCURRENCY} concurrent: {target.name}", file=sys.stderr)
             latencies, rate = await concurrent(client, target, CONCURRENCY, per_worker)
             figures[index].concurrent, figures[index].throughput = latencies, rate
         tokens = 300 if quick else 500
         for target in targets:  # warm-up: the streaming paths
+            turn_of(target, targets)
             await streams(client, target, 4, 50)
         for count in STREAMS:
             for index, target in enumerate(targets):
+                turn_of(target, targets)
                 print(f"  {count} streams: {target.name}", file=sys.stderr)
                 figures[index].streams[count] = await streams(client, target, count, tokens)
     return figures
@@ -487,13 +518,14 @@ def main() -> int:
         folder = Path(name)
         process, url = start_engine_behind_switchd(folder)
         others: list[subprocess.Popen[bytes]] = []
+        targets: list[Target] = []
         try:
             load = {"target_model": MODEL, "wait": "ready"}
             httpx.post(f"{url}/v1/models/switch", params=load, timeout=60).raise_for_status()
             status = httpx.get(f"{url}/v1/models/status").json()
             engine_url: str = status["models"][MODEL]["engine"]["url"]
             engine = engine_url.removeprefix("http://").rstrip("/")
-            targets = [Target("direct", engine_url), Target("switchd", url, [process.pid])]
+            targets += [Target("direct", engine_url), Target("switchd", url, [process.pid])]
             starters = [
                 ("nginx", args.no_nginx, start_nginx),
                 ("LiteLLM", args.no_litellm, start_litellm),
@@ -512,6 +544,7 @@ def main() -> int:
                 notes.append(f"{label}: {how}")
             figures = asyncio.run(measure(targets, args.quick))
         finally:
+            turn_of(None, targets)  # a stopped process would not hear SIGTERM
             for other in others:
                 stop(other, 10)
             stop(process)
