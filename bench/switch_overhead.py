@@ -10,20 +10,14 @@ For each switch the phases come from `/v1/events` (each event's `ts`,
 switchd's wall clock, ms resolution) and from the benchmark's own clock:
   - request: the POST sent -> `memory_check`;
   - unload: `memory_check` -> `freed` (stop the old engine, see its memory back).
-    Most of it is the engine's own stop (the stand-in's uvicorn shuts down
+    Most of it is the old engine's own stop (the stand-in's uvicorn shuts down
     gracefully, checking its exit flag every 0.1 s, then its interpreter tears
-    down), so that is measured alone, in the same run, after switchd has
-    stopped: "engine stop (alone)" is the same engine command, with the same
-    flags, started directly in its own session (output to /dev/null); SIGTERM
-    to its group, as switchd does, timed until waitpid() returns; 1 warm-up,
-    then one per switch measured. Each gets its SIGTERM as long after its
-    `/health` first answered 200 (5 ms poller) as the old engine of its switch
-    had been healthy at `memory_check` (that engine's first 200, seen by the
-    previous switch's poller). When matters: uvicorn sees the signal only at
-    its next check, every 0.1 s, and the engine's 0.5 s load ends in step with
-    those checks, so the time since it became healthy decides how long the
-    signal waits (sent at once, nearly a whole 0.1 s). "of which switchd" is
-    derived: per switch, unload - engine stop (alone) p50;
+    down), so that is observed directly, switch by switch: "engine stop" is the
+    `unload` event (switchd signals the engine right after it) -> the old
+    engine's process exited, as a pidfd of it opened by this process sees it
+    (Linux 5.3 on; without one the derived rows are left out). "of which
+    switchd" is unload - engine stop: everything else in it (draining, seeing
+    the exit, seeing the memory come back);
   - spawn: `freed` -> `start` (the new engine's process started);
   - engine start: `start` -> the engine's `/health` first answering 200, as a
     poller in this process sees it, asking every 5 ms from the `start` event on
@@ -34,9 +28,9 @@ switchd's wall clock, ms resolution) and from the benchmark's own clock:
     health polling, with backoff);
   - response: `ready` -> the POST's answer arrived.
 Overhead = (POST -> `ready`) - engine start: what a switch adds to the new
-engine's start. Switchd's own overhead = overhead - engine stop (alone) p50, per
-switch (derived): what switchd adds to both engines' own stop and start. Target:
-switchd's own overhead p50 <= 50 ms.
+engine's start. Switchd's own overhead = overhead - engine stop, per switch:
+what switchd adds to both engines' own stop and start. Target: switchd's own
+overhead p50 <= 50 ms.
 Loopback only. Run: `.venv/bin/python -m bench.switch_overhead [--quick]`.
 """
 
@@ -44,13 +38,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import http.client
 import json
 import os
 import re
-import signal
-import subprocess
+import select
 import sys
 import tempfile
 import threading
@@ -62,7 +54,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.server import free_port, heading, percentile, start_switchd, stop
+from bench.server import heading, percentile, start_switchd, stop
 
 MODELS = ("switch-a", "switch-b")
 MODEL_GB = 60  # two of them do not fit on the simulated 95.59 GB
@@ -75,17 +67,15 @@ POLL_SECONDS = 0.005
 WARM_UP = 2
 SWITCHES = 20
 QUICK_SWITCHES = 8
-STOP_WARM_UP = 1  # engine stops (alone) not counted
-STOP_PAUSES_SECONDS = 0.2  # healthy -> SIGTERM when no switch says: spread evenly over it
-ENGINE_DEADLINE_SECONDS = 30.0  # for one engine (alone) to answer, or to exit once told
+EXIT_DEADLINE_SECONDS = 30.0  # for the old engine to exit once its switch began
 TARGET_MS = 50  # switchd's own overhead, p50
 LOADED = re.compile(r"loaded in ([0-9.]+)s")
 # The phases, in order: (name, what it is).
 PHASES = [
     ("request", "POST sent -> memory_check"),
     ("unload", "memory_check -> freed: stop the old engine, see its memory back"),
-    ("  engine stop (alone)", "the same engine without switchd: SIGTERM -> exited (waitpid)"),
-    ("  of which switchd", "derived, per switch: unload - engine stop (alone) p50"),
+    ("  engine stop", "unload event -> the old engine's process exited (its pidfd)"),
+    ("  of which switchd", "unload - engine stop"),
     ("spawn", "freed -> start: the new engine's process started"),
     ("engine start", "start -> its /health first 200 (5 ms poller)"),
     ("  of which interpreter", "engine start - engine load"),
@@ -94,9 +84,8 @@ PHASES = [
     ("response", "ready event -> POST answered"),
     ("total", "POST sent -> ready event"),
     ("overhead", "total - engine start: what the switch adds to the engine's start"),
-    ("switchd's own overhead", "derived, per switch: overhead - engine stop (alone) p50"),
+    ("switchd's own overhead", "overhead - engine stop: what switchd adds to both engines"),
 ]
-ALONE = "  engine stop (alone)"  # the phase measured apart from the switches
 
 
 class HealthPoller(threading.Thread):
@@ -124,6 +113,28 @@ class HealthPoller(threading.Thread):
             time.sleep(POLL_SECONDS)
 
 
+class ExitWatcher(threading.Thread):
+    """Notes when process `pid` exits, through a pidfd of it (readable once it has)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.exited_at: float | None = None  # time.time()
+        try:
+            self._fd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux 5.3+, or it is gone already
+            self._fd = None
+
+    def run(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            readable, _, _ = select.select([self._fd], [], [], EXIT_DEADLINE_SECONDS)
+            if readable:
+                self.exited_at = time.time()
+        finally:
+            os.close(self._fd)
+
+
 def engine_port(pid: int) -> int:
     """The `--port` the engine with this pid was started with."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
@@ -138,14 +149,12 @@ class Switch:
     stages: dict[str, float] = field(default_factory=dict)  # stage -> its ts
     engine_load: float | None = None  # what the engine logged
     poller: HealthPoller | None = None
-    old_healthy_for: float | None = None  # the old engine's first 200 -> memory_check, s
+    pid: int | None = None  # the new engine's
+    old_exit: ExitWatcher | None = None  # the old engine's
 
-    def phases(self, engine_stop: float | None) -> dict[str, float] | None:
-        """Milliseconds per phase, or None when a stage is missing.
-
-        `engine_stop`: the engine's own stop (alone), p50 in seconds, for the
-        derived phases; without it they are left out.
-        """
+    def phases(self) -> dict[str, float] | None:
+        """Milliseconds per phase, or None when a stage is missing. Without the old
+        engine's exit (no pidfd) the rows that need it are left out."""
         stages = self.stages
         healthy = self.poller.healthy_at if self.poller is not None else None
         needed = ("memory_check", "freed", "start", "ready")
@@ -165,7 +174,10 @@ class Switch:
             "total": total,
             "overhead": total - engine_start,
         }
-        if engine_stop is not None:
+        exited = self.old_exit.exited_at if self.old_exit is not None else None
+        if exited is not None and "unload" in stages:
+            engine_stop = exited - stages["unload"]
+            seconds["  engine stop"] = engine_stop
             seconds["  of which switchd"] = seconds["unload"] - engine_stop
             seconds["switchd's own overhead"] = total - engine_start - engine_stop
         return {name: value * 1000 for name, value in seconds.items()}
@@ -217,6 +229,7 @@ class Follower:
         if name not in switch.stages:
             switch.stages[name] = datetime.fromisoformat(str(data["ts"])).timestamp()
         if name == "start" and "pid" in data:
+            switch.pid = int(data["pid"])
             deadline = time.monotonic() + 30
             switch.poller = HealthPoller(engine_port(int(data["pid"])), deadline)
             switch.poller.start()
@@ -225,9 +238,13 @@ class Follower:
 
 
 async def switch_once(
-    client: aiohttp.ClientSession, url: str, follower: Follower, target: str
+    client: aiohttp.ClientSession, url: str, follower: Follower, target: str, old: int | None
 ) -> Switch:
+    """Switch to `target`; `old`: the pid of the engine that must stop for it."""
     switch = Switch(target)
+    if old is not None:
+        switch.old_exit = ExitWatcher(old)
+        switch.old_exit.start()
     follower.current, follower.job = switch, None
     params = {"target_model": target, "wait": "ready"}
     switch.sent = time.time()
@@ -236,8 +253,9 @@ async def switch_once(
         await response.read()
     switch.answered = time.time()
     await asyncio.sleep(0.05)  # the last events, then the next switch
-    if switch.poller is not None:
-        await asyncio.to_thread(switch.poller.join, 30)
+    for thread in (switch.poller, switch.old_exit):
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 30)
     follower.current = None
     return switch
 
@@ -252,10 +270,8 @@ async def measure(url: str, count: int) -> list[Switch]:
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as client:
         for index in range(WARM_UP + count):
-            switch = await switch_once(client, url, follower, MODELS[index % 2])
-            healthy = previous.poller.healthy_at if previous and previous.poller else None
-            if healthy is not None and "memory_check" in switch.stages:
-                switch.old_healthy_for = switch.stages["memory_check"] - healthy
+            old = previous.pid if previous is not None else None
+            switch = await switch_once(client, url, follower, MODELS[index % 2], old)
             if index >= WARM_UP:
                 switches.append(switch)
             previous = switch
@@ -263,93 +279,15 @@ async def measure(url: str, count: int) -> list[Switch]:
     return switches
 
 
-def wait_healthy(port: int, process: subprocess.Popen[bytes]) -> None:
-    """Until the engine's /health answers 200, asking every POLL_SECONDS."""
-    deadline = time.monotonic() + ENGINE_DEADLINE_SECONDS
-    while time.monotonic() < deadline and process.poll() is None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        try:
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        finally:
-            connection.close()
-        time.sleep(POLL_SECONDS)
-    raise RuntimeError(f"the engine on port {port} never answered 200 on /health")
-
-
-def stop_alone(model: str, pause: float) -> float:
-    """Seconds the engine takes, alone, from SIGTERM to exited (reaped by waitpid).
-
-    The command and flags are the benchmark's models' own; like switchd, it runs
-    in its own session and SIGTERM goes to its process group, `pause` seconds
-    after its /health first answered 200.
-    """
-    port = free_port()
-    values = {"${PYTHON}": sys.executable, "${PORT}": str(port), "${MODEL}": model}
-    argv = [values.get(word, word) for word in ENGINE.split()]
-    process = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    # Bounded: should it not exit when told, SIGKILL its group (process.wait() below
-    # is a plain waitpid(), with no timeout: Popen's timeout would poll).
-    watchdog = threading.Timer(2 * ENGINE_DEADLINE_SECONDS, kill_group, (process.pid,))
-    watchdog.start()
-    try:
-        wait_healthy(port, process)
-        time.sleep(pause)
-        began = time.perf_counter()
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait()
-        return time.perf_counter() - began
-    except BaseException:
-        kill_group(process.pid)
-        process.wait()
-        raise
-    finally:
-        watchdog.cancel()
-
-
-def kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def engine_stops(switches: list[Switch]) -> tuple[list[float], list[float]]:
-    """The engine's own stop (alone), once per switch after STOP_WARM_UP, in ms.
-
-    Each SIGTERM comes as long after the engine was healthy as in its switch; the
-    pauses (ms) are returned too. Without that from a switch, they are spread evenly.
-    """
-    for index in range(STOP_WARM_UP):
-        stop_alone(MODELS[index % 2], 0.0)
-    pauses = [switch.old_healthy_for for switch in switches]
-    if any(pause is None for pause in pauses):
-        count = len(switches)
-        pauses = [(index + 0.5) / count * STOP_PAUSES_SECONDS for index in range(count)]
-    stops = [
-        stop_alone(MODELS[index % 2], max(0.0, pause or 0.0)) * 1000
-        for index, pause in enumerate(pauses)
-    ]
-    return stops, [(pause or 0.0) * 1000 for pause in pauses]
-
-
-def table(switches: list[Switch], stops: list[float]) -> tuple[list[str], dict[str, float], int]:
-    engine_stop = percentile(stops, 0.5) / 1000 if stops else None
-    measured = [phases for switch in switches if (phases := switch.phases(engine_stop)) is not None]
+def table(switches: list[Switch]) -> tuple[list[str], dict[str, float], int]:
+    measured = [phases for switch in switches if (phases := switch.phases()) is not None]
     rows = [
         "| phase | what | p50 ms | min ms | max ms |",
         "|---|---|--:|--:|--:|",
     ]
     p50s: dict[str, float] = {}
     for name, what in PHASES:
-        samples = stops if name == ALONE else [phases[name] for phases in measured]
+        samples = [phases[name] for phases in measured if name in phases]
         if not samples:
             continue
         p50s[name] = percentile(samples, 0.5)
@@ -373,20 +311,14 @@ def main() -> int:
             switches = asyncio.run(measure(url, count))
         finally:
             stop(process)
-    stops, pauses = engine_stops(switches)  # after switchd has stopped: nothing else runs
-    rows, p50, complete = table(switches, stops)
+    rows, p50, complete = table(switches)
     print(heading("## Switch overhead", "bench.switch_overhead"))
     print(
         f"{complete} of {len(switches)} switches complete (after {WARM_UP} warm-up), "
         f"between two stand-in engines that do not fit together (engine load "
         f"{LOAD_SECONDS:g} s); phases from `/v1/events` (`ts`, ms) and this process's "
-        "clock; p50 of each phase separately, so they need not add up. Engine stop "
-        f"(alone): the same engine command started {len(stops)} times without switchd "
-        f"(after {STOP_WARM_UP} warm-up), each sent SIGTERM as long after its first 200 as "
-        "the old engine of one switch had been healthy at `memory_check` (p50 "
-        f"{percentile(pauses, 0.5):.0f} ms, min {min(pauses):.0f}, max {max(pauses):.0f}): "
-        "uvicorn sees the signal at its next 0.1 s check. The derived rows subtract its p50 "
-        "from each switch's value.\n"
+        "clock; p50 of each phase separately, so they need not add up. The old engine's "
+        "exit: a pidfd of its process, opened by this process when the switch began.\n"
     )
     print("\n".join(rows))
     print()
@@ -396,7 +328,7 @@ def main() -> int:
     own = p50["switchd's own overhead"]
     print(
         f"Means: a switch took {p50['total']:.0f} ms: the old engine stopping took "
-        f"{p50[ALONE]:.0f} ms of it (as long as it takes alone), the new engine starting "
+        f"{p50['  engine stop']:.0f} ms of it, the new engine starting "
         f"{p50['engine start']:.0f} ms ({p50['  of which interpreter']:.0f} ms of it its "
         f"interpreter), and switchd {own:.0f} ms: {p50['  of which switchd']:.0f} ms "
         "around the stop (signalling it, seeing it exit and its memory come back), "

@@ -32,6 +32,10 @@ class UpstreamError(Exception):
     """The engine could not be reached, or broke off its answer."""
 
 
+class Unanswered(UpstreamError):
+    """The engine closed the connection before a byte of its answer."""
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where an engine listens, from its URL (which may have a path prefix)."""
@@ -154,6 +158,7 @@ class _Connection(asyncio.Protocol):
         self._can_write: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._keep_alive = False
+        self._answering = False  # a byte of the answer to the request under way came
         self.lost = False
         self.idle_since = 0.0
 
@@ -164,6 +169,7 @@ class _Connection(asyncio.Protocol):
         response = self._response = Response(self)
         self._headers = []
         self._keep_alive = False
+        self._answering = False
         head_done = self._head = asyncio.get_running_loop().create_future()
         try:
             self._transport.write(head + body if len(body) < 65536 else head)
@@ -211,6 +217,7 @@ class _Connection(asyncio.Protocol):
         if self._response is None:  # bytes nobody asked for: the connection is not sane
             self.close()
             return
+        self._answering = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -226,7 +233,8 @@ class _Connection(asyncio.Protocol):
                 response._end()  # an answer without a length ends when the engine closes
             else:
                 why = f": {exc!r}" if exc else ""
-                self._failed(UpstreamError(f"the engine closed the connection{why}"))
+                kind = UpstreamError if self._answering else Unanswered
+                self._failed(kind(f"the engine closed the connection{why}"))
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
 
@@ -309,8 +317,17 @@ class Upstream:
         for name, value in headers:
             lines.append(name + b": " + value + b"\r\n")
         lines.append(b"content-length: %d\r\n\r\n" % len(body))
-        connection = self._reuse(origin) or await self._connect(origin)
-        return await connection.request(b"".join(lines), body)
+        head = b"".join(lines)
+        reused = self._reuse(origin)
+        if reused is not None:
+            try:
+                return await reused.request(head, body)
+            except Unanswered:
+                # Closed by the engine as it was being reused: an idle timeout shorter
+                # than ours, most likely, so it read nothing. Once more, on a new
+                # connection; an engine that died on it is found dead there.
+                pass
+        return await (await self._connect(origin)).request(head, body)
 
     def put_back(self, connection: _Connection) -> None:
         self._idle.setdefault(connection.origin, []).append(connection)

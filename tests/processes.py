@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import time
 from pathlib import Path
+
+
+def kill_groups(groups: list[int]) -> None:
+    """SIGKILL to each process group: whatever a failed test left running."""
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
 
 
 def gone(pid: int) -> bool:

@@ -81,6 +81,17 @@ def json_answer(body: bytes) -> bytes:
     return head % len(body) + body
 
 
+def sends(data: bytes, *, keep: bool) -> Answer:
+    """An answer of exactly `data`; the connection kept open or not."""
+
+    async def answer(request: bytes, reader: Reader, writer: Writer) -> bool:
+        writer.write(data)
+        await writer.drain()
+        return keep
+
+    return answer
+
+
 async def echo(request: bytes, reader: Reader, writer: Writer) -> bool:
     """The request's body back, with a length; the connection kept."""
     writer.write(json_answer(request.split(b"\r\n\r\n", 1)[1]))
@@ -151,11 +162,7 @@ async def test_a_chunked_answer_arrives_piece_by_piece_decoded() -> None:
 
 
 async def test_an_answer_without_a_length_ends_when_the_engine_closes() -> None:
-    async def until_close(request: bytes, reader: Reader, writer: Writer) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
-        await writer.drain()
-        return False
-
+    until_close = sends(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it", keep=False)
     async with raw_server(until_close) as (server, url), client() as upstream:
         assert await ask(upstream, url) == (200, b"all of it")
         assert await ask(upstream, url) == (200, b"all of it")
@@ -202,12 +209,10 @@ async def test_nothing_listening_is_an_error_naming_where() -> None:
 
 
 async def test_not_http_is_an_error() -> None:
-    async def garbage(request: bytes, reader: Reader, writer: Writer) -> bool:
-        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
-        await writer.drain()
-        return True
-
-    async with raw_server(garbage) as (_, url), client() as upstream:
+    async with (
+        raw_server(sends(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", keep=True)) as (_, url),
+        client() as upstream,
+    ):
         with pytest.raises(UpstreamError, match=r"an answer that is not HTTP/1\.1"):
             await ask(upstream, url)
 
@@ -235,15 +240,34 @@ async def test_a_connection_the_engine_closed_while_idle_is_not_used() -> None:
         assert server.connections == 2
 
 
+async def test_a_kept_connection_closed_unanswered_as_it_is_reused_is_tried_once_more() -> None:
+    closed_once = False
+
+    async def closes_when_reused(request: bytes, reader: Reader, writer: Writer) -> bool:
+        nonlocal closed_once
+        if b"second" in request and not closed_once:
+            closed_once = True
+            return False  # an idle timeout that fired just as the request came
+        return await echo(request, reader, writer)
+
+    async with raw_server(closes_when_reused) as (server, url), client() as upstream:
+        assert await ask(upstream, url, b"first") == (200, b"first")
+        assert await ask(upstream, url, b"second") == (200, b"second")
+        assert server.connections == 2
+        assert [request.endswith(b"second") for request in server.requests] == [
+            False,
+            True,
+            True,
+        ]
+
+
 async def test_a_response_released_before_its_end_closes_its_connection() -> None:
     big = b"x" * 5_000_000  # more than one read: some of it is never read
 
-    async def large(request: bytes, reader: Reader, writer: Writer) -> bool:
-        writer.write(json_answer(big))
-        await writer.drain()
-        return True
-
-    async with raw_server(large) as (server, url), client() as upstream:
+    async with (
+        raw_server(sends(json_answer(big), keep=True)) as (server, url),
+        client() as upstream,
+    ):
         response = await upstream.request("POST", url, "/v1/x", [], b"{}")
         await anext(response.chunks())
         assert not response.at_eof
@@ -276,12 +300,7 @@ async def test_a_cancelled_request_closes_its_connection() -> None:
 async def test_a_large_answer_read_slowly_pauses_reading_and_arrives_whole() -> None:
     big = bytes(range(256)) * 8192  # 2 MiB
 
-    async def large(request: bytes, reader: Reader, writer: Writer) -> bool:
-        writer.write(json_answer(big))
-        await writer.drain()
-        return True
-
-    async with raw_server(large) as (_, url), client() as upstream:
+    async with raw_server(sends(json_answer(big), keep=True)) as (_, url), client() as upstream:
         response = await upstream.request("POST", url, "/v1/x", [], b"{}")
         received = bytearray()
         most_held = 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 import socket
 import sys
@@ -18,7 +16,7 @@ import pytest
 from switchd.config import ModelSpec
 from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
 from switchd.runtime.process import TAIL_LINES, ProcessRuntime, free_port
-from tests.processes import gone, wait_gone
+from tests.processes import gone, kill_groups, wait_gone
 
 EVENT_TIMEOUT = 10.0
 
@@ -102,9 +100,7 @@ class Harness:
         return events
 
     async def shutdown(self) -> None:
-        for group in self.groups:  # whatever a failed test left running
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)
+        kill_groups(self.groups)
         await asyncio.wait_for(self.runtime.close(), 20)
 
 

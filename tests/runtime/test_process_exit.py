@@ -24,7 +24,7 @@ from switchd.config import ModelSpec
 from switchd.runtime import process as process_module
 from switchd.runtime.base import EngineExited, EngineOutput, RuntimeEvent
 from switchd.runtime.process import ENGINES_DIR, ProcessRuntime
-from tests.processes import gone
+from tests.processes import gone, kill_groups
 
 try:
     import uvloop
@@ -145,10 +145,23 @@ class Rig:
         return found
 
     async def close(self) -> None:
-        for pid in self.pids:  # whatever a failed test left running
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+        kill_groups(self.pids)
         await asyncio.wait_for(self.runtime.close(), 20)
+
+
+def with_rig(run: Run, scenario: Callable[[Rig], Coroutine[Any, Any, None]], **rig: Any) -> None:
+    """`scenario` with a new Rig, closed after it; every pidfd it opened is closed too."""
+    before = pidfds()
+
+    async def main() -> None:
+        made = Rig(**rig)
+        try:
+            await scenario(made)
+        finally:
+            await made.close()
+
+    run(main())
+    assert pidfds() == before
 
 
 def check_detection(detection: Detection, pids: list[int]) -> None:
@@ -162,147 +175,116 @@ def check_detection(detection: Detection, pids: list[int]) -> None:
 def test_an_engine_that_exits_by_itself_is_reported_with_its_code(
     run: Run, detection: Detection
 ) -> None:
-    before = pidfds()
+    async def scenario(rig: Rig) -> None:
+        model = python("exits", EXITS_WITH_3)
+        pid = await rig.start(model)
+        assert await rig.next_event() == EngineOutput("exits", str(pid), "bye")
+        assert await rig.next_event() == EngineExited(
+            "exits", str(pid), 3, "exited with code 3", ("bye",)
+        )
+        assert gone(pid)
+        check_detection(detection, rig.pids)
 
-    async def scenario() -> None:
-        rig = Rig()
-        try:
-            model = python("exits", EXITS_WITH_3)
-            pid = await rig.start(model)
-            assert await rig.next_event() == EngineOutput("exits", str(pid), "bye")
-            assert await rig.next_event() == EngineExited(
-                "exits", str(pid), 3, "exited with code 3", ("bye",)
-            )
-            assert gone(pid)
-            check_detection(detection, rig.pids)
-        finally:
-            await rig.close()
-
-    run(scenario())
-    assert pidfds() == before  # each pidfd was closed
+    with_rig(run, scenario)
 
 
 def test_a_stopped_engine_is_reported_stopped_and_its_pid_file_dropped(
     run: Run, detection: Detection, tmp_path: Path
 ) -> None:
-    before = pidfds()
 
-    async def scenario() -> None:
-        rig = Rig(state_dir=tmp_path)
-        try:
-            model = python("polite", SLEEPER)
-            pid = await rig.start(model)
-            assert await rig.next_event() == EngineOutput("polite", str(pid), "up")
-            assert [path.name for path in (tmp_path / ENGINES_DIR).iterdir()] == ["polite.json"]
-            await asyncio.wait_for(rig.runtime.stop(model, 10), EVENT_TIMEOUT)
-            # stop() returns once the exit is known: the event is already queued.
-            assert await rig.next_event() == EngineExited(
-                "polite", str(pid), -signal.SIGTERM, "stopped", ("up",)
-            )
-            assert gone(pid)
-            assert list((tmp_path / ENGINES_DIR).iterdir()) == []
-            check_detection(detection, rig.pids)
-        finally:
-            await rig.close()
+    async def scenario(rig: Rig) -> None:
+        model = python("polite", SLEEPER)
+        pid = await rig.start(model)
+        assert await rig.next_event() == EngineOutput("polite", str(pid), "up")
+        assert [path.name for path in (tmp_path / ENGINES_DIR).iterdir()] == ["polite.json"]
+        await asyncio.wait_for(rig.runtime.stop(model, 10), EVENT_TIMEOUT)
+        # stop() returns once the exit is known: the event is already queued.
+        assert await rig.next_event() == EngineExited(
+            "polite", str(pid), -signal.SIGTERM, "stopped", ("up",)
+        )
+        assert gone(pid)
+        assert list((tmp_path / ENGINES_DIR).iterdir()) == []
+        check_detection(detection, rig.pids)
 
-    run(scenario())
-    assert pidfds() == before
+    with_rig(run, scenario, state_dir=tmp_path)
 
 
 def test_an_engine_ignoring_sigterm_is_reported_killed_by_sigkill(
     run: Run, detection: Detection
 ) -> None:
-    before = pidfds()
 
-    async def scenario() -> None:
-        rig = Rig()
-        try:
-            model = python("stubborn", IGNORE_SIGTERM)
-            pid = await rig.start(model)
-            assert await rig.next_event() == EngineOutput("stubborn", str(pid), "ignoring SIGTERM")
-            await asyncio.wait_for(rig.runtime.stop(model, 0.3), EVENT_TIMEOUT)
-            assert await rig.next_event() == EngineExited(
-                "stubborn",
-                str(pid),
-                -signal.SIGKILL,
-                "stopped (killed by SIGKILL after the 0.3 s grace period)",
-                ("ignoring SIGTERM",),
-            )
-            assert gone(pid)
-            check_detection(detection, rig.pids)
-        finally:
-            await rig.close()
+    async def scenario(rig: Rig) -> None:
+        model = python("stubborn", IGNORE_SIGTERM)
+        pid = await rig.start(model)
+        assert await rig.next_event() == EngineOutput("stubborn", str(pid), "ignoring SIGTERM")
+        await asyncio.wait_for(rig.runtime.stop(model, 0.3), EVENT_TIMEOUT)
+        assert await rig.next_event() == EngineExited(
+            "stubborn",
+            str(pid),
+            -signal.SIGKILL,
+            "stopped (killed by SIGKILL after the 0.3 s grace period)",
+            ("ignoring SIGTERM",),
+        )
+        assert gone(pid)
+        check_detection(detection, rig.pids)
 
-    run(scenario())
-    assert pidfds() == before
+    with_rig(run, scenario)
 
 
 def test_engines_stopped_at_once_are_all_reported(
     run: Run, detection: Detection, tmp_path: Path
 ) -> None:
-    before = pidfds()
     names = ["one", "two", "three", "four"]
 
-    async def scenario() -> None:
-        rig = Rig(state_dir=tmp_path)
-        try:
-            models = [python(name, SLEEPER) for name in names]
-            models.append(python("stubborn", IGNORE_SIGTERM))
-            pids = {model.name: await rig.start(model) for model in models}
-            started: set[str] = set()
-            while len(started) < len(models):
-                event = await rig.next_event()
-                assert isinstance(event, EngineOutput), event
-                started.add(event.model)
-            await asyncio.wait_for(
-                asyncio.gather(*(rig.runtime.stop(model, 0.5) for model in models)),
-                EVENT_TIMEOUT,
+    async def scenario(rig: Rig) -> None:
+        models = [python(name, SLEEPER) for name in names]
+        models.append(python("stubborn", IGNORE_SIGTERM))
+        pids = {model.name: await rig.start(model) for model in models}
+        started: set[str] = set()
+        while len(started) < len(models):
+            event = await rig.next_event()
+            assert isinstance(event, EngineOutput), event
+            started.add(event.model)
+        await asyncio.wait_for(
+            asyncio.gather(*(rig.runtime.stop(model, 0.5) for model in models)),
+            EVENT_TIMEOUT,
+        )
+        exits = await rig.exits(len(models))
+        for name in names:
+            assert exits[name] == EngineExited(
+                name, str(pids[name]), -signal.SIGTERM, "stopped", ("up",)
             )
-            exits = await rig.exits(len(models))
-            for name in names:
-                assert exits[name] == EngineExited(
-                    name, str(pids[name]), -signal.SIGTERM, "stopped", ("up",)
-                )
-            assert exits["stubborn"].exit_code == -signal.SIGKILL
-            assert exits["stubborn"].reason.startswith("stopped (killed by SIGKILL")
-            assert all(gone(pid) for pid in pids.values())
-            assert list((tmp_path / ENGINES_DIR).iterdir()) == []
-            check_detection(detection, rig.pids)
-        finally:
-            await rig.close()
+        assert exits["stubborn"].exit_code == -signal.SIGKILL
+        assert exits["stubborn"].reason.startswith("stopped (killed by SIGKILL")
+        assert all(gone(pid) for pid in pids.values())
+        assert list((tmp_path / ENGINES_DIR).iterdir()) == []
+        check_detection(detection, rig.pids)
 
-    run(scenario())
-    assert pidfds() == before
+    with_rig(run, scenario, state_dir=tmp_path)
 
 
 def test_a_loop_that_cannot_watch_the_pidfd_falls_back_to_polling(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """asyncio's loop only: uvloop's methods cannot be replaced on an instance."""
-    before = pidfds()
 
-    async def scenario() -> None:
+    async def scenario(rig: Rig) -> None:
         loop = asyncio.get_running_loop()
 
         def add_reader(*_: object) -> None:
             raise NotImplementedError
 
         monkeypatch.setattr(loop, "add_reader", add_reader)
-        rig = Rig()
-        try:
-            model = python("unwatched", SLEEPER)
-            pid = await rig.start(model)
-            assert await rig.next_event() == EngineOutput("unwatched", str(pid), "up")
-            await asyncio.wait_for(rig.runtime.stop(model, 10), EVENT_TIMEOUT)
-            assert await rig.next_event() == EngineExited(
-                "unwatched", str(pid), -signal.SIGTERM, "stopped", ("up",)
-            )
-            model = python("exits", EXITS_WITH_3)
-            pid = await rig.start(model)
-            assert (await rig.exits(1))["exits"].reason == "exited with code 3"
-        finally:
-            await rig.close()
+        model = python("unwatched", SLEEPER)
+        pid = await rig.start(model)
+        assert await rig.next_event() == EngineOutput("unwatched", str(pid), "up")
+        await asyncio.wait_for(rig.runtime.stop(model, 10), EVENT_TIMEOUT)
+        assert await rig.next_event() == EngineExited(
+            "unwatched", str(pid), -signal.SIGTERM, "stopped", ("up",)
+        )
+        model = python("exits", EXITS_WITH_3)
+        pid = await rig.start(model)
+        assert (await rig.exits(1))["exits"].reason == "exited with code 3"
 
     with asyncio.Runner() as runner:
-        runner.run(scenario())
-    assert pidfds() == before
+        with_rig(runner.run, scenario)
