@@ -61,8 +61,20 @@ class RequestLine:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 0
         query = scope.get("query_string", b"")
+        names = credential_names(query) if query else None
+        if names:
+            await refuse(send, names, openai=is_proxied(scope))
+            self._log(scope, query, 400, started)
+        elif log.isEnabledFor(logging.INFO):
+            await self._logged(scope, receive, send, query, started)
+        else:  # nothing to log: nothing to wrap every message in
+            await self.app(scope, receive, send)
+
+    async def _logged(
+        self, scope: Scope, receive: Receive, send: Send, query: bytes, started: float
+    ) -> None:
+        status = 0
 
         async def recording(message: Message) -> None:
             nonlocal status
@@ -71,25 +83,27 @@ class RequestLine:
             await send(message)
 
         try:
-            names = credential_names(query) if query else None
-            if names:
-                await refuse(recording, names, openai=is_proxied(scope))
-            else:
-                await self.app(scope, receive, recording)
+            await self.app(scope, receive, recording)
         finally:
-            if log.isEnabledFor(logging.INFO):
-                shown = masked_query(query) if query else ""
-                client = scope.get("client") or ("-", 0)
-                log.info(
-                    '%s:%s "%s %s%s" %d %.1f ms',
-                    client[0],
-                    client[1],
-                    scope["method"],
-                    scope["path"],
-                    f"?{shown}" if shown else "",
-                    status,
-                    (time.perf_counter() - started) * 1000,
-                )
+            self._log(scope, query, status, started)
+
+    @staticmethod
+    def _log(scope: Scope, query: bytes, status: int, started: float) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        shown = masked_query(query) if query else ""
+        client = scope.get("client") or ("-", 0)
+        took = (time.perf_counter() - started) * 1000
+        log.info(
+            '%s:%s "%s %s%s" %d %.1f ms',
+            client[0],
+            client[1],
+            scope["method"],
+            scope["path"],
+            f"?{shown}" if shown else "",
+            status,
+            took,
+        )
 
 
 CONTROL_PATHS = frozenset({"/v1/models/switch", "/v1/models/unload"})

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
-# Reading from an engine pauses while this much of its answer waits for the client.
+# Reading from an engine pauses while this much of its answer waits for the client,
+# and goes on once the relay has taken it.
 HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -94,13 +94,15 @@ class Response:
         return self.complete and not self._pieces
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, piece by piece as it arrives; UpstreamError if it is cut off."""
+        """The body as it arrives, all that is there at each step (a relay that falls
+        behind sends what piled up at once); UpstreamError if it is cut off."""
+        pieces = self._pieces
         while True:
-            if self._pieces:
-                piece = self._pieces.popleft()
-                self._buffered -= len(piece)
-                if self._buffered <= LOW_WATER:
-                    self._connection.resume()
+            if pieces:
+                piece = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+                pieces.clear()
+                self._buffered = 0
+                self._connection.resume()
                 yield piece
             elif self.complete:
                 return
