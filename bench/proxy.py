@@ -20,7 +20,9 @@ each target side by side:
     taking turns, so drift hits all alike) and at 64 concurrent clients
     (p50/p99, and what each proxy adds to the direct figure), and requests/s
     at 64 concurrent clients (saturation: every target is CPU-bound there);
-  - each proxy's CPU per request (its processes, from /proc, in the sequential part);
+  - each proxy's CPU per request (its processes' scheduler time, from /proc), in
+    the sequential part (after each block's pause: a cold start each time) and
+    at 64 concurrent (busy: what it costs under load);
   - the delivered token rate of streamed answers (300 tokens; 500 without
     `--quick`) at 1, 16 and 128 concurrent streams: tokens over the time from
     the request to the stream's end, and each proxy's as a % of direct.
@@ -88,7 +90,8 @@ class Figures:
     sequential: list[float] = field(default_factory=list)
     concurrent: list[float] = field(default_factory=list)
     throughput: float = 0.0
-    cpu_ms: float | None = None  # per request
+    cpu_ms: float | None = None  # per request, one at a time (sequential)
+    busy_cpu_ms: float | None = None  # per request, at 64 concurrent
     streams: dict[int, float] = field(default_factory=dict)  # count -> tokens/s each
 
 
@@ -424,8 +427,12 @@ async def measure(targets: list[Target], quick: bool) -> list[Figures]:
         for index, target in enumerate(targets):
             turn_of(target, targets)
             print(f"  {CONCURRENCY} concurrent: {target.name}", file=sys.stderr)
+            before = target_cpu(target) if target.pids else 0.0
             latencies, rate = await concurrent(client, target, CONCURRENCY, per_worker)
             figures[index].concurrent, figures[index].throughput = latencies, rate
+            if target.pids:
+                used = target_cpu(target) - before
+                figures[index].busy_cpu_ms = used / len(latencies) * 1000
         tokens = 300 if quick else 500
         for target in targets:  # warm-up: the streaming paths
             turn_of(target, targets)
@@ -469,14 +476,19 @@ def table(targets: list[Target], figures: list[Figures]) -> list[str]:
         + " | ".join(f"{figure.throughput:,.0f}" for figure in figures)
         + " |"
     )
-    rows.append(
-        "| proxy CPU per request, ms | "
-        + " | ".join(
-            "-" if figure is direct or figure.cpu_ms is None else f"{figure.cpu_ms:.2f}"
-            for figure in figures
+    for label, pick in (
+        ("proxy CPU per request, sequential, ms", "cpu_ms"),
+        (f"proxy CPU per request, {CONCURRENCY} concurrent, ms", "busy_cpu_ms"),
+    ):
+        values = [getattr(figure, pick) for figure in figures]
+        rows.append(
+            f"| {label} | "
+            + " | ".join(
+                "-" if figure is direct or value is None else f"{value:.2f}"
+                for figure, value in zip(figures, values, strict=True)
+            )
+            + " |"
         )
-        + " |"
-    )
     for count in STREAMS:
         floor = direct.streams[count]
         cells = [
