@@ -1,13 +1,13 @@
 """The proxy's HTTP/1.1 client for engines: pooled keep-alive connections, one
 write per request, the answer's body streamed as it comes.
 
-Measured on this machine (bench/proxy.py, and the same request in a loop), a
-request through aiohttp's client cost about 150 us of CPU, of a proxied
-request's 300; here it is a request line and headers joined into one write,
-and httptools (uvicorn's own parser) reading the answer, for about 35 us. The
-proxy needs nothing else: no redirects, cookies, decompression (the engine's
-bytes pass through as they are) or proxies. An engine is a server switchd
-started on this host or beside it, so plain HTTP, or HTTPS if its URL says so.
+Measured on this machine, the same small request in a loop costs 0.16 to 0.20
+ms of CPU through aiohttp's client and 0.06 to 0.08 ms here: a request line and
+headers joined into one write, and httptools (uvicorn's own parser) reading the
+answer. The proxy needs nothing else: no redirects, cookies, decompression (the
+engine's bytes pass through as they are) or proxies. An engine is a server
+switchd started on this host or beside it, so plain HTTP, or HTTPS if its URL
+says so.
 """
 
 from __future__ import annotations
