@@ -157,7 +157,6 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head: asyncio.Future[None] | None = None  # the headers of the answer
         self._response: Response | None = None
-        self._can_write: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._keep_alive = False
         self._answering = False  # a byte of the answer to the request under way came
@@ -174,11 +173,12 @@ class _Connection(asyncio.Protocol):
         self._answering = False
         head_done = self._head = asyncio.get_running_loop().create_future()
         try:
+            # Not waited on while the engine reads it: the body is in memory already
+            # (bounded by max_body_bytes), and an engine may answer (413, say)
+            # without reading it all, which a wait would never see.
             self._transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 self._transport.write(body)
-            if self._can_write is not None:
-                await self._can_write  # a large body the engine reads slowly
             await head_done
         except BaseException:
             self.close()  # cancelled (the client left) or failed: never reused
@@ -237,16 +237,6 @@ class _Connection(asyncio.Protocol):
                 why = f": {exc!r}" if exc else ""
                 kind = UpstreamError if self._answering else Unanswered
                 self._failed(kind(f"the engine closed the connection{why}"))
-        if self._can_write is not None and not self._can_write.done():
-            self._can_write.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._can_write = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self._can_write is not None and not self._can_write.done():
-            self._can_write.set_result(None)
-        self._can_write = None
 
     # ---- httptools callbacks -----------------------------------------------------
 

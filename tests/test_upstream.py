@@ -314,6 +314,26 @@ async def test_a_large_answer_read_slowly_pauses_reading_and_arrives_whole() -> 
         assert most_held <= HIGH_WATER + 256 * 1024
 
 
+async def test_an_answer_before_the_engine_read_a_large_body_is_not_waited_past() -> None:
+    done = asyncio.Event()
+
+    async def refuse_unread(reader: Reader, writer: Writer) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body stays unread
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\nno")
+        await writer.drain()
+        await done.wait()  # the connection stays open, its buffers full
+        writer.close()
+
+    listening = await asyncio.start_server(refuse_unread, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+    try:
+        async with client() as upstream, asyncio.timeout(5):
+            assert await ask(upstream, url, b"x" * 20_000_000) == (413, b"no")
+    finally:
+        done.set()
+        listening.close()
+
+
 def test_origins_from_engine_urls() -> None:
     assert Origin.parse("http://127.0.0.1:8000") == Origin(
         False, "127.0.0.1", 8000, "", b"127.0.0.1:8000"
