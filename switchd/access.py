@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from switchd.proxy import is_engine_call
+
 log = logging.getLogger("switchd.access")
 
 CREDENTIAL_PARAMETERS = frozenset(
@@ -64,7 +66,7 @@ class RequestLine:
         query = scope.get("query_string", b"")
         names = credential_names(query) if query else None
         if names:
-            await refuse(send, names, openai=is_proxied(scope))
+            await refuse(send, names, openai=is_engine_call(scope))
             self._log(scope, query, 400, started)
         elif log.isEnabledFor(logging.INFO):
             await self._logged(scope, receive, send, query, started)
@@ -104,15 +106,6 @@ class RequestLine:
             status,
             took,
         )
-
-
-CONTROL_PATHS = frozenset({"/v1/models/switch", "/v1/models/unload"})
-
-
-def is_proxied(scope: Scope) -> bool:
-    """An OpenAI call for an engine: its errors take OpenAI's shape."""
-    path: str = scope["path"]
-    return scope["method"] == "POST" and path.startswith("/v1/") and path not in CONTROL_PATHS
 
 
 async def refuse(send: Send, names: list[str], *, openai: bool) -> None:

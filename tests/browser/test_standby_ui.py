@@ -14,17 +14,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from tests.browser.conftest import CHROMIUM, WAIT_MS, JsErrors
+from tests.browser.conftest import WAIT_MS, JsErrors, check_screenshot
 from tests.integration.server import Server, engine_cmd, write_config
 
-if not CHROMIUM.exists():
-    pytest.skip(
-        f"{CHROMIUM} is missing (Debian's chromium package); the browser tests need it",
-        allow_module_level=True,
-    )
-
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "sleeping.png"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SLEEPY = ("--enable-sleep-mode", "--sleep-seconds", "0.05", "--wake-seconds", "0.05")
 
 
@@ -131,9 +124,7 @@ def test_a_model_put_to_sleep_and_woken(page: Page, standby_server: Server) -> N
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True, timeout=WAIT_MS)
-    png = SCREENSHOT.read_bytes()
-    assert png.startswith(PNG_MAGIC)
-    assert len(png) > 20_000
+    check_screenshot(SCREENSHOT)
     page.set_viewport_size({"width": 360, "height": 800})  # the notes fit a phone too
     width = page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= 360, f"the page scrolls sideways: {width} px wide"

@@ -12,17 +12,10 @@ import httpx
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from tests.browser.conftest import API_KEY, CHROMIUM, WAIT_MS, JsErrors
+from tests.browser.conftest import API_KEY, WAIT_MS, JsErrors, check_screenshot
 from tests.integration.server import Server
 
-if not CHROMIUM.exists():
-    pytest.skip(
-        f"{CHROMIUM} is missing (Debian's chromium package); the browser tests need it",
-        allow_module_level=True,
-    )
-
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "switch-in-progress.png"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Records, in page, every value the progress bar's `value` attribute takes and
 # whether the Message box was disabled at that moment, plus every change of the
@@ -223,9 +216,7 @@ def test_switch_with_unload_moves_the_bar_to_100_and_locks_the_chat(
     expect(row_status(page, "gpt-oss-20b")).to_have_text("running", timeout=WAIT_MS)
     expect(row_status(page, "gpt-oss-120b")).to_have_text("exited", timeout=WAIT_MS)
 
-    png = SCREENSHOT.read_bytes()
-    assert png.startswith(PNG_MAGIC)
-    assert len(png) > 20_000
+    check_screenshot(SCREENSHOT)
 
 
 # ---- 3: chat streams ---------------------------------------------------------------
