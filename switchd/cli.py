@@ -26,7 +26,7 @@ from switchd.app import check_gpu, create_app
 from switchd.client import run_client
 from switchd.config import ConfigError, RuntimeKind, Settings, load_settings, parse_listen
 from switchd.gpu import GpuUnavailable
-from switchd.limits import guarded_protocol
+from switchd.protocol import server_protocol
 from switchd.proxy import one_line_for_cut_offs
 from switchd.runtime.docker import DockerUnavailable, connect_docker
 
@@ -177,7 +177,7 @@ def serve(
         # switchd writes its own access log, with credentials masked (switchd/access.py).
         access_log=False,
         # Slow headers are cut off, and connections past the limit get 503 (limits.py).
-        http=guarded_protocol(settings.header_read_timeout_seconds),
+        http=server_protocol(settings.header_read_timeout_seconds),
         limit_concurrency=settings.max_connections,
     )
     server = uvicorn.Server(config)

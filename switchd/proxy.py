@@ -9,10 +9,11 @@ fails to send.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -26,6 +27,7 @@ from switchd.events import EventBus
 from switchd.jobs import SwitchError
 from switchd.limits import BodyBudget, BodyHold, BodyTimeout, next_chunk
 from switchd.metrics import Metrics
+from switchd.protocol import client_watch
 from switchd.runtime.base import EngineInfo
 from switchd.scheduler import Scheduler
 from switchd.upstream import Response, Upstream, UpstreamError
@@ -238,24 +240,38 @@ async def until_disconnect(receive: Receive) -> None:
         pass
 
 
-async def first_of(work: Awaitable[None], receive: Receive) -> bool:
+async def first_of(work: Coroutine[Any, Any, None], scope: Scope, receive: Receive) -> bool:
     """Run `work` until it ends or the client goes away; True if it ended.
 
-    The work runs in the caller's task, and only the watcher for the disconnect is
-    a task of its own: cancelling the caller when the client leaves costs less,
-    request by request, than a second task and asyncio.wait (bench/proxy.py).
+    The work runs in the caller's task, which is cancelled if the client leaves.
+    switchd's protocol says when (protocol.ClientWatch); under another server a
+    task waits on `receive()` for the `http.disconnect`. Either costs less, request
+    by request, than running the work as a task of its own (bench/proxy.py).
     """
     caller = asyncio.current_task()
     assert caller is not None
     gone = False
 
-    async def watch() -> None:
+    def left() -> None:
         nonlocal gone
-        await until_disconnect(receive)
         gone = True
         caller.cancel()
 
-    watcher = asyncio.create_task(watch())
+    watch = client_watch(scope)
+    stop_watching: Callable[[], object]
+    if watch is None:
+
+        async def wait_for_disconnect() -> None:
+            await until_disconnect(receive)
+            left()
+
+        stop_watching = asyncio.create_task(wait_for_disconnect()).cancel
+    elif watch.gone:  # it left already (while its body was parsed, say)
+        work.close()
+        return False
+    else:
+        watch.on_leave(left)
+        stop_watching = functools.partial(watch.on_leave, None)
     try:
         await work
     except asyncio.CancelledError:
@@ -265,7 +281,7 @@ async def first_of(work: Awaitable[None], receive: Receive) -> bool:
             return False
         raise
     finally:
-        watcher.cancel()
+        stop_watching()
     if gone:  # the client left as the work ended, and the work swallowed our cancel
         caller.uncancel()
         return False
@@ -386,7 +402,7 @@ class _Call:
                 outcome["status"] = await self._relay(spec, engine, path, body)
 
         # Waiting for a load or streaming: either way a client that leaves stops it.
-        if not await first_of(serve(), self.receive):
+        if not await first_of(serve(), self.scope, self.receive):
             raise ClientGone
         return outcome["status"]
 
@@ -425,7 +441,7 @@ class _Call:
                 await stream.fail(error.message, error.code, error.kind)
 
         try:
-            if not await first_of(serve(), self.receive):
+            if not await first_of(serve(), self.scope, self.receive):
                 raise ClientGone
         finally:
             follower.cancel()
@@ -492,13 +508,12 @@ async def relay_response(send: Send, upstream: Response, model: str) -> None:
     events = upstream.is_event_stream()
     if events and upstream.header(b"x-accel-buffering") is None:
         headers.append((b"x-accel-buffering", b"no"))  # nginx in front: do not buffer
-    chunks = upstream.chunks()
     first = b""
     if not events:
         # The headers leave with the first piece of the body, in one write
-        # (limits.ResponseTransport): one packet, and the client woken once.
+        # (protocol.ResponseTransport): one packet, and the client woken once.
         try:
-            first = await anext(chunks, b"")
+            first = await upstream.next_piece()
         except (UpstreamError, OSError) as exc:
             message = f"{model} stopped before the body of its answer: {exc}"
             raise ProxyError(502, "engine_died", message, "server_error") from None
@@ -510,7 +525,7 @@ async def relay_response(send: Send, upstream: Response, model: str) -> None:
         await send({"type": "http.response.body", "body": first, "more_body": True})
     pending = b""
     try:
-        async for chunk in chunks:
+        while chunk := await upstream.next_piece():
             if not events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue

@@ -93,27 +93,37 @@ class Response:
         """The whole body has been read."""
         return self.complete and not self._pieces
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, all that is there at each step (a relay that falls
-        behind sends what piled up at once); UpstreamError if it is cut off."""
+    async def next_piece(self) -> bytes:
+        """All of the body that arrived since the last call, waiting for some if none
+        did (a relay that falls behind sends what piled up at once); b"" once it is
+        all read; UpstreamError if it is cut off.
+
+        A plain coroutine, not an async generator: a generator left unfinished (an
+        answer that came whole after its first piece) is closed by the loop through
+        a task of its own and a wake-up of the loop, for every request (measured
+        with strace: an extra eventfd write and read per proxied request).
+        """
         pieces = self._pieces
-        while True:
-            if pieces:
-                piece = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
-                pieces.clear()
-                self._buffered = 0
-                self._connection.resume()
-                yield piece
-            elif self.complete:
-                return
-            elif self._error is not None:
+        while not pieces:
+            if self.complete:
+                return b""
+            if self._error is not None:
                 raise self._error
-            else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        piece = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self._buffered = 0
+        self._connection.resume()
+        return piece
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body piece by piece (`next_piece`), to its end."""
+        while piece := await self.next_piece():
+            yield piece
 
     async def read(self) -> bytes:
         return b"".join([piece async for piece in self.chunks()])
@@ -127,6 +137,8 @@ class Response:
     # ---- fed by the connection ---------------------------------------------------
 
     def _feed(self, piece: bytes) -> None:
+        if not piece:
+            return  # b"" means the end to a reader (next_piece)
         self._pieces.append(piece)
         self._buffered += len(piece)
         if self._buffered > HIGH_WATER:

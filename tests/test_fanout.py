@@ -28,7 +28,7 @@ from switchd.config import SimulatedGpuSettings
 from switchd.events import Event, EventBus
 from switchd.fanout import PING, EventStream, Shutdown
 from switchd.gpu import SimulatedGpu
-from switchd.limits import guarded_protocol
+from switchd.protocol import server_protocol
 from tests.fakes import FakeRuntime, make_settings
 
 WITHIN = 10.0  # seconds any one wait may take before the test fails
@@ -104,7 +104,7 @@ async def serving(
         app,
         log_level="critical",
         timeout_graceful_shutdown=2,
-        http=guarded_protocol(30, unsent_close_seconds=0.2),
+        http=server_protocol(30, unsent_close_seconds=0.2),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[listening]))

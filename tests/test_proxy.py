@@ -24,11 +24,13 @@ import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import Message
 
 from switchd.app import create_app
 from switchd.config import ModelSpec, Settings
 from switchd.gpu import SimulatedGpu
-from switchd.limits import guarded_protocol
+from switchd.protocol import CLIENT_WATCH, ClientWatch, server_protocol
+from switchd.proxy import first_of
 from switchd.routes import Services
 from switchd.runtime.base import EngineInfo
 from tests import fakes
@@ -213,7 +215,7 @@ async def serve(
     )
     # The protocol `switchd serve` runs, so its writes are the ones tested.
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", http=guarded_protocol(30)
+        app, host="127.0.0.1", port=0, log_level="warning", http=server_protocol(30)
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -546,3 +548,69 @@ async def test_a_client_leaving_while_its_model_loads_frees_its_place(tmp_path: 
         assert response.status_code == 200
         assert runtime.calls == ["start gpt-oss-20b"]
         assert await running.in_flight("gpt-oss-20b") == 0
+
+
+# ---- first_of: the work, or the client leaving, whichever comes first ----------------------
+
+
+class Work:
+    """Work that ends when told to, noting how it stopped."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.outcome = "running"
+
+    async def run(self) -> None:
+        try:
+            await self.done.wait()
+            self.outcome = "ended"
+        except asyncio.CancelledError:
+            self.outcome = "cancelled"
+            raise
+
+
+async def test_first_of_with_switchds_protocol_stops_the_work_of_clients_that_leave() -> None:
+    works = [Work() for _ in range(4)]
+    watches = [ClientWatch(lambda: None) for _ in works]
+
+    async def never() -> Message:
+        raise AssertionError("switchd's protocol says when a client leaves, not receive()")
+
+    calls = [
+        asyncio.create_task(first_of(work.run(), {"extensions": {CLIENT_WATCH: watch}}, never))
+        for work, watch in zip(works, watches, strict=True)
+    ]
+    await asyncio.sleep(0.05)
+    watches[1].left()
+    watches[3].left()
+    works[0].done.set()
+    works[2].done.set()
+    assert await asyncio.gather(*calls) == [True, False, True, False]
+    assert [work.outcome for work in works] == ["ended", "cancelled", "ended", "cancelled"]
+    assert all(not call.cancelling() for call in calls), "no cancel left counted"
+    gone = ClientWatch(lambda: None)
+    gone.left()
+    unstarted = Work()
+    assert await first_of(unstarted.run(), {"extensions": {CLIENT_WATCH: gone}}, never) is False
+    assert unstarted.outcome == "running", "a client gone already: the work never starts"
+
+
+async def test_first_of_under_another_server_learns_of_a_leaving_client_from_receive() -> None:
+    left = asyncio.Event()
+
+    async def receive() -> Message:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    staying, leaving = Work(), Work()
+    before = len(asyncio.all_tasks())
+    stays = asyncio.create_task(first_of(staying.run(), {}, receive))
+    leaves = asyncio.create_task(first_of(leaving.run(), {}, receive))
+    await asyncio.sleep(0.05)
+    staying.done.set()
+    assert await stays is True
+    left.set()
+    assert await leaves is False
+    assert (staying.outcome, leaving.outcome) == ("ended", "cancelled")
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before, "no watcher task left behind"

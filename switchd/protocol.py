@@ -1,0 +1,194 @@
+"""switchd's HTTP/1.1 server protocol: uvicorn's httptools protocol, plus what
+switchd needs from the connection itself.
+
+- Headers that never finish are cut off: uvicorn has no timeout for a request's
+  headers, so 300 connections sending a byte now and then (slowloris) would stay
+  open forever. A connection whose request headers are not complete within
+  `header_timeout_seconds` is closed, with a log line.
+- A small answer leaves in one write (`ResponseTransport`), and a connection
+  closed with bytes its client never takes is cut off.
+- A client that leaves is told to whoever asked (`ClientWatch`), so the proxy
+  needs no task per request waiting on `receive()` for an `http.disconnect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+# The scope extension under which a request finds its connection's ClientWatch.
+CLIENT_WATCH = "switchd.client_watch"
+
+# A connection closed with answer bytes still unsent is cut off after this long: a
+# client that stopped reading (an event stream's watcher let go) never takes them,
+# and a plain close would wait for it, holding the socket and its buffer for good.
+UNSENT_CLOSE_SECONDS = 5.0
+
+
+class ClientWatch:
+    """One connection's client, watched for leaving, for the request it serves now.
+
+    A request asks through its scope (`client_watch`) rather than through
+    `receive()`: that would take a task per request, waiting for the
+    `http.disconnect` (measured: a creation, two steps and a turn of the loop).
+    """
+
+    __slots__ = ("_callback", "_resume_reading", "gone")
+
+    def __init__(self, resume_reading: Callable[[], None]) -> None:
+        self._resume_reading = resume_reading
+        self._callback: Callable[[], None] | None = None
+        self.gone = False
+
+    def on_leave(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` once if the client leaves from now on; None: no longer."""
+        self._callback = callback
+        if callback is not None:
+            # A connection not read from cannot show its end (uvicorn pauses reading
+            # behind a pipelined request); `receive()` resumes it the same way.
+            self._resume_reading()
+
+    def left(self) -> None:
+        self.gone = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+
+def client_watch(scope: Scope) -> ClientWatch | None:
+    """The request's ClientWatch, where switchd's protocol serves it (not in tests
+    that call the app in-process, nor under another server)."""
+    watch: ClientWatch | None = scope.get("extensions", {}).get(CLIENT_WATCH)
+    return watch
+
+
+def server_protocol(
+    header_timeout_seconds: float, unsent_close_seconds: float = UNSENT_CLOSE_SECONDS
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with the header timeout, each response's writes
+    through a ResponseTransport, and a ClientWatch in each request's scope."""
+
+    class SwitchdProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        # When the headers being read began (loop time); None when none are pending.
+        _headers_since: float | None = None
+        _watch: ClientWatch | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch = ClientWatch(self.flow.resume_reading)
+            self._headers_begun()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._headers_begun()
+
+        def on_headers_complete(self) -> None:
+            self._headers_since = None  # its timer, if any, finds nothing to do
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+            extensions[CLIENT_WATCH] = self._watch
+            before = self.cycle
+            super().on_headers_complete()
+            if self.cycle is not before:  # (an upgrade makes no cycle)
+                self.cycle.transport = ResponseTransport(
+                    self.transport, self.loop, unsent_close_seconds
+                )
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+            if self._watch is not None:
+                self._watch.left()
+
+        def _headers_begun(self) -> None:
+            # One timer per connection, checked when it fires, rather than one set
+            # and cancelled for every request on a kept connection.
+            self._headers_since = self.loop.time()
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(
+                    header_timeout_seconds, self._check_headers
+                )
+
+        def _check_headers(self) -> None:
+            self._header_timer = None
+            if self._headers_since is None:
+                return  # the next request's first byte sets it again
+            left = self._headers_since + header_timeout_seconds - self.loop.time()
+            if left > 0:  # these headers began after the timer was set
+                self._header_timer = self.loop.call_later(left, self._check_headers)
+            elif not self.transport.is_closing():
+                where = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+                log.warning(
+                    "closed the connection of %s: no complete request headers within %g s",
+                    where,
+                    header_timeout_seconds,
+                )
+                self.transport.close()
+
+    return SwitchdProtocol
+
+
+class ResponseTransport(asyncio.Transport):
+    """What one response writes through (uvicorn's cycle has it as its transport).
+
+    - Its status line and headers leave together with the first piece of its body,
+      when that comes in the same turn of the loop. uvicorn writes the headers at
+      once, then the body: two writes, two packets, and a client woken twice, for
+      what is most often one small answer; measured on the proxy (bench/proxy.py),
+      one write saves CPU on both sides. Headers alone still leave at the end of the
+      loop's turn, so a stream that starts slowly is not held back.
+    - Closed with bytes still unsent, the connection is cut off (abort) after
+      `unsent_close_seconds` unless they went by then.
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        unsent_close_seconds: float = UNSENT_CLOSE_SECONDS,
+    ) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._unsent_close_seconds = unsent_close_seconds
+        self._first = True
+        self._held = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        data = bytes(data)
+        if self._first:  # the status line and headers
+            self._first = False
+            self._held = data
+            self._loop.call_soon(self._flush)
+        elif self._held:
+            data, self._held = self._held + data, b""
+            self._transport.write(data)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, b""
+        if held and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+        if self._transport.get_write_buffer_size():
+            self._loop.call_later(self._unsent_close_seconds, self._cut_off)
+
+    def _cut_off(self) -> None:
+        if self._transport.get_write_buffer_size():  # (0 once it is all sent and closed)
+            self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
