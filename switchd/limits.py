@@ -13,8 +13,6 @@ of everyone's request bodies switchd holds in memory at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 
@@ -25,20 +23,26 @@ class BodyBudget:
         self.limit = limit
         self.held = 0
 
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[BodyHold]:
-        """A share of the budget for one request, returned when it ends."""
-        share = BodyHold(self)
-        try:
-            yield share
-        finally:
-            self.held -= share.bytes
-            share.bytes = 0
+    def hold(self) -> BodyHold:
+        """A share of the budget for one request (`with`), returned when it ends."""
+        return BodyHold(self)
 
 
 class BodyHold:
+    """One request's share of the budget. A class, not a generator context manager:
+    it is on every proxied request's path (bench/proxy.py)."""
+
+    __slots__ = ("_budget", "bytes")
+
     def __init__(self, budget: BodyBudget) -> None:
         self._budget = budget
+        self.bytes = 0
+
+    def __enter__(self) -> BodyHold:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._budget.held -= self.bytes
         self.bytes = 0
 
     def take(self, size: int) -> bool:

@@ -7,8 +7,9 @@ switchd needs from the connection itself.
   `header_timeout_seconds` is closed, with a log line.
 - A small answer leaves in one write (`ResponseTransport`), and a connection
   closed with bytes its client never takes is cut off.
-- A client that leaves is told to whoever asked (`ClientWatch`), so the proxy
-  needs no task per request waiting on `receive()` for an `http.disconnect`.
+- What the connection knows of its client (`ClientState`): that it left, told to
+  whoever asked, so the proxy needs no task per request waiting on `receive()`
+  for an `http.disconnect`; and that a request's body is all in.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-# The scope extension under which a request finds its connection's ClientWatch.
-CLIENT_WATCH = "switchd.client_watch"
+# The scope extension under which a request finds its connection's ClientState.
+CLIENT_STATE = "switchd.client"
 
 # A connection closed with answer bytes still unsent is cut off after this long: a
 # client that stopped reading (an event stream's watcher let go) never takes them,
@@ -32,18 +33,20 @@ CLIENT_WATCH = "switchd.client_watch"
 UNSENT_CLOSE_SECONDS = 5.0
 
 
-class ClientWatch:
-    """One connection's client, watched for leaving, for the request it serves now.
+class ClientState:
+    """What switchd's protocol knows of a connection's client, for the request it
+    serves now: whether it left (and a call back when it does), and whether the
+    request's body has all arrived.
 
-    A request asks through its scope (`client_watch`) rather than through
-    `receive()`: that would take a task per request, waiting for the
+    A request asks through its scope (`client_state`) rather than through
+    `receive()`: that would take a task per request waiting for the
     `http.disconnect` (measured: a creation, two steps and a turn of the loop).
     """
 
-    __slots__ = ("_callback", "_resume_reading", "gone")
+    __slots__ = ("_callback", "_protocol", "gone")
 
-    def __init__(self, resume_reading: Callable[[], None]) -> None:
-        self._resume_reading = resume_reading
+    def __init__(self, protocol: HttpToolsProtocol) -> None:
+        self._protocol = protocol
         self._callback: Callable[[], None] | None = None
         self.gone = False
 
@@ -53,7 +56,13 @@ class ClientWatch:
         if callback is not None:
             # A connection not read from cannot show its end (uvicorn pauses reading
             # behind a pipelined request); `receive()` resumes it the same way.
-            self._resume_reading()
+            self._protocol.flow.resume_reading()
+
+    def body_arrived(self) -> bool:
+        """The request's whole body is in, so `receive()` gives it without waiting.
+        False, to be safe, while pipelined requests queue (`cycle` is then theirs)."""
+        cycle = self._protocol.cycle
+        return cycle is not None and not cycle.more_body and not self._protocol.pipeline
 
     def left(self) -> None:
         self.gone = True
@@ -62,28 +71,28 @@ class ClientWatch:
             callback()
 
 
-def client_watch(scope: Scope) -> ClientWatch | None:
-    """The request's ClientWatch, where switchd's protocol serves it (not in tests
+def client_state(scope: Scope) -> ClientState | None:
+    """The request's ClientState, where switchd's protocol serves it (not in tests
     that call the app in-process, nor under another server)."""
-    watch: ClientWatch | None = scope.get("extensions", {}).get(CLIENT_WATCH)
-    return watch
+    state: ClientState | None = scope.get("extensions", {}).get(CLIENT_STATE)
+    return state
 
 
 def server_protocol(
     header_timeout_seconds: float, unsent_close_seconds: float = UNSENT_CLOSE_SECONDS
 ) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with the header timeout, each response's writes
-    through a ResponseTransport, and a ClientWatch in each request's scope."""
+    through a ResponseTransport, and a ClientState in each request's scope."""
 
     class SwitchdProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
         # When the headers being read began (loop time); None when none are pending.
         _headers_since: float | None = None
-        _watch: ClientWatch | None = None
+        _client: ClientState | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._watch = ClientWatch(self.flow.resume_reading)
+            self._client = ClientState(self)
             self._headers_begun()
 
         def on_message_begin(self) -> None:
@@ -93,7 +102,7 @@ def server_protocol(
         def on_headers_complete(self) -> None:
             self._headers_since = None  # its timer, if any, finds nothing to do
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-            extensions[CLIENT_WATCH] = self._watch
+            extensions[CLIENT_STATE] = self._client
             before = self.cycle
             super().on_headers_complete()
             if self.cycle is not before:  # (an upgrade makes no cycle)
@@ -106,8 +115,8 @@ def server_protocol(
                 self._header_timer.cancel()
                 self._header_timer = None
             super().connection_lost(exc)
-            if self._watch is not None:
-                self._watch.left()
+            if self._client is not None:
+                self._client.left()
 
         def _headers_begun(self) -> None:
             # One timer per connection, checked when it fires, rather than one set

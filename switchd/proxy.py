@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from switchd import progress
 from switchd.chunks import cut_short_event, event_boundary
@@ -27,7 +27,7 @@ from switchd.events import EventBus
 from switchd.jobs import SwitchError
 from switchd.limits import BodyBudget, BodyHold, BodyTimeout, next_chunk
 from switchd.metrics import Metrics
-from switchd.protocol import client_watch
+from switchd.protocol import client_state
 from switchd.runtime.base import EngineInfo
 from switchd.scheduler import Scheduler
 from switchd.upstream import Response, Upstream, UpstreamError
@@ -150,22 +150,28 @@ async def read_body(
     scope: Scope, receive: Receive, limit: int, hold: BodyHold, idle_seconds: float
 ) -> bytes:
     """The whole body, within `limit`, the shared budget, and `idle_seconds` per chunk."""
-    too_large = ProxyError(413, "request_too_large", f"Request body over {limit} bytes")
     declared = declared_length(scope)
     if declared is not None and declared > limit:
-        raise too_large  # at once, before reading any of it
+        raise too_large(limit)  # at once, before reading any of it
+    client = client_state(scope)
+    # All of it here already (most bodies come with their headers): `receive()` gives
+    # it at once, so no timer is set and cancelled for it (a few µs each).
+    arrived = client is not None and client.body_arrived()
     body = bytearray()
     while True:
-        try:
-            message = await next_chunk(receive, idle_seconds)
-        except BodyTimeout:
-            message_text = f"The request body did not arrive: nothing came for {idle_seconds:g} s"
-            raise ProxyError(408, "request_timeout", message_text) from None
+        if arrived:
+            message = await receive()
+        else:
+            try:
+                message = await next_chunk(receive, idle_seconds)
+            except BodyTimeout:
+                why = f"The request body did not arrive: nothing came for {idle_seconds:g} s"
+                raise ProxyError(408, "request_timeout", why) from None
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
         if len(body) + len(chunk) > limit:
-            raise too_large
+            raise too_large(limit)
         if not hold.take(len(chunk)):
             raise ProxyError(
                 503,
@@ -174,9 +180,13 @@ async def read_body(
                 "server_error",
                 retry_after=1,
             )
-        body += chunk
         if not message.get("more_body", False):
-            return bytes(body)
+            return chunk if not body else bytes(body + chunk)
+        body += chunk
+
+
+def too_large(limit: int) -> ProxyError:
+    return ProxyError(413, "request_too_large", f"Request body over {limit} bytes")
 
 
 # Characters an engine could read as leaving the path, or that a path never needs.
@@ -244,7 +254,7 @@ async def first_of(work: Coroutine[Any, Any, None], scope: Scope, receive: Recei
     """Run `work` until it ends or the client goes away; True if it ended.
 
     The work runs in the caller's task, which is cancelled if the client leaves.
-    switchd's protocol says when (protocol.ClientWatch); under another server a
+    switchd's protocol says when (protocol.ClientState); under another server a
     task waits on `receive()` for the `http.disconnect`. Either costs less, request
     by request, than running the work as a task of its own (bench/proxy.py).
     """
@@ -257,21 +267,21 @@ async def first_of(work: Coroutine[Any, Any, None], scope: Scope, receive: Recei
         gone = True
         caller.cancel()
 
-    watch = client_watch(scope)
+    client = client_state(scope)
     stop_watching: Callable[[], object]
-    if watch is None:
+    if client is None:
 
         async def wait_for_disconnect() -> None:
             await until_disconnect(receive)
             left()
 
         stop_watching = asyncio.create_task(wait_for_disconnect()).cancel
-    elif watch.gone:  # it left already (while its body was parsed, say)
+    elif client.gone:  # it left already (while its body was parsed, say)
         work.close()
         return False
     else:
-        watch.on_leave(left)
-        stop_watching = functools.partial(watch.on_leave, None)
+        client.on_leave(left)
+        stop_watching = functools.partial(client.on_leave, None)
     try:
         await work
     except asyncio.CancelledError:
@@ -306,24 +316,6 @@ def is_engine_call(scope: Scope) -> bool:
         and path.startswith("/v1/")
         and not path.startswith(RESERVED_PATHS)
     )
-
-
-class ProxyFirst:
-    """Pure ASGI: engine calls go straight to the proxy, past starlette's router (a
-    regex per route) and exception layer, which they never use; all else to `app`.
-
-    The router's catch-all route for them stays, for what this does not take.
-    """
-
-    def __init__(self, app: ASGIApp, proxy: Proxy) -> None:
-        self.app = app
-        self.proxy = proxy
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and is_engine_call(scope):
-            await self.proxy(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
 
 
 class _Call:
@@ -526,14 +518,14 @@ async def relay_response(send: Send, upstream: Response, model: str) -> None:
     pending = b""
     try:
         while chunk := await upstream.next_piece():
-            if not events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                continue
-            # Whole events only, so an engine dying mid-event leaves no half event.
-            pending += chunk
-            if end := event_boundary(pending):
-                complete, pending = pending[:end], pending[end:]
-                await send({"type": "http.response.body", "body": complete, "more_body": True})
+            if events and (pending or not chunk.endswith(b"\n\n")):
+                # Whole events only, so an engine dying mid-event leaves no half event
+                # (most pieces are whole events already, and go as they are).
+                pending += chunk
+                if not (end := event_boundary(pending)):
+                    continue
+                chunk, pending = pending[:end], pending[end:]
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except (UpstreamError, OSError) as exc:
         if not events:
             raise EngineCutOff(f"{model} died in the middle of an answer: {exc!r}") from None

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -51,6 +51,23 @@ WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outco
 
 def _ignore_wait(model: str, seconds: float, outcome: str) -> None:
     pass
+
+
+class Serving:
+    """One request held on its model (`Scheduler.serving`). A class, not a generator
+    context manager: it is on every proxied request's path (bench/proxy.py)."""
+
+    __slots__ = ("_record", "_scheduler")
+
+    def __init__(self, scheduler: Scheduler, record: ModelRecord) -> None:
+        self._scheduler = scheduler
+        self._record = record
+
+    async def __aenter__(self) -> EngineInfo:
+        return await self._scheduler._hold(self._record)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._scheduler._leave(self._record)
 
 
 class Scheduler:
@@ -202,22 +219,20 @@ class Scheduler:
         async with self.serving(name):
             pass
 
-    @contextlib.asynccontextmanager
-    async def serving(self, model: str | ModelSpec) -> AsyncIterator[EngineInfo]:
-        """Hold `model` serving for one request: wait for it as demand if it is not
-        serving, then count the request in flight (drain, TTL, last_used)."""
+    def serving(self, model: str | ModelSpec) -> Serving:
+        """Hold `model` serving for one request (`async with`, giving its engine): wait
+        for it as demand if it is not serving, then count the request in flight
+        (drain, TTL, last_used) until the block ends."""
         spec = self.known(model) if isinstance(model, str) else model
-        record = self.records[spec.name]
+        return Serving(self, self.records[spec.name])
+
+    async def _hold(self, record: ModelRecord) -> EngineInfo:
+        """In flight on `record` once it serves (Serving's way in)."""
         if _serves(record):
             assert record.engine is not None
-            engine = record.engine
             self._enter(record)
-        else:
-            engine = await self._wait_for(record)
-        try:
-            yield engine
-        finally:
-            self._leave(record)
+            return record.engine
+        return await self._wait_for(record)
 
     async def _wait_for(self, record: ModelRecord) -> EngineInfo:
         spec = record.spec

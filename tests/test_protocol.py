@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import uvicorn
@@ -15,8 +17,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from switchd.protocol import ClientWatch, ResponseTransport, client_watch, server_protocol
+from switchd.protocol import ClientState, ResponseTransport, client_state, server_protocol
 
 
 async def hello(request: Request) -> Response:
@@ -194,14 +197,14 @@ class Holding:
 
     def __init__(self) -> None:
         self.left: list[str] = []
-        self.watches: list[ClientWatch | None] = []
+        self.watches: list[ClientState | None] = []
         self.release = asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         name = scope["path"].strip("/")
-        watch = client_watch(scope)
+        watch = client_state(scope)
         self.watches.append(watch)
         assert watch is not None
         watch.on_leave(lambda: self.left.append(name))
@@ -246,18 +249,66 @@ async def test_clients_that_leave_are_told_of_once_and_the_others_are_answered()
         assert [w.gone for w in app.watches[:5] if w is not None].count(True) == 5
 
 
-def test_a_client_watch_calls_back_once_and_only_while_asked() -> None:
-    resumed: list[bool] = []
+class FakeFlow:
+    def __init__(self) -> None:
+        self.resumed = 0
+
+    def resume_reading(self) -> None:
+        self.resumed += 1
+
+
+def test_a_client_state_calls_back_once_and_only_while_asked() -> None:
     calls: list[str] = []
-    watch = ClientWatch(lambda: resumed.append(True))
-    watch.on_leave(lambda: calls.append("first"))
-    assert resumed == [True], "reading resumes, so that a leaving client is noticed"
-    watch.on_leave(None)
-    watch.left()
+    flow = FakeFlow()
+    protocol = cast(HttpToolsProtocol, SimpleNamespace(flow=flow))
+    state = ClientState(protocol)
+    state.on_leave(lambda: calls.append("first"))
+    assert flow.resumed == 1, "reading resumes, so that a leaving client is noticed"
+    state.on_leave(None)
+    state.left()
     assert calls == []
-    assert watch.gone
-    later = ClientWatch(lambda: None)
+    assert state.gone
+    later = ClientState(protocol)
     later.on_leave(lambda: calls.append("second"))
     later.left()
     later.left()
     assert calls == ["second"]
+
+
+async def test_a_request_learns_whether_its_body_is_all_in() -> None:
+    seen: dict[str, bool] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        state = client_state(scope)
+        assert state is not None
+        seen[scope["path"]] = state.body_arrived()
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def post(port: int, path: str, halves: bool) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n" % path.encode()
+        if halves:  # the app starts with half the body in
+            writer.write(head + b"01234")
+            await asyncio.sleep(0.2)
+            writer.write(b"56789")
+        else:
+            writer.write(head + b"0123456789")
+        status = await asyncio.wait_for(reader.readline(), 2)
+        writer.close()
+        return status
+
+    async with server(header_timeout=5, app=app) as port:
+        statuses = await asyncio.gather(
+            *(
+                post(port, f"/{kind}-{n}", kind == "halves")
+                for n in (1, 2)
+                for kind in ("whole", "halves")
+            )
+        )
+    assert all(status.startswith(b"HTTP/1.1 204") for status in statuses)
+    assert seen == {"/whole-1": True, "/halves-1": False, "/whole-2": True, "/halves-2": False}

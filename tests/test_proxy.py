@@ -18,18 +18,20 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.types import Message
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from switchd.app import create_app
 from switchd.config import ModelSpec, Settings
 from switchd.gpu import SimulatedGpu
-from switchd.protocol import CLIENT_WATCH, ClientWatch, server_protocol
+from switchd.protocol import CLIENT_STATE, ClientState, server_protocol
 from switchd.proxy import first_of
 from switchd.routes import Services
 from switchd.runtime.base import EngineInfo
@@ -553,6 +555,12 @@ async def test_a_client_leaving_while_its_model_loads_frees_its_place(tmp_path: 
 # ---- first_of: the work, or the client leaving, whichever comes first ----------------------
 
 
+def quiet_protocol() -> HttpToolsProtocol:
+    """As much of uvicorn's protocol as a ClientState uses outside a real connection."""
+    flow = SimpleNamespace(resume_reading=lambda: None)
+    return cast(HttpToolsProtocol, SimpleNamespace(flow=flow))
+
+
 class Work:
     """Work that ends when told to, noting how it stopped."""
 
@@ -571,13 +579,13 @@ class Work:
 
 async def test_first_of_with_switchds_protocol_stops_the_work_of_clients_that_leave() -> None:
     works = [Work() for _ in range(4)]
-    watches = [ClientWatch(lambda: None) for _ in works]
+    watches = [ClientState(quiet_protocol()) for _ in works]
 
     async def never() -> Message:
         raise AssertionError("switchd's protocol says when a client leaves, not receive()")
 
     calls = [
-        asyncio.create_task(first_of(work.run(), {"extensions": {CLIENT_WATCH: watch}}, never))
+        asyncio.create_task(first_of(work.run(), {"extensions": {CLIENT_STATE: watch}}, never))
         for work, watch in zip(works, watches, strict=True)
     ]
     await asyncio.sleep(0.05)
@@ -588,10 +596,10 @@ async def test_first_of_with_switchds_protocol_stops_the_work_of_clients_that_le
     assert await asyncio.gather(*calls) == [True, False, True, False]
     assert [work.outcome for work in works] == ["ended", "cancelled", "ended", "cancelled"]
     assert all(not call.cancelling() for call in calls), "no cancel left counted"
-    gone = ClientWatch(lambda: None)
+    gone = ClientState(quiet_protocol())
     gone.left()
     unstarted = Work()
-    assert await first_of(unstarted.run(), {"extensions": {CLIENT_WATCH: gone}}, never) is False
+    assert await first_of(unstarted.run(), {"extensions": {CLIENT_STATE: gone}}, never) is False
     assert unstarted.outcome == "running", "a client gone already: the work never starts"
 
 
