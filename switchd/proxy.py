@@ -52,19 +52,26 @@ HOP_BY_HOP = frozenset(
 )
 # The server in front sets its own; the engine's copies would be duplicates.
 SERVER_SET = frozenset({b"date", b"server"})
+NOT_RELAYED = HOP_BY_HOP | SERVER_SET
 # switchd's key is not the engine's; the body is read already, so no 100-continue;
 # the progress switch is switchd's own.
 NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"expect", progress.HEADER}
 
 
-def named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """Headers a `Connection` field names: hop-by-hop too (RFC 9110, 7.6.1)."""
-    return {
-        name.strip().lower()
-        for key, value in headers
-        if key.lower() == b"connection"
-        for name in value.split(b",")
+def without_hop_by_hop(
+    headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """`headers` (names in lower case, as ASGI and upstream.py give them) less those
+    in `dropped` and those a `Connection` field names: hop-by-hop too (RFC 9110,
+    7.6.1)."""
+    kept = [(name, value) for name, value in headers if name not in dropped]
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
     }
+    return [(name, value) for name, value in kept if name not in named] if named else kept
 
 
 class ClientGone(Exception):
@@ -238,8 +245,7 @@ def encode(data: dict[str, Any]) -> bytes:
 
 
 def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[bytes, bytes]]:
-    dropped = NOT_FORWARDED | named_in_connection(scope["headers"])
-    headers = [(k, v) for k, v in scope["headers"] if k not in dropped]
+    headers = without_hop_by_hop(scope["headers"], NOT_FORWARDED)
     if api_key:
         headers.append((b"authorization", b"Bearer " + api_key.encode("latin-1")))
     return headers
@@ -493,8 +499,7 @@ async def method_not_allowed(scope: Scope, send: Send) -> None:
 
 async def relay_response(send: Send, upstream: Response, model: str) -> None:
     """The engine's answer as it comes: status, headers, then each chunk."""
-    dropped = HOP_BY_HOP | SERVER_SET | named_in_connection(upstream.raw_headers)
-    headers = [(k, v) for k, v in upstream.raw_headers if k not in dropped]
+    headers = without_hop_by_hop(upstream.raw_headers, NOT_RELAYED)
     if length := upstream.header(b"content-length"):
         headers.append((b"content-length", length))
     events = upstream.is_event_stream()
