@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from switchd.events import Subscription
+from switchd.protocol import client_state
 
 PING = b": ping\r\n\r\n"
 HEADERS = [
@@ -173,8 +174,11 @@ class EventStream(Response):
             if await self._stream(send):
                 end: Message = {"type": "http.response.body", "body": b"", "more_body": False}
                 await self._send(send, end)
-        except (TimeoutError, OSError):
-            pass  # a reader that stopped reading, or a socket gone: let it go
+        except TimeoutError:  # a reader that stopped reading: let go
+            if (client := client_state(scope)) is not None:
+                client.drop()
+        except OSError:
+            pass  # a socket gone
         finally:
             self._streams.dec()
             self._shutdown.discard(self)

@@ -9,7 +9,8 @@ switchd needs from the connection itself.
   closed with bytes its client never takes is cut off.
 - What the connection knows of its client (`ClientState`): that it left, told to
   whoever asked, so the proxy needs no task per request waiting on `receive()`
-  for an `http.disconnect`; and that a request's body is all in.
+  for an `http.disconnect`; and that a request's body is all in. And a way to
+  give up on a client that stopped reading.
 """
 
 from __future__ import annotations
@@ -63,6 +64,17 @@ class ClientState:
         False, to be safe, while pipelined requests queue (`cycle` is then theirs)."""
         cycle = self._protocol.cycle
         return cycle is not None and not cycle.more_body and not self._protocol.pipeline
+
+    def drop(self) -> None:
+        """Give up on the client (it stopped reading): its connection is closed, the
+        bytes it never took cut off after a while (ResponseTransport), and uvicorn
+        knows it gone, so the answer left unfinished is not logged as the app's error."""
+        protocol = self._protocol
+        if protocol.pipeline:  # `cycle` is a queued request's, not the one answered
+            protocol.transport.close()
+            return
+        protocol.cycle.disconnected = True
+        protocol.cycle.transport.close()
 
     def left(self) -> None:
         self.gone = True

@@ -312,3 +312,18 @@ async def test_a_request_learns_whether_its_body_is_all_in() -> None:
         )
     assert all(status.startswith(b"HTTP/1.1 204") for status in statuses)
     assert seen == {"/whole-1": True, "/halves-1": False, "/whole-2": True, "/halves-2": False}
+
+
+def test_dropping_a_client_closes_its_answer_and_tells_uvicorn_it_is_gone() -> None:
+    answer, raw = RecordingTransport(), RecordingTransport()
+    cycle = SimpleNamespace(disconnected=False, transport=answer)
+    protocol = SimpleNamespace(cycle=cycle, pipeline=[], transport=raw, flow=FakeFlow())
+    ClientState(cast(HttpToolsProtocol, protocol)).drop()
+    assert cycle.disconnected, "so uvicorn logs no unfinished answer"
+    assert answer.closed
+    # Behind a pipelined request, `cycle` is not the answer's: the connection goes.
+    queued = SimpleNamespace(disconnected=False, transport=RecordingTransport())
+    protocol = SimpleNamespace(cycle=queued, pipeline=[queued], transport=raw, flow=FakeFlow())
+    ClientState(cast(HttpToolsProtocol, protocol)).drop()
+    assert raw.closed
+    assert not queued.disconnected
