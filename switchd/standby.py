@@ -15,7 +15,8 @@ The choice, per victim (in the plan's order):
   unknown before its first sleep, then the sleep is tried and measured, and
   the switch stops it if the memory is still short). While the plan's devices
   would stay short, the sleeper leaving the most residue there is stopped
-  instead: stopping frees everything.
+  instead: stopping frees everything. A level-1 sleeper stopped so gives its
+  share of the budget back to the sleepers refused level 1 for want of it.
 """
 
 from __future__ import annotations
@@ -224,6 +225,27 @@ def choose(
             None,
             f"stopping {worst.name}: asleep it would keep {kept:.2f} GB where memory is short",
         )
+        if worst.host_ram_gb:
+            choices = _with_budget_back(choices, by_name, host_ram_left_gb)
+
+
+def _with_budget_back(
+    choices: Sequence[PutAway], by_name: Mapping[str, Victim], host_ram_left_gb: float
+) -> list[PutAway]:
+    """A level-1 sleeper was stopped after all: its share of the budget is back, for
+    the sleepers that were refused level 1 for want of it. They stay asleep, so what
+    they keep on the devices does not change; only the tier, where it wakes faster."""
+    ram_left = host_ram_left_gb - math.fsum(c.host_ram_gb for c in choices)
+    again: list[PutAway] = []
+    for choice in choices:
+        victim = by_name[choice.name]
+        if choice.tier is not None and not choice.host_ram_gb and Tier.SLEEP1 in victim.tiers:
+            chosen = _preferred(victim, ram_left)
+            ram_left -= chosen.host_ram_gb
+            again.append(chosen)
+        else:
+            again.append(choice)
+    return again
 
 
 def _preferred(victim: Victim, ram_left: float) -> PutAway:

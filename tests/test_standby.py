@@ -200,6 +200,24 @@ def test_a_stopped_victim_spends_none_of_the_budget() -> None:
     assert (choice.tier, choice.host_ram_gb) == (Tier.SLEEP1, 30.0)
 
 
+def test_a_level_1_sleeper_stopped_after_all_gives_its_budget_to_a_later_one() -> None:
+    # A budget for one level-1 sleep: `a` has it, `b` sleeps at level 2. Asleep they
+    # keep 4 + 1 GB, 37 are short and 35 would come back: `a` keeps the most, and is
+    # stopped; its 30 GB of host RAM now let `b` sleep at level 1.
+    first = victim("a", held={0: 20.0}, residue=4.0, weights=30.0)
+    second = victim("b", held={0: 20.0}, residue=1.0, weights=30.0)
+    assert choose([first, second], {0: 37.0}, 30.0) == [
+        PutAway("a", None, "stopping a: asleep it would keep 4.00 GB where memory is short"),
+        PutAway(
+            "b",
+            Tier.SLEEP1,
+            "sleeping b (level 1): wakes in ~0.5 s instead of a 30 s load",
+            0.5,
+            30.0,
+        ),
+    ]
+
+
 # --- choose: the residue against what is short ------------------------------------------------
 
 
