@@ -205,6 +205,8 @@ class Scheduler:
         if waiting:
             since = f", the first for {time.monotonic() - oldest:.0f} s" if oldest else ""
             parts.append(f"{waiting} request(s) wait for it{since}")
+        if current is None or current.target != model:
+            parts.append(self._place_in_line(model))
         estimate = self.catalog.estimated_ready_seconds(record)
         verb = "waking" if record.state is ModelState.SLEEPING else "loading"
         parts.append(f"{verb} it takes about {estimate:g} s")
@@ -403,17 +405,39 @@ class Scheduler:
         job, plan, wait = self._decide(snapshot)
         return job, plan, min(next_check, wait)
 
-    def _decide(self, snapshot: GpuSnapshot) -> tuple[Job | None, planner.Plan | None, float]:
-        """Which waiting model loads next, by the policy; else how long until one may."""
-        now = time.monotonic()
-        wants = [
+    def _line(self) -> list[policy.Want]:
+        """The models requests wait for, in the order the policy serves them."""
+        return policy.order(
             policy.Want(model, oldest, self.records[model].spec.priority)
             for model in self.demand.models()
             if (oldest := self.demand.oldest(model)) is not None
-        ]
+        )
+
+    def _place_in_line(self, model: str) -> str:
+        """Where `model`'s requests stand (a newcomer's too, not counted yet): behind
+        the queued switches and the models whose requests came first (the policy's
+        order)."""
+        queued = [job.target for job in self._queue]
+        if model in queued:  # an operator's switch to it: the queue's order is the line
+            before = queued[: queued.index(model)]
+            return (
+                f"its switch is queued behind {', '.join(before)}"
+                if before
+                else ("its switch is next in the queue")
+            )
+        line = [want.name for want in self._line()]
+        ahead = line[: line.index(model)] if model in line else []
+        said = [f"queued switches first: {', '.join(queued)}"] if queued else []
+        if ahead:
+            said.append(f"in line behind {', '.join(ahead)}, wanted earlier")
+        return "; ".join(said) if said else "next in line"
+
+    def _decide(self, snapshot: GpuSnapshot) -> tuple[Job | None, planner.Plan | None, float]:
+        """Which waiting model loads next, by the policy; else how long until one may."""
+        now = time.monotonic()
         next_check = IDLE_CHECK_SECONDS
         may_unload = True  # only the longest-waiting model may make others room
-        for want in policy.order(wants):
+        for want in self._line():
             spec = self.records[want.name].spec
             full = self.steps.plan(spec, snapshot)
             if not full.enough:

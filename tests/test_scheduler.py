@@ -616,6 +616,42 @@ async def test_a_busy_model_keeps_the_gpu_for_its_hold_then_makes_room(tmp_path:
         assert runtime.calls == ["stop gpt-oss-120b", "start gpt-oss-20b"]
 
 
+async def test_people_waiting_hear_where_their_model_stands_in_line(tmp_path: Path) -> None:
+    models = {  # no two of them fit together
+        "x": {"cmd": "e", "size_gb": 60, "load_time_seconds": 2},
+        "y": {"cmd": "e", "size_gb": 55, "load_time_seconds": 2},
+        "z": {"cmd": "e", "size_gb": 45, "load_time_seconds": 3},
+    }
+    settings = make_settings(tmp_path, models, min_residency_seconds=30, max_hold_seconds=30)
+    async with rig(settings, FakeRuntime(adopted=adopted("x"))) as r:
+        async with r.scheduler.serving("x"):  # x is busy and within its hold
+            waiting = [asyncio.create_task(r.scheduler.ensure("y")) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            waiting += [asyncio.create_task(r.scheduler.ensure("z")) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            assert r.scheduler.wait_summary("y") == (
+                "y is exited; x serves other requests first; 2 request(s) wait for it, "
+                "the first for 0 s; next in line; loading it takes about 2 s"
+            )
+            assert r.scheduler.wait_summary("z") == (
+                "z is exited; x serves other requests first; 3 request(s) wait for it, "
+                "the first for 0 s; in line behind y, wanted earlier; loading it takes "
+                "about 3 s"
+            )
+            # An operator's switches: to z (under way: x drains), then to y (queued).
+            r.scheduler.request_switch("z")
+            r.scheduler.request_switch("y")
+            assert "; its switch is queued behind z; " in r.scheduler.wait_summary("y")
+            await asyncio.sleep(0.05)  # the switch to z begins: x drains (it is busy)
+            assert "; its switch is next in the queue; " in r.scheduler.wait_summary("y")
+            assert "; switchd is switching to z (" in r.scheduler.wait_summary("z")
+            assert "line" not in r.scheduler.wait_summary("z"), "its own switch is under way"
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        assert r.scheduler.waiting == 0
+
+
 async def test_a_model_that_can_never_fit_fails_its_waiters_with_409(
     tmp_path: Path,
 ) -> None:

@@ -82,7 +82,7 @@ async def test_a_stream_that_waits_for_a_load_tells_its_progress_then_the_answer
     assert not waited.reasoning_after_content
     progress = "".join(waited.reasoning)
     assert progress.startswith("[ 0.0 s] big is exited;")
-    for said in ("big needs 80.00 GB", "Started big", "big is ready after"):
+    for said in ("; next in line;", "big needs 80.00 GB", "Started big", "big is ready after"):
         assert said in progress, progress
     assert again.reasoning == []
 
@@ -103,6 +103,10 @@ async def test_several_clients_waiting_at_once_each_get_one_clean_stream(
         assert found.models == {model}
         assert found.reasoning, f"{model} {said}: no progress"
         assert not found.reasoning_after_content
+        # Where it stands, from its first line: its switch under way, or its place.
+        first = found.reasoning[0]
+        places = (f"switching to {model} (", "; next in line;", "; in line behind ")
+        assert any(place in first for place in places), first
     assert len({next(iter(found.ids)) for found in results}) == len(results)
 
 
