@@ -420,11 +420,9 @@ class Scheduler:
         queued = [job.target for job in self._queue]
         if model in queued:  # an operator's switch to it: the queue's order is the line
             before = queued[: queued.index(model)]
-            return (
-                f"its switch is queued behind {', '.join(before)}"
-                if before
-                else ("its switch is next in the queue")
-            )
+            if before:
+                return f"its switch is queued behind {', '.join(before)}"
+            return "its switch is next in the queue"
         line = [want.name for want in self._line()]
         ahead = line[: line.index(model)] if model in line else []
         said = [f"queued switches first: {', '.join(queued)}"] if queued else []
