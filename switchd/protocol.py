@@ -47,14 +47,16 @@ class ClientState:
     __slots__ = ("_callback", "_protocol", "gone")
 
     def __init__(self, protocol: HttpToolsProtocol) -> None:
-        self._protocol = protocol
+        # Until the client leaves: the protocol holds this too, and a cycle would keep
+        # a closed connection's objects until a full garbage collection.
+        self._protocol: HttpToolsProtocol | None = protocol
         self._callback: Callable[[], None] | None = None
         self.gone = False
 
     def on_leave(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` once if the client leaves from now on; None: no longer."""
         self._callback = callback
-        if callback is not None:
+        if callback is not None and self._protocol is not None:
             # A connection not read from cannot show its end (uvicorn pauses reading
             # behind a pipelined request); `receive()` resumes it the same way.
             self._protocol.flow.resume_reading()
@@ -62,14 +64,19 @@ class ClientState:
     def body_arrived(self) -> bool:
         """The request's whole body is in, so `receive()` gives it without waiting.
         False, to be safe, while pipelined requests queue (`cycle` is then theirs)."""
-        cycle = self._protocol.cycle
-        return cycle is not None and not cycle.more_body and not self._protocol.pipeline
+        protocol = self._protocol
+        if protocol is None:
+            return False
+        cycle = protocol.cycle
+        return cycle is not None and not cycle.more_body and not protocol.pipeline
 
     def drop(self) -> None:
         """Give up on the client (it stopped reading): its connection is closed, the
         bytes it never took cut off after a while (ResponseTransport), and uvicorn
         knows it gone, so the answer left unfinished is not logged as the app's error."""
         protocol = self._protocol
+        if protocol is None:
+            return  # it left already
         if protocol.pipeline:  # `cycle` is a queued request's, not the one answered
             protocol.transport.close()
             return
@@ -78,6 +85,7 @@ class ClientState:
 
     def left(self) -> None:
         self.gone = True
+        self._protocol = None
         callback, self._callback = self._callback, None
         if callback is not None:
             callback()

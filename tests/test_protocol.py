@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import cast
@@ -327,3 +329,27 @@ def test_dropping_a_client_closes_its_answer_and_tells_uvicorn_it_is_gone() -> N
     ClientState(cast(HttpToolsProtocol, protocol)).drop()
     assert raw.closed
     assert not queued.disconnected
+
+
+class Connection:
+    """A protocol stand-in that, like the real one, holds its ClientState."""
+
+    def __init__(self) -> None:
+        self.flow = FakeFlow()
+        self.client = ClientState(cast(HttpToolsProtocol, self))
+
+
+def test_a_client_that_left_keeps_nothing_of_its_connection_alive() -> None:
+    connection = Connection()
+    state = connection.client
+    alive = weakref.ref(connection)
+    state.left()
+    gc.disable()  # freed by reference counts alone, not by a collection
+    try:
+        del connection
+        assert alive() is None
+    finally:
+        gc.enable()
+    assert not state.body_arrived()
+    state.drop()  # nothing left to close
+    state.on_leave(lambda: None)  # nor to resume
