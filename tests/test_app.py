@@ -62,9 +62,18 @@ async def test_cors_is_off_unless_origins_are_allowed(tmp_path: Path) -> None:
     async with opened.router.lifespan_context(opened), client(opened) as http:
         preflight = await http.options("/v1/models/status", headers=asks)
         other = await http.get("/v1/models/status", headers={"Origin": "https://evil.example"})
+        # Engine calls take their own way past the router, under the same middleware.
+        engine_call = await http.post(
+            "/v1/chat/completions",
+            json={"model": "no-such-model", "messages": []},
+            headers={"Origin": asks["Origin"]},
+        )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://ui.example.com"
     assert "access-control-allow-origin" not in other.headers
+    assert engine_call.status_code == 404
+    assert engine_call.json()["error"]["code"] == "model_not_found"
+    assert engine_call.headers["access-control-allow-origin"] == "https://ui.example.com"
 
 
 def client(app: Starlette) -> httpx.AsyncClient:
