@@ -3,9 +3,10 @@
 sse-starlette gives every response a task group (the stream, a ping, a
 disconnect and a shutdown listener) and every event a new ServerSentEvent,
 encoded again for each reader; with a thousand watchers that was most of the
-cost of an event. Here a watcher is its bus Subscription, one task listening
-for its disconnect, and a loop that writes everything queued for it at once,
-as bytes encoded once on the Event (`Event.sse()`). Job streams, few and short,
+cost of an event. Here a watcher is its bus Subscription, told when its client
+leaves (`protocol.watch_leaving`: no task of its own under switchd's protocol),
+and a loop that writes everything queued for it at once, as bytes encoded once
+on the Event (`Event.sse()`). Job streams, few and short,
 stay on sse-starlette.
 
 No watcher has a timer of its own: a timeout around each wait (for the ping) and
@@ -21,7 +22,6 @@ of a reader whose queue is full, too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from switchd.events import Subscription
-from switchd.protocol import client_state
+from switchd.protocol import client_state, watch_leaving
 
 PING = b": ping\r\n\r\n"
 HEADERS = [
@@ -166,7 +166,8 @@ class EventStream(Response):
         if self._task is not None:
             self._cancelling = self._task.cancelling()
         self._written = self._shutdown.clock()
-        listener = asyncio.create_task(self._listen(receive))
+        stop_watching = watch_leaving(scope, receive, self._left)
+        self._gone = stop_watching is None
         self._shutdown.add(self)
         self._streams.inc()
         try:
@@ -183,9 +184,8 @@ class EventStream(Response):
             self._streams.dec()
             self._shutdown.discard(self)
             subscription.close()
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            if stop_watching is not None:
+                stop_watching()
 
     async def _stream(self, send: Send) -> bool:
         """Write events as they come, all that is queued in one write; True when the
@@ -248,8 +248,6 @@ class EventStream(Response):
     def wake(self) -> None:
         self._subscription.wake()
 
-    async def _listen(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+    def _left(self) -> None:
         self._gone = True
         self._subscription.wake()

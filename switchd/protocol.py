@@ -16,11 +16,12 @@ switchd needs from the connection itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from starlette.types import Scope
+from starlette.types import Receive, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,31 @@ def client_state(scope: Scope) -> ClientState | None:
     that call the app in-process, nor under another server)."""
     state: ClientState | None = scope.get("extensions", {}).get(CLIENT_STATE)
     return state
+
+
+def watch_leaving(
+    scope: Scope, receive: Receive, callback: Callable[[], None]
+) -> Callable[[], object] | None:
+    """Call `callback` once if the request's client leaves; gives what stops the
+    watching, or None when the client has left already.
+
+    Told by switchd's protocol (ClientState) where it serves the request; under
+    another server (tests in-process), by a task waiting on `receive()` for the
+    `http.disconnect`.
+    """
+    client = client_state(scope)
+    if client is None:
+
+        async def wait_for_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            callback()
+
+        return asyncio.create_task(wait_for_disconnect()).cancel
+    if client.gone:
+        return None
+    client.on_leave(callback)
+    return functools.partial(client.on_leave, None)
 
 
 def server_protocol(

@@ -9,7 +9,6 @@ fails to send.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -27,7 +26,7 @@ from switchd.events import EventBus
 from switchd.jobs import SwitchError
 from switchd.limits import BodyBudget, BodyHold, BodyTimeout, next_chunk
 from switchd.metrics import Metrics
-from switchd.protocol import client_state
+from switchd.protocol import client_state, watch_leaving
 from switchd.runtime.base import EngineInfo
 from switchd.scheduler import Scheduler
 from switchd.upstream import Response, Upstream, UpstreamError
@@ -251,18 +250,12 @@ def upstream_headers(scope: Scope, api_key: str | None) -> list[tuple[bytes, byt
     return headers
 
 
-async def until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def first_of(work: Coroutine[Any, Any, None], scope: Scope, receive: Receive) -> bool:
     """Run `work` until it ends or the client goes away; True if it ended.
 
-    The work runs in the caller's task, which is cancelled if the client leaves.
-    switchd's protocol says when (protocol.ClientState); under another server a
-    task waits on `receive()` for the `http.disconnect`. Either costs less, request
-    by request, than running the work as a task of its own (bench/proxy.py).
+    The work runs in the caller's task, which is cancelled if the client leaves
+    (`protocol.watch_leaving`): that costs less, request by request, than running
+    the work as a task of its own (bench/proxy.py).
     """
     caller = asyncio.current_task()
     assert caller is not None
@@ -273,21 +266,10 @@ async def first_of(work: Coroutine[Any, Any, None], scope: Scope, receive: Recei
         gone = True
         caller.cancel()
 
-    client = client_state(scope)
-    stop_watching: Callable[[], object]
-    if client is None:
-
-        async def wait_for_disconnect() -> None:
-            await until_disconnect(receive)
-            left()
-
-        stop_watching = asyncio.create_task(wait_for_disconnect()).cancel
-    elif client.gone:  # it left already (while its body was parsed, say)
+    stop_watching = watch_leaving(scope, receive, left)
+    if stop_watching is None:  # it left already (while its body was parsed, say)
         work.close()
         return False
-    else:
-        client.on_leave(left)
-        stop_watching = functools.partial(client.on_leave, None)
     try:
         await work
     except asyncio.CancelledError:
