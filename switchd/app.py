@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 # be slow and long, so no read timeout (a client that leaves closes its upstream
 # request); no cap on connections either: each is one client's request, and those
 # are capped by `max_connections`.
-# An idle connection is closed by switchd before the engine closes it: uvicorn (so
-# vLLM and SGLang) and llama.cpp's server close theirs after 5 s, and a request
+# An idle connection is not reused after this, before the engine closes it: uvicorn
+# (so vLLM and SGLang) and llama.cpp's server close theirs after 5 s, and a request
 # sent on a connection the engine is closing at that moment fails (502). Measured:
 # a benchmark client that kept connections 15 s (aiohttp's default) hit exactly that.
 UPSTREAM_IDLE_SECONDS = 4.0

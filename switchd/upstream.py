@@ -188,8 +188,10 @@ class _Connection(asyncio.Protocol):
             # Not waited on while the engine reads it: the body is in memory already
             # (bounded by max_body_bytes), and an engine may answer (413, say)
             # without reading it all, which a wait would never see.
-            self._transport.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
+            if len(body) < 65536:
+                self._transport.write(head + body)  # one write: one packet, one wake-up
+            else:  # not copied into one buffer
+                self._transport.write(head)
                 self._transport.write(body)
             await head_done
         except BaseException:
@@ -297,8 +299,8 @@ class Upstream:
     """Pooled connections to engines; owned by the app's lifespan."""
 
     def __init__(self, *, idle_seconds: float, connect_seconds: float) -> None:
-        # Closed by switchd before the engine closes it: a request sent on a
-        # connection the engine is closing at that moment would fail.
+        # Not reused once idle this long (closed when next looked at), so never as
+        # the engine closes it: a request sent then would fail.
         self._idle_seconds = idle_seconds
         self._connect_seconds = connect_seconds
         self._idle: dict[Origin, list[_Connection]] = {}
