@@ -18,6 +18,23 @@ def event_boundary(buffer: bytes) -> int:
     )
 
 
+class WholeEvents:
+    """Pieces of an event stream in, whole events out: an engine dying mid-event
+    leaves no half event behind."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        """The whole events that `piece` completes (b"": none yet)."""
+        if not self._pending and piece.endswith(b"\n\n"):  # whole ones: most pieces
+            return piece
+        self._pending += piece
+        end = event_boundary(self._pending)
+        whole, self._pending = self._pending[:end], self._pending[end:]
+        return whole
+
+
 def error_event(message: str, code: str, kind: str = "server_error") -> bytes:
     """An OpenAI-shaped error as one stream event (the SDKs raise it as an APIError)."""
     error = {"error": {"message": message, "type": kind, "code": code}}

@@ -24,9 +24,9 @@ from starlette.types import Scope, Send
 
 from switchd import wire
 from switchd.chunks import (
+    WholeEvents,
     cut_short_event,
     error_event,
-    event_boundary,
     reasoning_chunk,
     with_id,
 )
@@ -133,12 +133,10 @@ class ProgressStream:
                 f"{self.model} answered {upstream.status}: {text}", "engine_error", "server_error"
             )
             return
-        pending = b""
+        whole = WholeEvents()
         try:
             async for chunk in upstream.chunks():
-                pending += chunk
-                if end := event_boundary(pending):
-                    complete, pending = pending[:end], pending[end:]
+                if complete := whole.feed(chunk):
                     await self._body(with_id(complete, self.id))
         except (UpstreamError, OSError):
             await self._body(cut_short_event(self.model))

@@ -20,7 +20,7 @@ from urllib.parse import quote
 from starlette.types import Receive, Scope, Send
 
 from switchd import progress
-from switchd.chunks import cut_short_event, event_boundary
+from switchd.chunks import WholeEvents, cut_short_event
 from switchd.config import ModelSpec
 from switchd.events import EventBus
 from switchd.jobs import SwitchError
@@ -502,16 +502,11 @@ async def relay_response(send: Send, upstream: Response, model: str) -> None:
         return
     if first:
         await send({"type": "http.response.body", "body": first, "more_body": True})
-    pending = b""
+    whole = WholeEvents()
     try:
         while chunk := await upstream.next_piece():
-            if events and (pending or not chunk.endswith(b"\n\n")):
-                # Whole events only, so an engine dying mid-event leaves no half event
-                # (most pieces are whole events already, and go as they are).
-                pending += chunk
-                if not (end := event_boundary(pending)):
-                    continue
-                chunk, pending = pending[:end], pending[end:]
+            if events and not (chunk := whole.feed(chunk)):
+                continue
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except (UpstreamError, OSError) as exc:
         if not events:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from switchd.chunks import (
+    WholeEvents,
     cut_short_event,
     error_event,
     event_boundary,
@@ -27,6 +28,15 @@ from switchd.chunks import (
 )
 def test_event_boundary_is_the_end_of_the_last_whole_event(buffer: bytes, end: int) -> None:
     assert event_boundary(buffer) == end
+
+
+def test_whole_events_come_out_whatever_the_pieces() -> None:
+    whole = WholeEvents()
+    assert whole.feed(b"data: 1\n\n") == b"data: 1\n\n"  # a whole one, as it is
+    assert whole.feed(b"data: 2\n") == b""
+    assert whole.feed(b"\ndata: 3") == b"data: 2\n\n"
+    assert whole.feed(b"\r\n\r\ndata: 4\n\n") == b"data: 3\r\n\r\ndata: 4\n\n"
+    assert whole.feed(b"data: 5") == b""  # what an engine dying now would leave: held
 
 
 def test_errors_are_one_openai_shaped_event() -> None:
