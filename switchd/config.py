@@ -1,21 +1,29 @@
 """Settings and model specs from a YAML file plus the environment.
 
+Every key of the file is a field of the dataclasses below, defined once: its
+default is the field's default, and its metadata (`key(...)`) says how the file
+writes it, its bounds and what it means. The parser, the known keys an error
+lists and the JSON Schema (switchd/schema.py) are all read from there.
+
 Every problem is reported as a ConfigError naming the file, the key and what
 is wrong, so an operator fixes a bad file in one go instead of guessing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import shlex
+import types
+import typing
 from collections import deque
-from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -31,6 +39,48 @@ class ConfigError(Exception):
         self.problem = problem
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Key:
+    """How the config file writes one field (the field's metadata, from `key()`)."""
+
+    doc: str  # what it means: the JSON Schema's description
+    name: str = ""  # its key in the file, where that is not the field's name
+    minimum: float = 0.0  # for numbers and whole numbers
+    custom: bool = False  # read by code of its own below; `schema` then says what it takes
+    schema: Mapping[str, Any] = field(default_factory=dict)  # added to the generated schema
+    flat: bool = False  # a nested dataclass whose keys sit in the parent's mapping
+    env: str = ""  # an environment variable that adds to it
+
+
+_KEY = "switchd.config"
+
+
+def key(doc: str, **options: Any) -> dict[str, Key]:
+    """A field's metadata: `field(default=..., metadata=key("what it means"))`."""
+    return {_KEY: Key(doc, **options)}
+
+
+def keyed_fields(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Key, Any]]:
+    """Each field of dataclass `cls` that the file sets: (field, its Key, its type)."""
+    hints = typing.get_type_hints(cls)
+    for each in dataclasses.fields(cls):
+        meta = each.metadata.get(_KEY)
+        if meta is not None:
+            yield each, meta, hints[each.name]
+
+
+def known_keys(cls: type) -> set[str]:
+    """The keys a mapping read as `cls` may have, its flat parts' included."""
+    known: set[str] = set()
+    for each, meta, hint in keyed_fields(cls):
+        known |= known_keys(hint) if meta.flat else {meta.name or each.name}
+    return known
+
+
+def is_required(each: dataclasses.Field[Any]) -> bool:
+    return each.default is MISSING and each.default_factory is MISSING
 
 
 class RuntimeKind(StrEnum):
@@ -52,14 +102,20 @@ class EvictionPolicy(StrEnum):
 
 @dataclass(frozen=True)
 class SimulatedGpuSettings:
-    total_gb: float = 95.59
-    devices: int = 1
-    # How long a stopped engine's memory takes to show as free again; real
-    # drivers lag, and the verify-freed path should be exercised.
-    release_delay_seconds: float = 0.0
-    # What a sleeping engine still holds (its CUDA context and buffers), in all: the
-    # simulated card's truth, which switchd must measure and learn, never read.
-    sleep_residue_gb: float = 1.5
+    total_gb: float = field(
+        default=95.59, metadata=key("memory of each simulated card, GiB", minimum=0.01)
+    )
+    devices: int = field(default=1, metadata=key("how many simulated cards", minimum=1))
+    # Real drivers lag, and the verify-freed path should be exercised.
+    release_delay_seconds: float = field(
+        default=0.0,
+        metadata=key("how long a stopped engine's memory takes to show as free again"),
+    )
+    # The simulated card's truth, which switchd must measure and learn, never read.
+    sleep_residue_gb: float = field(
+        default=1.5,
+        metadata=key("what a sleeping engine still holds in all (its CUDA context, buffers), GiB"),
+    )
 
 
 class Tier(StrEnum):
@@ -74,90 +130,363 @@ class Tier(StrEnum):
         return self is Tier.SLEEP1
 
 
+# JSON Schema pieces shared by several keys.
+_NON_EMPTY = {"type": "string", "pattern": r"\S"}
+_WORDS = {
+    "anyOf": [_NON_EMPTY, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+}
+_URL_PATH = {"type": ["string", "null"], "pattern": r"^/"}
+_BEARER_KEYS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S"}}
+
+
 @dataclass(frozen=True)
 class DockerOptions:
-    """How switchd creates a model's container itself (`image:` models)."""
+    """How switchd creates a model's container itself (`image:` models).
 
-    volumes: tuple[str, ...] = ()  # "host:container[:ro]"
-    network: str | None = None
-    ports: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # "8000/tcp": (ip, port)
-    port: int = 8000  # the engine's port inside the container
-    shm_size: str | None = None
-    ipc: str | None = None
-    request_gpus: bool = True  # ask Docker for the model's GPUs (device requests)
-    gpu_count: int | None = None  # `gpus: N`: any N devices
-    remove: bool = False  # remove the container on unload instead of keeping it stopped
+    Its keys sit directly in the model's mapping (`flat`).
+    """
+
+    volumes: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            'host paths mounted in the container, "host:container[:ro]"',
+            custom=True,
+            schema={"type": "array", "items": {"type": "string", "pattern": ":"}},
+        ),
+    )
+    network: str | None = field(default=None, metadata=key("the Docker network to join"))
+    ports: Mapping[str, tuple[str, int]] = field(  # "8000/tcp": (ip, port)
+        default_factory=dict,
+        metadata=key(
+            'published ports, compose-style "[IP:]HOST_PORT:CONTAINER_PORT"',
+            custom=True,
+            schema={
+                "type": "array",
+                "items": {"type": "string", "pattern": r"^([^:]*:)?[0-9]+:[0-9]+$"},
+            },
+        ),
+    )
+    port: int = field(
+        default=8000,
+        metadata=key(
+            "the engine's port inside the container",
+            custom=True,
+            schema={"type": "integer", "minimum": 1, "maximum": 65535},
+        ),
+    )
+    shm_size: str | None = field(default=None, metadata=key("the container's /dev/shm size"))
+    ipc: str | None = field(default=None, metadata=key("the container's IPC mode"))
+    request_gpus: bool = field(
+        default=True, metadata=key("ask Docker for the model's GPUs (device requests)")
+    )
+    gpu_count: int | None = field(  # also `gpus: N`
+        default=None,
+        metadata=key(
+            "any N devices (instead of `gpus`)",
+            custom=True,
+            schema={"type": "integer", "minimum": 1},
+        ),
+    )
+    remove: bool = field(
+        default=False, metadata=key("remove the container on unload instead of keeping it stopped")
+    )
+
+
+# A model's name reaches Docker (container names, labels) and engines' command lines
+# (${MODEL}): plain characters only, though a HuggingFace-style `org/name` must work.
+MAX_MODEL_NAME = 128
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/-]+")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    # Rules across keys, for the JSON Schema (the parser says them in its own words).
+    FILE_RULES: ClassVar[Mapping[str, Any]] = {
+        "anyOf": [{"required": ["cmd"]}, {"required": ["container"]}, {"required": ["image"]}],
+        "allOf": [
+            {"not": {"required": ["container", "image"]}},
+            {"not": {"required": ["gpus", "gpu_count"]}},
+        ],
+    }
+
     name: str
-    size_gb: float
-    cmd: tuple[str, ...] = ()
-    container: str | None = None
-    image: str | None = None
-    command: tuple[str, ...] = ()
-    url: str | None = None
-    load_time_seconds: float = 30.0
-    health_path: str = "/health"
-    pinned: bool = False
-    aliases: tuple[str, ...] = ()
-    ttl_seconds: float = 0.0
-    gpus: tuple[int, ...] | None = None  # None: every device
-    env: Mapping[str, str] = field(default_factory=dict)
-    api_key: str | None = None  # sent to the engine instead of the client's key
-    docker: DockerOptions = DockerOptions()
-    priority: int = 0  # breaks ties between models whose waiters waited as long
-    gb_per_device: float | None = None  # need per device, where it is not an even split
-    standby: tuple[Tier, ...] = ()  # how it can sleep instead of stopping, cheapest wake first
-    weights_gb: float | None = None  # what a level-1 sleep keeps in host RAM (else its footprint)
-    wake_check_path: str = "/v1/completions"  # the one tiny request after a wake
-    # Stage and queue progress as reasoning chunks in a streamed chat answer that
-    # must wait for a load; None: as `load_progress_in_stream` says.
-    load_progress_in_stream: bool | None = None
+    size_gb: float = field(
+        metadata=key("GPU memory it needs until switchd has measured it, GiB (required)")
+    )
+    cmd: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            "process runtime: the engine's command line (a string split like a shell, or a list)",
+            custom=True,
+            schema=_WORDS,
+        ),
+    )
+    container: str | None = field(
+        default=None, metadata=key("docker: the container to start and stop (made by compose)")
+    )
+    image: str | None = field(
+        default=None, metadata=key("docker: the image of a container switchd creates itself")
+    )
+    command: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            "docker: the command of a container switchd creates", custom=True, schema=_WORDS
+        ),
+    )
+    url: str | None = field(
+        default=None,
+        metadata=key(
+            "the engine's base URL; without it switchd derives one",
+            custom=True,
+            schema={"type": ["string", "null"], "pattern": "^https?://"},
+        ),
+    )
+    load_time_seconds: float = field(
+        default=30.0, metadata=key("load time estimate until switchd has measured it")
+    )
+    health_path: str = field(
+        default="/health",
+        metadata=key("the engine's health check path", custom=True, schema=_URL_PATH),
+    )
+    pinned: bool = field(default=False, metadata=key("never unloaded to make room"))
+    aliases: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            "other names clients may use for it",
+            custom=True,
+            schema={"type": "array", "items": {"type": "string", "minLength": 1}},
+        ),
+    )
+    ttl_seconds: float = field(default=0.0, metadata=key("unload after this long idle; 0: never"))
+    gpus: tuple[int, ...] | None = field(  # None: every device
+        default=None,
+        metadata=key(
+            "the devices it occupies: all, a count N (any N), or device indexes",
+            custom=True,
+            schema={
+                "anyOf": [
+                    {"const": "all"},
+                    {"type": "null"},
+                    {"type": "integer", "minimum": 1},
+                    {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                ],
+                "default": "all",
+            },
+        ),
+    )
+    env: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata=key(
+            "environment variables of the engine",
+            custom=True,
+            schema={
+                "type": "object",
+                "additionalProperties": {"type": ["string", "number", "boolean"]},
+            },
+        ),
+    )
+    api_key: str | None = field(
+        default=None, metadata=key("sent to the engine instead of the client's key")
+    )
+    docker: DockerOptions = field(
+        default=DockerOptions(),
+        metadata=key("docker: how switchd creates its container", flat=True),
+    )
+    priority: int = field(
+        default=0,
+        metadata=key("breaks ties between models whose waiters waited as long", minimum=-1000),
+    )
+    gb_per_device: float | None = field(
+        default=None,
+        metadata=key("its need per device, where it is not an even split, GiB", minimum=0.01),
+    )
+    standby: tuple[Tier, ...] = field(  # cheapest wake first
+        default=(),
+        metadata=key(
+            "how it can sleep instead of stopping: [sleep1, sleep2] (vLLM) or [release] (SGLang)",
+            custom=True,
+            schema={
+                "type": "array",
+                "items": {"enum": [tier.value for tier in Tier]},
+                "uniqueItems": True,
+                "if": {"contains": {"const": Tier.RELEASE.value}},
+                "then": {"maxItems": 1},
+            },
+        ),
+    )
+    weights_gb: float | None = field(
+        default=None,
+        metadata=key(
+            "what a level-1 sleep keeps in host RAM (else its footprint), GiB", minimum=0.01
+        ),
+    )
+    wake_check_path: str = field(
+        default="/v1/completions",
+        metadata=key("the one tiny request after a wake", custom=True, schema=_URL_PATH),
+    )
+    load_progress_in_stream: bool | None = field(
+        default=None,
+        metadata=key(
+            "stage and queue progress as reasoning chunks in a streamed chat answer that must "
+            "wait for its load; null: as the top-level `load_progress_in_stream` says"
+        ),
+    )
+
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
 
 
 @dataclass(frozen=True)
 class Settings:
-    models: Mapping[str, ModelSpec]
+    models: Mapping[str, ModelSpec] = field(
+        metadata=key(
+            "the catalog: each model's name and its settings (required)",
+            custom=True,
+            schema={
+                "minProperties": 1,
+                "propertyNames": {
+                    "pattern": rf"^(?![-/])(?!.*\.\.)[A-Za-z0-9._:/-]{{1,{MAX_MODEL_NAME}}}$",
+                    "not": {"const": "all"},
+                },
+            },
+        )
+    )
     source: str = "<defaults>"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_keys: tuple[str, ...] = ()  # admin keys: everything
-    inference_keys: tuple[str, ...] = ()  # the OpenAI routes, and reading
-    read_keys: tuple[str, ...] = ()  # status, models, events, metrics
-    cors_allow_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
-    runtime: RuntimeKind = RuntimeKind.DOCKER
-    gpu: GpuKind = GpuKind.AUTO
-    simulated_gpu: SimulatedGpuSettings = SimulatedGpuSettings()
-    eviction: EvictionPolicy = EvictionPolicy.LARGEST_FIRST
-    auto_switch: bool = True
-    request_timeout_seconds: float = 600.0
-    drain_timeout_seconds: float = 30.0
-    health_timeout_seconds: float = 900.0
-    memory_release_timeout_seconds: float = 30.0
-    stop_grace_seconds: float = 10.0
-    max_body_bytes: int = 32 * 1024 * 1024
+    host: str = field(
+        default=DEFAULT_HOST,
+        metadata=key(
+            "HOST:PORT to serve on (IPv6 as [::1]:8080)",
+            name="listen",
+            custom=True,
+            schema={
+                "type": "string",
+                "pattern": ".:[0-9]+$",
+                "default": f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+            },
+        ),
+    )
+    port: int = field(
+        default=DEFAULT_PORT, metadata=key("the port of `listen`", name="listen", custom=True)
+    )
+    api_keys: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            "admin keys: everything", custom=True, env="SWITCHD_API_KEYS", schema=_BEARER_KEYS
+        ),
+    )
+    inference_keys: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            "keys for the OpenAI routes, and reading",
+            custom=True,
+            env="SWITCHD_INFERENCE_KEYS",
+            schema=_BEARER_KEYS,
+        ),
+    )
+    read_keys: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            "keys for status, models, events, metrics",
+            custom=True,
+            env="SWITCHD_READ_KEYS",
+            schema=_BEARER_KEYS,
+        ),
+    )
+    cors_allow_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            "browser origins allowed to call the API",
+            custom=True,
+            schema={
+                "type": ["array", "null"],
+                "items": {"type": "string", "pattern": r"^(\*|https?://.*)$"},
+            },
+        ),
+    )
+    runtime: RuntimeKind = field(
+        default=RuntimeKind.DOCKER, metadata=key("how engines run: containers or local processes")
+    )
+    gpu: GpuKind = field(
+        default=GpuKind.AUTO, metadata=key("auto: NVML if present, else simulated")
+    )
+    simulated_gpu: SimulatedGpuSettings = field(
+        default=SimulatedGpuSettings(), metadata=key("the GPU switchd simulates (`gpu: simulated`)")
+    )
+    eviction: EvictionPolicy = field(
+        default=EvictionPolicy.LARGEST_FIRST, metadata=key("which models to unload to make room")
+    )
+    auto_switch: bool = field(default=True, metadata=key("the proxy loads a model on demand"))
+    request_timeout_seconds: float = field(
+        default=600.0, metadata=key("how long a proxied request may wait for its model")
+    )
+    drain_timeout_seconds: float = field(
+        default=30.0, metadata=key("how long requests in flight may finish before an unload")
+    )
+    health_timeout_seconds: float = field(
+        default=900.0,
+        metadata=key("how long a load may take to answer its health check", minimum=0.1),
+    )
+    memory_release_timeout_seconds: float = field(
+        default=30.0, metadata=key("how long an unloaded engine's GPU memory may take to come back")
+    )
+    stop_grace_seconds: float = field(
+        default=10.0, metadata=key("between SIGTERM and SIGKILL when stopping an engine")
+    )
+    max_body_bytes: int = field(
+        default=32 * 1024 * 1024, metadata=key("the largest request body", minimum=1)
+    )
     # Bounded resources (switchd/limits.py).
-    max_buffered_body_bytes: int = 256 * 1024 * 1024  # all request bodies held at once
-    body_read_timeout_seconds: float = 30.0  # the longest pause inside a request body
-    header_read_timeout_seconds: float = 10.0  # to send a request's headers
-    max_connections: int = 2048  # open at once; past it 503
-    max_waiting_requests: int = 512  # proxied requests waiting for a load; then 503
+    max_buffered_body_bytes: int = field(
+        default=256 * 1024 * 1024, metadata=key("all request bodies held at once", minimum=1)
+    )
+    body_read_timeout_seconds: float = field(
+        default=30.0, metadata=key("the longest pause inside a request body", minimum=0.1)
+    )
+    header_read_timeout_seconds: float = field(
+        default=10.0, metadata=key("how long a client may take to send its headers", minimum=0.1)
+    )
+    max_connections: int = field(
+        default=2048, metadata=key("connections open at once; past it 503", minimum=1)
+    )
+    max_waiting_requests: int = field(
+        default=512, metadata=key("proxied requests waiting for a load; past it 503")
+    )
     # The scheduler (switchd/policy.py): a loaded model keeps the GPU at least its
     # residency (this floor or its learned load time, the larger), then at most
     # max_hold_seconds while requests for models that do not fit beside it wait.
-    min_residency_seconds: float = 5.0
-    max_hold_seconds: float = 60.0
+    min_residency_seconds: float = field(
+        default=5.0, metadata=key("the least time a loaded model keeps the GPU")
+    )
+    max_hold_seconds: float = field(
+        default=60.0,
+        metadata=key("the most time past its residency a model keeps the GPU while others wait"),
+    )
     # After a failed load, requests for that model are refused (503 + Retry-After)
     # for this long, doubling per consecutive failure up to the maximum.
-    load_failure_cooldown_seconds: float = 10.0
-    max_load_failure_cooldown_seconds: float = 300.0
-    # Host RAM that level-1 sleeps may hold in all; None: half of MemAvailable at start.
-    standby_host_ram_gb: float | None = None
-    # Streamed chat answers that wait for a load get its progress as reasoning chunks.
-    load_progress_in_stream: bool = False
-    state_dir: Path = Path(".switchd-state")
+    load_failure_cooldown_seconds: float = field(
+        default=10.0, metadata=key("how long a model's requests are refused after a failed load")
+    )
+    max_load_failure_cooldown_seconds: float = field(
+        default=300.0, metadata=key("the cooldown's ceiling as it doubles per failure")
+    )
+    standby_host_ram_gb: float | None = field(
+        default=None,
+        metadata=key("host RAM level-1 sleeps may hold in all, GiB; null: half of MemAvailable"),
+    )
+    load_progress_in_stream: bool = field(
+        default=False,
+        metadata=key("streamed chat answers that wait for a load get its progress as reasoning"),
+    )
+    # What DESIGN.md documents and every loaded file got; "~" is expanded on construction.
+    state_dir: Path = field(
+        default=Path("~/.local/state/switchd"),
+        metadata=key("what switchd learns (load times, footprints) and its engines' pid files"),
+    )
+
+    def __post_init__(self) -> None:
+        # One default for files and for Settings built in code: a path under the home.
+        object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
 
     def resolve(self, name: str) -> ModelSpec | None:
         """The model called `name` or having it as an alias."""
@@ -170,69 +499,13 @@ class Settings:
         return None
 
 
-_TOP_KEYS = {
-    "listen",
-    "api_keys",
-    "inference_keys",
-    "read_keys",
-    "cors_allow_origins",
-    "max_buffered_body_bytes",
-    "body_read_timeout_seconds",
-    "header_read_timeout_seconds",
-    "max_connections",
-    "runtime",
-    "gpu",
-    "simulated_gpu",
-    "eviction",
-    "auto_switch",
-    "request_timeout_seconds",
-    "drain_timeout_seconds",
-    "health_timeout_seconds",
-    "memory_release_timeout_seconds",
-    "stop_grace_seconds",
-    "max_body_bytes",
-    "max_waiting_requests",
-    "min_residency_seconds",
-    "max_hold_seconds",
-    "load_failure_cooldown_seconds",
-    "max_load_failure_cooldown_seconds",
-    "standby_host_ram_gb",
-    "load_progress_in_stream",
-    "state_dir",
-    "models",
-}
-_MODEL_KEYS = {
-    "cmd",
-    "container",
-    "image",
-    "command",
-    "url",
-    "size_gb",
-    "load_time_seconds",
-    "health_path",
-    "api_key",
-    "pinned",
-    "aliases",
-    "ttl_seconds",
-    "gpus",
-    "env",
-    "volumes",
-    "network",
-    "ports",
-    "port",
-    "shm_size",
-    "ipc",
-    "request_gpus",
-    "remove",
-    "priority",
-    "gpu_count",
-    "gb_per_device",
-    "standby",
-    "weights_gb",
-    "wake_check_path",
-    "load_progress_in_stream",
-}
-_SIMULATED_KEYS = {"total_gb", "devices", "release_delay_seconds", "sleep_residue_gb"}
+def _null_is_default(hint: Any) -> bool:
+    """Whether `null` in the file means the default, as if the key were absent.
+
+    For a number, a boolean or a choice it is a mistake, refused by the reader.
+    """
+    optional = isinstance(hint, types.UnionType)
+    return optional or hint in (str, Path) or dataclasses.is_dataclass(hint)
 
 
 class _Reader:
@@ -242,10 +515,10 @@ class _Reader:
         self.source = source
         self.prefix = prefix
         self.data = data
-        for key in data:
-            if key not in known:
+        for name in data:
+            if name not in known:
                 allowed = ", ".join(sorted(known))
-                raise self.error(str(key), f"unknown key (known keys: {allowed})")
+                raise self.error(str(name), f"unknown key (known keys: {allowed})")
 
     def key(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -253,8 +526,12 @@ class _Reader:
     def error(self, name: str, problem: str) -> ConfigError:
         return ConfigError(self.source, self.key(name), problem)
 
-    def number(self, name: str, default: float | None, *, minimum: float = 0.0) -> float:
-        value = self.data.get(name, default)
+    def given(self, name: str) -> bool:
+        """Whether the file sets `name` to something (`null` counts as not)."""
+        return self.data.get(name) is not None
+
+    def number(self, name: str, *, minimum: float = 0.0) -> float:
+        value = self.data.get(name)
         if value is None:
             raise self.error(name, "is required (a number)")
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -265,20 +542,20 @@ class _Reader:
             raise self.error(name, f"must be >= {minimum:g}, got {value!r}")
         return float(value)
 
-    def whole(self, name: str, default: int, *, minimum: int = 0) -> int:
-        value = self.number(name, default, minimum=minimum)
+    def whole(self, name: str, *, minimum: int = 0) -> int:
+        value = self.number(name, minimum=minimum)
         if value != int(value):
             raise self.error(name, f"must be a whole number, got {value!r}")
         return int(value)
 
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.data.get(name, default)
+    def boolean(self, name: str) -> bool:
+        value = self.data.get(name)
         if not isinstance(value, bool):
             raise self.error(name, f"must be true or false, got {value!r}")
         return value
 
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self.data.get(name, default)
+    def text(self, name: str) -> str | None:
+        value = self.data.get(name)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise self.error(name, f"must be a non-empty string, got {value!r}")
         return value
@@ -301,13 +578,54 @@ class _Reader:
             raise self.error(name, "must not be empty")
         return tuple(parts)
 
-    def choice(self, name: str, enum: type[_E], default: _E) -> _E:
-        value = self.data.get(name, default.value)
+    def choice(self, name: str, enum: type[_E]) -> _E:
+        value: Any = self.data.get(name)
         try:
             return enum(value)
         except ValueError:
             allowed = " | ".join(member.value for member in enum)
             raise self.error(name, f"must be one of {allowed}, got {value!r}") from None
+
+    def fields(self, cls: type) -> dict[str, Any]:
+        """The fields of `cls` the file sets, read as their types say; the rest keep defaults.
+
+        Custom and flat fields are left to the caller.
+        """
+        values: dict[str, Any] = {}
+        for each, meta, hint in keyed_fields(cls):
+            name = meta.name or each.name
+            if meta.custom or meta.flat or (name not in self.data and not is_required(each)):
+                continue
+            if name in self.data and self.data[name] is None and _null_is_default(hint):
+                continue
+            values[each.name] = self.read(name, hint, meta)
+        return values
+
+    def read(self, name: str, hint: Any, meta: Key) -> Any:
+        """The value of `name`, of type `hint` (float, int, bool, str, Path, a StrEnum,
+        a dataclass read as a nested mapping, or one of those or None)."""
+        if isinstance(hint, types.UnionType):
+            (inner,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+            return self.read(name, inner, meta)
+        if hint is float:
+            return self.number(name, minimum=meta.minimum)
+        if hint is int:
+            return self.whole(name, minimum=int(meta.minimum))
+        if hint is bool:
+            return self.boolean(name)
+        if hint is str:
+            return self.text(name)
+        if hint is Path:
+            return Path(str(self.text(name)))
+        if isinstance(hint, type) and issubclass(hint, StrEnum):
+            return self.choice(name, hint)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            value = self.data[name]
+            if not isinstance(value, dict):
+                raise self.error(name, "must be a mapping")
+            nested = _Reader(self.source, f"{self.key(name)}.", value, known_keys(hint))
+            return hint(**nested.fields(hint))
+        raise TypeError(f"{name}: no reader for {hint!r}: give its Key custom=True")
 
 
 def parse_listen(source: str, value: object) -> tuple[str, int]:
@@ -341,7 +659,7 @@ def _parse_gpus(reader: _Reader) -> tuple[tuple[int, ...] | None, int | None]:
 
 def _parse_ports(reader: _Reader) -> dict[str, tuple[str, int]]:
     """Compose-style "[IP:]HOST:CONTAINER" strings into the Docker SDK's mapping."""
-    value = reader.data.get("ports", [])
+    value = reader.data["ports"]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise reader.error("ports", 'must be a list like ["127.0.0.1:8001:8000"]')
     ports: dict[str, tuple[str, int]] = {}
@@ -356,28 +674,27 @@ def _parse_ports(reader: _Reader) -> dict[str, tuple[str, int]]:
 
 
 def _parse_docker(reader: _Reader, gpu_count: int | None) -> DockerOptions:
-    volumes = reader.data.get("volumes", [])
-    if not isinstance(volumes, list) or not all(isinstance(v, str) and ":" in v for v in volumes):
-        raise reader.error("volumes", 'must be a list like ["/srv/models:/models:ro"]')
-    port = reader.number("port", 8000, minimum=1)
-    if port != int(port) or port > 65535:
-        raise reader.error("port", f"must be a port number, got {port!r}")
-    return DockerOptions(
-        volumes=tuple(volumes),
-        network=reader.text("network"),
-        ports=_parse_ports(reader),
-        port=int(port),
-        shm_size=reader.text("shm_size"),
-        ipc=reader.text("ipc"),
-        request_gpus=reader.boolean("request_gpus", True),
-        gpu_count=gpu_count,
-        remove=reader.boolean("remove", False),
-    )
+    values = reader.fields(DockerOptions)
+    if "volumes" in reader.data:
+        volumes = reader.data["volumes"]
+        if not isinstance(volumes, list) or not all(
+            isinstance(v, str) and ":" in v for v in volumes
+        ):
+            raise reader.error("volumes", 'must be a list like ["/srv/models:/models:ro"]')
+        values["volumes"] = tuple(volumes)
+    if "port" in reader.data:
+        port = reader.number("port", minimum=1)
+        if port != int(port) or port > 65535:
+            raise reader.error("port", f"must be a port number, got {port!r}")
+        values["port"] = int(port)
+    if "ports" in reader.data:
+        values["ports"] = _parse_ports(reader)
+    return DockerOptions(**values, gpu_count=gpu_count)
 
 
 def _parse_standby(reader: _Reader) -> tuple[Tier, ...]:
     """`standby: [sleep1, sleep2]` (vLLM), `[release]` (SGLang) or nothing (stop only)."""
-    value = reader.data.get("standby", [])
+    value = reader.data["standby"]
     allowed = " | ".join(tier.value for tier in Tier)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise reader.error("standby", f"must be a list of tiers ({allowed}), got {value!r}")
@@ -397,85 +714,72 @@ def _parse_standby(reader: _Reader) -> tuple[Tier, ...]:
     return tuple(sorted(tiers, key=list(Tier).index))
 
 
+def _url_path(reader: _Reader, name: str) -> str | None:
+    """A path on the engine (`/health`), None where the file leaves it to the default."""
+    path = reader.text(name)
+    if path is not None and not path.startswith("/"):
+        raise reader.error(name, f"must start with '/', got {path!r}")
+    return path
+
+
 def _parse_model(source: str, name: str, data: object) -> ModelSpec:
     prefix = f"models.{name}."
     if not isinstance(data, dict):
         raise ConfigError(source, f"models.{name}", "must be a mapping of model settings")
-    reader = _Reader(source, prefix, data, _MODEL_KEYS)
-    cmd = reader.words("cmd")
+    reader = _Reader(source, prefix, data, known_keys(ModelSpec))
+    # Only what the file gives: every other field keeps its dataclass default.
+    values: dict[str, Any] = {"cmd": reader.words("cmd")}
     container = reader.text("container")
     image = reader.text("image")
-    if not cmd and not container and not image:
+    if not values["cmd"] and not container and not image:
         raise ConfigError(
             source,
             f"models.{name}",
             "needs `cmd` (process runtime) or `container`/`image` (docker)",
         )
-    aliases = reader.data.get("aliases", [])
-    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
-        raise reader.error("aliases", "must be a list of names")
-    env = reader.data.get("env", {})
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str | int | float) for k, v in env.items()
-    ):
-        raise reader.error("env", "must map names to strings or numbers")
-    health_path = reader.text("health_path", "/health") or "/health"
-    if not health_path.startswith("/"):
-        raise reader.error("health_path", f"must start with '/', got {health_path!r}")
+    if "aliases" in data:
+        aliases = data["aliases"]
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise reader.error("aliases", "must be a list of names")
+        values["aliases"] = tuple(aliases)
+    if "env" in data:
+        env = data["env"]
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str | int | float) for k, v in env.items()
+        ):
+            raise reader.error("env", "must map names to strings or numbers")
+        # YAML's `true` would become "True"; engines expect the spelling they were given.
+        values["env"] = {
+            k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()
+        }
+    for path_key in ("health_path", "wake_check_path"):
+        path = _url_path(reader, path_key)
+        if path is not None:
+            values[path_key] = path
     url = reader.text("url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise reader.error("url", f"must start with http:// or https://, got {url!r}")
-    gpus, gpu_count = _parse_gpus(reader)
-    if "gpu_count" in reader.data:
-        if "gpus" in reader.data:
+    values["url"] = url.rstrip("/") if url else None
+    values["gpus"], gpu_count = _parse_gpus(reader)
+    if "gpu_count" in data:
+        if "gpus" in data:
             raise reader.error("gpu_count", "give `gpus` (devices or a count) or `gpu_count`")
-        gpu_count = int(reader.whole("gpu_count", 1, minimum=1))
-    wake_check_path = reader.text("wake_check_path", "/v1/completions") or "/v1/completions"
-    if not wake_check_path.startswith("/"):
-        raise reader.error("wake_check_path", f"must start with '/', got {wake_check_path!r}")
+        gpu_count = reader.whole("gpu_count", minimum=1)
     if container and image:
         raise ConfigError(
             source,
             f"models.{name}",
             "has both `container` (one compose made) and `image` (one switchd makes): keep one",
         )
+    values["command"] = reader.words("command")
+    if "standby" in data:
+        values["standby"] = _parse_standby(reader)
     return ModelSpec(
         name=name,
-        size_gb=reader.number("size_gb", None, minimum=0.0),
-        cmd=cmd,
-        container=container,
-        image=image,
-        command=reader.words("command"),
-        url=url.rstrip("/") if url else None,
-        load_time_seconds=reader.number("load_time_seconds", 30.0),
-        health_path=health_path,
-        pinned=reader.boolean("pinned", False),
-        aliases=tuple(aliases),
-        ttl_seconds=reader.number("ttl_seconds", 0.0),
-        gpus=gpus,
-        api_key=reader.text("api_key"),
+        **values,
+        **reader.fields(ModelSpec),
         docker=_parse_docker(reader, gpu_count),
-        priority=reader.whole("priority", 0, minimum=-1000),
-        gb_per_device=reader.number("gb_per_device", None, minimum=0.01)
-        if "gb_per_device" in reader.data
-        else None,
-        standby=_parse_standby(reader),
-        weights_gb=reader.number("weights_gb", None, minimum=0.01)
-        if reader.data.get("weights_gb") is not None
-        else None,
-        wake_check_path=wake_check_path,
-        load_progress_in_stream=reader.boolean("load_progress_in_stream", False)
-        if reader.data.get("load_progress_in_stream") is not None
-        else None,
-        # YAML's `true` would become "True"; engines expect the spelling they were given.
-        env={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in env.items()},
     )
-
-
-# A model's name reaches Docker (container names, labels) and engines' command lines
-# (${MODEL}): plain characters only, though a HuggingFace-style `org/name` must work.
-MAX_MODEL_NAME = 128
-_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/-]+")
 
 
 def _model_name(source: str, name: object) -> str:
@@ -583,28 +887,20 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, "", "must be a YAML mapping at the top level")
-    top = _Reader(source, "", data, _TOP_KEYS)
-    host, port = parse_listen(source, data.get("listen", "127.0.0.1:8080"))
-
-    keys, inference_keys, read_keys = (
-        _keys(top, name, environ, variable)
-        for name, variable in (
-            ("api_keys", "SWITCHD_API_KEYS"),
-            ("inference_keys", "SWITCHD_INFERENCE_KEYS"),
-            ("read_keys", "SWITCHD_READ_KEYS"),
-        )
-    )
+    top = _Reader(source, "", data, known_keys(Settings))
+    # Only what the file gives: every other field keeps its dataclass default.
+    values: dict[str, Any] = {}
+    if "listen" in data:
+        values["host"], values["port"] = parse_listen(source, data["listen"])
+    for each, meta, _ in keyed_fields(Settings):
+        if meta.env:
+            values[each.name] = _keys(top, each.name, environ, meta.env)
     origins = data.get("cors_allow_origins", []) or []
     if not isinstance(origins, list) or not all(
         isinstance(o, str) and (o == "*" or o.startswith(("http://", "https://"))) for o in origins
     ):
         raise top.error("cors_allow_origins", 'must be a list like ["https://ui.example.com"]')
-
-    simulated = data.get("simulated_gpu", {}) or {}
-    if not isinstance(simulated, dict):
-        raise top.error("simulated_gpu", "must be a mapping")
-    sim = _Reader(source, "simulated_gpu.", simulated, _SIMULATED_KEYS)
-    devices = sim.whole("devices", 1, minimum=1)
+    values["cors_allow_origins"] = tuple(origins)
 
     models_data = data.get("models")
     if not isinstance(models_data, dict) or not models_data:
@@ -615,49 +911,10 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         models[name] = _parse_model(source, name, model_data)
     _check_names(source, models)
 
-    state_dir = top.text("state_dir", "~/.local/state/switchd") or "~/.local/state/switchd"
-    settings = Settings(
-        models=models,
-        source=source,
-        host=host,
-        port=port,
-        api_keys=keys,
-        inference_keys=inference_keys,
-        read_keys=read_keys,
-        cors_allow_origins=tuple(origins),
-        runtime=top.choice("runtime", RuntimeKind, RuntimeKind.DOCKER),
-        gpu=top.choice("gpu", GpuKind, GpuKind.AUTO),
-        simulated_gpu=SimulatedGpuSettings(
-            total_gb=sim.number("total_gb", 95.59, minimum=0.01),
-            devices=devices,
-            release_delay_seconds=sim.number("release_delay_seconds", 0.0),
-            sleep_residue_gb=sim.number("sleep_residue_gb", 1.5),
-        ),
-        eviction=top.choice("eviction", EvictionPolicy, EvictionPolicy.LARGEST_FIRST),
-        auto_switch=top.boolean("auto_switch", True),
-        request_timeout_seconds=top.number("request_timeout_seconds", 600.0),
-        drain_timeout_seconds=top.number("drain_timeout_seconds", 30.0),
-        health_timeout_seconds=top.number("health_timeout_seconds", 900.0, minimum=0.1),
-        memory_release_timeout_seconds=top.number("memory_release_timeout_seconds", 30.0),
-        stop_grace_seconds=top.number("stop_grace_seconds", 10.0),
-        max_body_bytes=top.whole("max_body_bytes", 32 * 1024 * 1024, minimum=1),
-        max_buffered_body_bytes=top.whole("max_buffered_body_bytes", 256 * 1024 * 1024, minimum=1),
-        body_read_timeout_seconds=top.number("body_read_timeout_seconds", 30.0, minimum=0.1),
-        header_read_timeout_seconds=top.number("header_read_timeout_seconds", 10.0, minimum=0.1),
-        max_connections=top.whole("max_connections", 2048, minimum=1),
-        max_waiting_requests=top.whole("max_waiting_requests", 512),
-        min_residency_seconds=top.number("min_residency_seconds", 5.0),
-        max_hold_seconds=top.number("max_hold_seconds", 60.0),
-        load_failure_cooldown_seconds=top.number("load_failure_cooldown_seconds", 10.0),
-        max_load_failure_cooldown_seconds=top.number("max_load_failure_cooldown_seconds", 300.0),
-        standby_host_ram_gb=top.number("standby_host_ram_gb", None)
-        if data.get("standby_host_ram_gb") is not None
-        else None,
-        load_progress_in_stream=top.boolean("load_progress_in_stream", False),
-        state_dir=Path(os.path.expanduser(state_dir)),
-    )
+    settings = Settings(models=models, source=source, **values, **top.fields(Settings))
     if settings.gpu is GpuKind.SIMULATED:  # for nvml and auto: once the probe is open (app.py)
-        check_devices(settings, devices, "the simulated GPU", settings.simulated_gpu.total_gb)
+        simulated = settings.simulated_gpu
+        check_devices(settings, simulated.devices, "the simulated GPU", simulated.total_gb)
     return settings
 
 

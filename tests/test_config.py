@@ -1142,3 +1142,13 @@ def test_a_bad_load_progress_in_stream_is_refused() -> None:
         "models.m.load_progress_in_stream",
         "must be true or false, got 1",
     )
+
+
+def test_settings_built_in_code_get_the_files_state_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from_file = parse_settings({"models": {"m": model()}}, SOURCE, {})
+    in_code = Settings(models=from_file.models)
+    assert in_code.state_dir == from_file.state_dir == tmp_path / ".local" / "state" / "switchd"
+    assert Settings(models={}, state_dir=Path("~/elsewhere")).state_dir == tmp_path / "elsewhere"
