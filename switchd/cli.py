@@ -29,6 +29,7 @@ from switchd.gpu import GpuUnavailable
 from switchd.protocol import server_protocol
 from switchd.proxy import one_line_for_cut_offs
 from switchd.runtime.docker import DockerUnavailable, connect_docker
+from switchd.schema import schema_text
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 GRACEFUL_SHUTDOWN_SECONDS = 5
@@ -230,11 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
         "unload", parents=[client_parent], help="unload a model (`all`: every unpinned one)"
     )
     unload_cmd.add_argument("model")
+    commands.add_parser("config-schema", help="print the JSON Schema of switchd.yaml")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config-schema":
+        sys.stdout.write(schema_text())
+        return 0
     if args.command in ("status", "switch", "unload"):
         return run_client(args.command, args.url, args.key, getattr(args, "model", None))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
