@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_parent = argparse.ArgumentParser(add_help=False)
     client_parent.add_argument(
-        "--url", default=os.environ.get("SWITCHD_URL", DEFAULT_URL), help="switchd's address"
+        "--url",
+        help=f"switchd's address: http://HOST:PORT or HOST:PORT (or SWITCHD_URL; {DEFAULT_URL})",
     )
     client_parent.add_argument(
         "--key", default=os.environ.get("SWITCHD_API_KEY"), help="API key (or SWITCHD_API_KEY)"
@@ -235,13 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def client_url(flag: str | None) -> tuple[str, str]:
+    """switchd's address for a client command and where it came from, to name it if bad."""
+    if flag is not None:
+        return flag, "--url"
+    if from_env := os.environ.get("SWITCHD_URL"):
+        return from_env, "SWITCHD_URL"
+    return DEFAULT_URL, "--url"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config-schema":
         sys.stdout.write(schema_text())
         return 0
     if args.command in ("status", "switch", "unload"):
-        return run_client(args.command, args.url, args.key, getattr(args, "model", None))
+        url, source = client_url(args.url)
+        return run_client(args.command, url, args.key, getattr(args, "model", None), source)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # One line per health poll drowns what matters; keep httpx to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)

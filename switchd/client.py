@@ -19,7 +19,9 @@ from switchd.states import Stage
 
 BAR_WIDTH = 24
 EXIT_FAILED = 1  # the server said no (switch failed, unknown model…)
-EXIT_UNREACHABLE = 2  # no answer, or not authorised
+EXIT_UNREACHABLE = 2  # no answer, not authorised, or no address to ask
+URL_FORMS = "give http://HOST:PORT, https://HOST:PORT or HOST:PORT ([::1]:PORT for IPv6)"
+DETAIL = "    | "  # before each engine line under a stage or a model
 
 
 class ClientError(Exception):
@@ -76,6 +78,39 @@ def progress_bar(fraction: float) -> str:
     return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + f"] {int(fraction * 100):3d}%"
 
 
+def parse_url(source: str, value: str) -> str:
+    """switchd's address from `source` (--url, SWITCHD_URL): a URL, or HOST:PORT as
+    --listen takes it, meaning http://HOST:PORT. A bad one is a ClientError (exit 2)."""
+    text = value.strip()
+    if "://" not in text:
+        text = f"http://{text}"
+    problem = url_problem(text)
+    if problem is not None:
+        raise ClientError(f"bad {source} {value!r}: {problem}; {URL_FORMS}", EXIT_UNREACHABLE)
+    return text.rstrip("/")
+
+
+def url_problem(text: str) -> str | None:
+    """What is wrong with `text` as switchd's address, or None."""
+    if any(char.isspace() for char in text):
+        return "it has a space"
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        authority = text.partition("://")[2].partition("/")[0]
+        if authority.count(":") > 1 and not authority.startswith("["):
+            return "an IPv6 address goes in brackets"
+        reason = str(exc)
+        return reason[:1].lower() + reason[1:]
+    if url.scheme not in ("http", "https"):
+        return f"switchd speaks http or https, not {url.scheme}"
+    if not url.host:
+        return "it names no host"
+    if url.port is not None and not 0 < url.port < 65536:
+        return f"port {url.port} is not in 1-65535"
+    return None
+
+
 class Client:
     def __init__(self, url: str, key: str | None, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -126,32 +161,52 @@ class Client:
             raise self._unreachable(exc) from None
 
 
+def memory_line(label: str, memory: dict[str, Any]) -> str:
+    return (
+        f"{label}: {memory['used_gb']:.2f} of {memory['total_gb']:.2f} GB used, "
+        f"{memory['available_gb']:.2f} GB free\n"
+    )
+
+
+def model_devices(model: dict[str, Any]) -> str:
+    """The devices a model is on (`devices`), else those its config names (`gpus`), else -."""
+    devices = model.get("devices") or model.get("gpus")
+    if isinstance(devices, list) and devices:
+        return ",".join(str(index) for index in devices)
+    return "-"  # not placed yet: `gpus: all`, or any N devices (`gpu_count`)
+
+
 def show_status(client: Client, out: TextIO) -> int:
     status = client.get("/v1/models/status")
     gpu = status["gpu"]
-    out.write(
-        f"GPU ({gpu['source']}): {gpu['used_gb']:.2f} of {gpu['total_gb']:.2f} GB used, "
-        f"{gpu['available_gb']:.2f} GB free\n"
-    )
-    rows = [("MODEL", "STATUS", "SIZE GB", "LOAD S", "IN FLIGHT", "")]
+    out.write(memory_line(f"GPU ({gpu['source']})", gpu))
+    # On a multi-GPU host a model needs its share free on each of its devices: each
+    # device's memory, and each model's devices, are what an operator reads.
+    several = len(gpu.get("devices") or []) > 1
+    if several:
+        for device in gpu["devices"]:
+            out.write(memory_line(f"  GPU {device['index']}", device))
+    header = ["MODEL", "STATUS", "SIZE GB", "LOAD S", "IN FLIGHT", *(["GPUS"] if several else [])]
+    rows: list[tuple[list[str], str, list[str]]] = [(header, "", [])]
     for name, model in status["models"].items():
-        note = "pinned" if model["pinned"] else ""
+        note, details = ("pinned" if model["pinned"] else ""), []
         if model.get("error"):
-            note = model["error"].splitlines()[0]
-        rows.append(
-            (
-                name,
-                model["status"],
-                f"{model['size_gb']:g}",
-                f"{model['estimated_load_time_seconds']:g}",
-                str(model["in_flight"]),
-                note,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        out.write("  ".join([*cells, row[5]]).rstrip() + "\n")
+            # The first line says what happened; the engine's last lines, below it, why.
+            note, *details = model["error"].splitlines()
+        cells = [
+            name,
+            model["status"],
+            f"{model['size_gb']:g}",
+            f"{model['estimated_load_time_seconds']:g}",
+            str(model["in_flight"]),
+            *([model_devices(model)] if several else []),
+        ]
+        rows.append((cells, note, details))
+    widths = [max(len(cells[i]) for cells, _, _ in rows) for i in range(len(header))]
+    for cells, note, details in rows:
+        padded = [cell.ljust(width) for cell, width in zip(cells, widths, strict=True)]
+        out.write("  ".join([*padded, note]).rstrip() + "\n")
+        out.writelines(f"{DETAIL}{line}\n" for line in details)
     switch = status.get("switch")
     if switch:
         out.write(
@@ -161,6 +216,21 @@ def show_status(client: Client, out: TextIO) -> int:
     return 0
 
 
+def stage_message(event: ServerEvent) -> str:
+    """What a stage line says: the event's message, said once.
+
+    A memory_check that puts models aside ends with each one's plan (`unloading A`,
+    `sleeping B (level 1): wakes in …`), which the `unload`/`sleep` line after it
+    says again: here the figures are kept and the plan is left to those lines.
+    """
+    message: str = event.data["message"]
+    if event.name == Stage.MEMORY_CHECK and event.data.get("to_unload"):
+        figures, verdict, _ = message.partition(" GB free: ")
+        if verdict:
+            return f"{figures} GB free: making room"
+    return message
+
+
 def follow_job(client: Client, path: str, params: dict[str, str], out: TextIO) -> int:
     """Print each stage with a progress bar; the exit code says how the job ended."""
     live = out.isatty()
@@ -168,9 +238,9 @@ def follow_job(client: Client, path: str, params: dict[str, str], out: TextIO) -
     for event in client.stream(path, params):
         data = event.data
         if event.name == wire.LOG:
-            line = f"    | {data['line']}"
+            line = f"{DETAIL}{data['line']}"
         else:
-            line = f"{progress_bar(data['progress'])}  {event.name:<12} {data['message']}"
+            line = f"{progress_bar(data['progress'])}  {event.name:<12} {stage_message(event)}"
         if redraw:
             out.write("\r\x1b[2K")
         # On a terminal, repeated `loading` lines overwrite each other.
@@ -184,8 +254,14 @@ def follow_job(client: Client, path: str, params: dict[str, str], out: TextIO) -
     raise ClientError("the event stream ended before the switch did", EXIT_UNREACHABLE)
 
 
-def run_client(command: str, url: str, key: str | None, model: str | None) -> int:
-    client = Client(url, key)
+def run_client(
+    command: str, url: str, key: str | None, model: str | None, url_source: str = "--url"
+) -> int:
+    """Run a client command against `url` (named by `url_source` if it is bad)."""
+    try:
+        client = Client(parse_url(url_source, url), key)
+    except ClientError as error:
+        return failed(error)
     try:
         if command == "status":
             return show_status(client, sys.stdout)
@@ -194,8 +270,13 @@ def run_client(command: str, url: str, key: str | None, model: str | None) -> in
             return follow_job(client, "/v1/models/switch", {"target_model": model}, sys.stdout)
         return follow_job(client, "/v1/models/unload", {"model": model}, sys.stdout)
     except ClientError as error:
-        sys.stdout.flush()
-        print(f"switchd: {error}", file=sys.stderr)
-        return error.exit_code
+        return failed(error)
     finally:
         client.close()
+
+
+def failed(error: ClientError) -> int:
+    """One line on stderr, after whatever stdout holds; the error's exit code."""
+    sys.stdout.flush()
+    print(f"switchd: {error}", file=sys.stderr)
+    return error.exit_code

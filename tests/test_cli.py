@@ -507,6 +507,36 @@ def test_client_command_in_process_against_a_closed_port(
     assert capsys.readouterr().err.startswith(f"switchd: cannot reach switchd at {url}: ")
 
 
+BAD_URL_HINT = "give http://HOST:PORT, https://HOST:PORT or HOST:PORT ([::1]:PORT for IPv6)"
+
+
+@pytest.mark.parametrize("command", [["status"], ["switch", "alpha"], ["unload", "all"]])
+def test_a_bad_url_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    assert main([*command, "--url", "http://x:abc"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        captured.err == f"switchd: bad --url 'http://x:abc': invalid port: 'abc'; {BAD_URL_HINT}\n"
+    )
+
+
+def test_a_bad_switchd_url_is_named_and_url_wins_over_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWITCHD_URL", "::1:8080")
+    assert main(["status"]) == 2
+    assert capsys.readouterr().err == (
+        f"switchd: bad SWITCHD_URL '::1:8080': an IPv6 address goes in brackets; {BAD_URL_HINT}\n"
+    )
+    port = free_port()
+    assert main(["status", "--url", f"127.0.0.1:{port}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"switchd: cannot reach switchd at http://127.0.0.1:{port}: "
+    )
+
+
 # ---- real servers and client subprocesses ------------------------------------------------
 
 
@@ -605,6 +635,10 @@ def test_switch_shows_each_stage_then_status_lists_the_model_running(
     assert set(rows) == {"alpha", "beta"}
     assert rows["alpha"][:2] == ["running", "30"]
     assert rows["beta"][:2] == ["exited", "30"]
+    # HOST:PORT, as --listen takes it, from the flag or the environment.
+    host_port = server.url.removeprefix("http://")
+    assert switchd("status", "--url", host_port).stdout == status.stdout
+    assert switchd("status", env={"SWITCHD_URL": host_port}).stdout == status.stdout
 
 
 def test_unload_stops_the_engine(make_server: ServerFactory) -> None:

@@ -20,6 +20,7 @@ from switchd.client import (
     SseParser,
     follow_job,
     parse_sse,
+    parse_url,
     progress_bar,
     run_client,
     show_status,
@@ -220,6 +221,62 @@ def test_follow_job_returns_1_on_an_error_event() -> None:
     client.close()
 
 
+MAKING_ROOM = [
+    stage(
+        "memory_check",
+        0.05,
+        "gpt-oss-20b needs 24.00 GB, 15.59 GB free: sleeping gpt-oss-120b (level 1): wakes "
+        "in ~0.82 s instead of a 8.15 s load; unloading mistral-7b",
+        to_unload=["gpt-oss-120b", "mistral-7b"],
+        to_sleep=["gpt-oss-120b"],
+    ),
+    stage(
+        "sleep",
+        0.05,
+        "Sleeping gpt-oss-120b (level 1): wakes in ~0.82 s instead of a 8.15 s load",
+    ),
+    stage("unload", 0.05, "Unloading mistral-7b"),
+    stage("result", 1.0, "Model 'gpt-oss-20b' is ready"),
+]
+
+
+def test_a_memory_check_leaves_each_models_plan_to_its_own_stage_line() -> None:
+    client = mock_client(lambda request: stream_response(sse(*MAKING_ROOM)))
+    out = io.StringIO()
+    assert follow_job(client, "/v1/models/switch", {"target_model": "20b"}, out) == 0
+    assert out.getvalue().splitlines() == [
+        "[#.......................]   5%  memory_check gpt-oss-20b needs 24.00 GB, "
+        "15.59 GB free: making room",
+        "[#.......................]   5%  sleep        Sleeping gpt-oss-120b (level 1): wakes "
+        "in ~0.82 s instead of a 8.15 s load",
+        "[#.......................]   5%  unload       Unloading mistral-7b",
+        "[########################] 100%  result       Model 'gpt-oss-20b' is ready",
+    ]
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("message", "to_unload"),
+    [
+        ("alpha needs 30.00 GB, 95.59 GB free: it fits", []),
+        ("alpha needs 90.00 GB, 5.59 GB free: not enough even after unloading every model", []),
+        ("alpha needs 30.00 GB; worded otherwise: unloading beta", ["beta"]),
+    ],
+    ids=["fits", "never-fits", "other-wording"],
+)
+def test_a_memory_check_without_a_plan_to_repeat_is_shown_whole(
+    message: str, to_unload: list[str]
+) -> None:
+    events = [stage("memory_check", 0.05, message, to_unload=to_unload), stage("result", 1, "")]
+    client = mock_client(lambda request: stream_response(sse(*events)))
+    out = io.StringIO()
+    assert follow_job(client, "/v1/models/switch", {"target_model": "alpha"}, out) == 0
+    assert (
+        out.getvalue().splitlines()[0] == f"[#.......................]   5%  memory_check {message}"
+    )
+    client.close()
+
+
 def test_follow_job_unload_posts_the_model() -> None:
     requests: list[httpx.Request] = []
 
@@ -361,6 +418,70 @@ def test_run_client_against_a_closed_port(
     assert captured.err.count("\n") == 1
 
 
+# ---- the address -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "url"),
+    [
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("https://gpu-box.example:8443/", "https://gpu-box.example:8443"),
+        ("http://gpu-box/switchd/", "http://gpu-box/switchd"),
+        ("127.0.0.1:8080", "http://127.0.0.1:8080"),  # the form --listen takes
+        ("localhost:9000", "http://localhost:9000"),
+        ("[::1]:8080", "http://[::1]:8080"),
+        (" 10.0.0.5:80 ", "http://10.0.0.5:80"),
+    ],
+)
+def test_parse_url_takes_a_url_or_host_port(given: str, url: str) -> None:
+    assert parse_url("--url", given) == url
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("http://x:abc", "invalid port: 'abc'"),
+        ("x:abc", "invalid port: 'abc'"),
+        ("http://h:99999", "port 99999 is not in 1-65535"),
+        ("h:0", "port 0 is not in 1-65535"),
+        ("::1:8080", "an IPv6 address goes in brackets"),
+        ("http://[::1", "invalid port: ':1'"),
+        ("ftp://h:21", "switchd speaks http or https, not ftp"),
+        ("http://", "it names no host"),
+        ("", "it names no host"),
+        ("gpu box:80", "it has a space"),
+    ],
+)
+def test_parse_url_refuses_a_bad_address_in_one_line(given: str, problem: str) -> None:
+    with pytest.raises(ClientError) as caught:
+        parse_url("SWITCHD_URL", given)
+    assert caught.value.exit_code == EXIT_UNREACHABLE == 2
+    assert str(caught.value) == (
+        f"bad SWITCHD_URL {given!r}: {problem}; give http://HOST:PORT, https://HOST:PORT "
+        "or HOST:PORT ([::1]:PORT for IPv6)"
+    )
+
+
+@pytest.mark.parametrize("command", ["status", "switch", "unload"])
+def test_run_client_with_a_bad_url_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    assert run_client(command, "http://x:abc", None, "alpha") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "switchd: bad --url 'http://x:abc': invalid port: 'abc'; give http://HOST:PORT, "
+        "https://HOST:PORT or HOST:PORT ([::1]:PORT for IPv6)\n"
+    )
+
+
+def test_run_client_reads_host_port_as_http(capsys: pytest.CaptureFixture[str]) -> None:
+    port = closed_port()
+    assert run_client("status", f"127.0.0.1:{port}", None, None, "SWITCHD_URL") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"switchd: cannot reach switchd at http://127.0.0.1:{port}: ")
+
+
 # ---- show_status --------------------------------------------------------------------------
 
 
@@ -380,7 +501,12 @@ STATUS: dict[str, Any] = {
         "gpt-oss-120b": model("running", 80.0, 61, in_flight=2, health="healthy"),
         "gpt-oss-20b": model("exited", 24.0, 15.5, pinned=True),
         "mistral-7b": model(
-            "failed", 18.0, 30, error="exited with code 1 while loading\nTraceback (most recent"
+            "failed",
+            18.0,
+            30,
+            error="mistral-7b exited with code 1 while loading:\n"
+            "ERROR torch.OutOfMemoryError: CUDA out of memory.\n"
+            "ERROR Engine core initialization failed",
         ),
     },
     "gpu": {"used_gb": 80.0, "total_gb": 95.59, "available_gb": 15.59, "source": "simulated"},
@@ -391,7 +517,10 @@ STATUS_LINES = [
     "MODEL         STATUS   SIZE GB  LOAD S  IN FLIGHT",
     "gpt-oss-120b  running  80       61      2",
     "gpt-oss-20b   exited   24       15.5    0          pinned",
-    "mistral-7b    failed   18       30      0          exited with code 1 while loading",
+    "mistral-7b    failed   18       30      0          "
+    "mistral-7b exited with code 1 while loading:",
+    "    | ERROR torch.OutOfMemoryError: CUDA out of memory.",
+    "    | ERROR Engine core initialization failed",
 ]
 
 
@@ -425,4 +554,56 @@ def test_show_status_shows_a_running_switch() -> None:
         *STATUS_LINES,
         "switching to gpt-oss-20b: unload [#######.................]  30%",
     ]
+    client.close()
+
+
+def test_show_status_on_a_multi_gpu_host_shows_each_device_and_each_models_devices() -> None:
+    def device(index: int, used: float) -> dict[str, Any]:
+        return {
+            "index": index,
+            "name": "Simulated GPU",
+            "used_gb": used,
+            "total_gb": 47.79,
+            "available_gb": round(47.79 - used, 2),
+        }
+
+    body = {
+        "models": {
+            "gpt-oss-120b": model("running", 80.0, 8, gpus=[0, 1], devices=[0, 1]),
+            "gpt-oss-20b": model("loading", 24.0, 3, gpus="all", devices=[1]),
+            "mistral-7b": model("exited", 18.0, 2, gpus="all", devices=None),
+            "pinned-7b": model("exited", 18.0, 2, gpus=[1], devices=None),
+        },
+        "gpu": {
+            "used_gb": 104.0,
+            "total_gb": 95.58,
+            "available_gb": 0.0,
+            "source": "simulated",
+            "devices": [device(0, 40.0), device(1, 47.0)],
+        },
+        "switch": None,
+    }
+    client = mock_client(lambda request: httpx.Response(200, json=body))
+    out = io.StringIO()
+    assert show_status(client, out) == 0
+    assert out.getvalue().splitlines() == [
+        "GPU (simulated): 104.00 of 95.58 GB used, 0.00 GB free",
+        "  GPU 0: 40.00 of 47.79 GB used, 7.79 GB free",
+        "  GPU 1: 47.00 of 47.79 GB used, 0.79 GB free",
+        "MODEL         STATUS   SIZE GB  LOAD S  IN FLIGHT  GPUS",
+        "gpt-oss-120b  running  80       8       0          0,1",
+        "gpt-oss-20b   loading  24       3       0          1",
+        "mistral-7b    exited   18       2       0          -",
+        "pinned-7b     exited   18       2       0          1",
+    ]
+    client.close()
+
+
+def test_show_status_on_one_gpu_has_no_devices_column() -> None:
+    one = {"index": 0, "name": "H200", "used_gb": 80.0, "total_gb": 95.59, "available_gb": 15.59}
+    body = {**STATUS, "gpu": {**STATUS["gpu"], "devices": [one]}}
+    client = mock_client(lambda request: httpx.Response(200, json=body))
+    out = io.StringIO()
+    assert show_status(client, out) == 0
+    assert out.getvalue().splitlines() == STATUS_LINES
     client.close()

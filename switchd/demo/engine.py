@@ -2,7 +2,8 @@
 
 It behaves like a vLLM server from the outside: it listens at once, reports 503 on
 /health while "loading" (printing vLLM-like log lines), then serves deterministic
-chat, completion and embedding answers, streamed at a fixed token rate if asked.
+chat, completion, Responses API and embedding answers, streamed at a fixed token
+rate if asked.
 
 With --enable-sleep-mode it also offers vLLM's sleep-mode API (what vLLM serves with
 --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1): POST /sleep?level=1|2, POST /wake_up
@@ -127,12 +128,15 @@ async def read_body(request: Request, engine: Engine) -> dict[str, Any] | Respon
     return body
 
 
-def token_budget(body: dict[str, Any]) -> int | Response:
-    value = body.get("max_tokens", body.get("max_completion_tokens", DEFAULT_MAX_TOKENS))
+def token_budget(
+    body: dict[str, Any], names: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
+) -> int | Response:
+    """The first of `names` the body has (chat's by default), else DEFAULT_MAX_TOKENS."""
+    value = next((body[name] for name in names if name in body), DEFAULT_MAX_TOKENS)
     if value is None:
         return DEFAULT_MAX_TOKENS
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return error(400, "max_tokens must be a positive integer.", "invalid_value")
+        return error(400, f"{names[0]} must be a positive integer.", "invalid_value")
     return value
 
 
@@ -237,6 +241,161 @@ async def stream_chunks(
     if usage is not None:
         yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+# ---- the Responses API (POST /v1/responses) --------------------------------------------
+# The shape of OpenAI's Responses API: a `response` object whose `output` holds one
+# assistant `message` with one `output_text` part; streamed, the documented semantic
+# events (`event:` lines, each payload with its `type` and a `sequence_number`), ending
+# with response.completed (or response.incomplete) and no `[DONE]`.
+
+
+def input_text(value: Any) -> str:
+    """The last user text of a Responses `input`: a string, or a list of message items
+    whose content is a string or parts (`input_text`, or `text` as chat allows)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        return ""
+    said = ""
+    for item in value:
+        if not isinstance(item, dict) or item.get("role", "user") != "user":
+            continue
+        content = item.get("content")
+        if isinstance(content, list):
+            parts = [
+                p
+                for p in content
+                if isinstance(p, dict) and p.get("type") in ("input_text", "text")
+            ]
+            said = " ".join(str(p.get("text", "")) for p in parts)
+        else:
+            said = message_text(content)
+    return said
+
+
+def response_object(
+    engine: Engine,
+    ids: tuple[str, str],
+    created: int,
+    *,
+    status: str,
+    text: str | None,
+    usage: dict[str, int] | None,
+    budget: int,
+) -> dict[str, Any]:
+    """A `response` object; `text` None: no output yet (as response.created has it)."""
+    response_id, message_id = ids
+    output = [] if text is None else [message_item(message_id, text, "completed")]
+    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "error": None,
+        "incomplete_details": incomplete,
+        "model": engine.model,
+        "output": output,
+        "max_output_tokens": budget,
+        "usage": usage,
+    }
+
+
+def message_item(message_id: str, text: str | None, status: str) -> dict[str, Any]:
+    content = [] if text is None else [text_part(text)]
+    return {
+        "type": "message",
+        "id": message_id,
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    }
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+async def responses(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    body = await read_body(request, engine)
+    if isinstance(body, Response):
+        return body
+    budget = token_budget(body, ("max_output_tokens",))
+    if isinstance(budget, Response):
+        return budget
+    said = input_text(body.get("input"))
+    instructions = body.get("instructions")
+    prompt_text = f"{instructions} {said}" if isinstance(instructions, str) else said
+    answer = words(f"Hello from {engine.model}. You said: {said[:PROMPT_ECHO_CHARS]}")
+    tokens = answer[:budget]
+    status = "incomplete" if len(answer) > budget else "completed"
+    usage = {
+        "input_tokens": len(words(prompt_text)),
+        "output_tokens": len(tokens),
+        "total_tokens": len(words(prompt_text)) + len(tokens),
+    }
+    ids = (f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}")
+    created = int(time.time())
+    if body.get("stream"):
+        events = stream_response_events(
+            engine, ids, created, tokens, status=status, usage=usage, budget=budget
+        )
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    text = " ".join(tokens)
+    return JSONResponse(
+        response_object(engine, ids, created, status=status, text=text, usage=usage, budget=budget)
+    )
+
+
+async def stream_response_events(
+    engine: Engine,
+    ids: tuple[str, str],
+    created: int,
+    tokens: list[str],
+    *,
+    status: str,
+    usage: dict[str, int],
+    budget: int,
+) -> AsyncIterator[str]:
+    delay = 1.0 / engine.tokens_per_second if engine.tokens_per_second > 0 else 0.0
+    epoch = engine.sleep_epoch
+    sequence = itertools.count()
+    message_id = ids[1]
+    where = {"item_id": message_id, "output_index": 0, "content_index": 0}
+
+    def event(kind: str, **fields: Any) -> str:
+        data = {"type": kind, "sequence_number": next(sequence), **fields}
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+    def cut() -> bool:
+        return engine.stopping or engine.sleep_epoch != epoch
+
+    def response(state: str, text: str | None, used: dict[str, int] | None) -> dict[str, Any]:
+        return response_object(
+            engine, ids, created, status=state, text=text, usage=used, budget=budget
+        )
+
+    yield event("response.created", response=response("in_progress", None, None))
+    yield event("response.in_progress", response=response("in_progress", None, None))
+    item = message_item(message_id, None, "in_progress")
+    yield event("response.output_item.added", output_index=0, item=item)
+    yield event("response.content_part.added", **where, part=text_part(""))
+    for i, token in enumerate(tokens):
+        if i and delay:
+            await pause(delay, cut)
+        if cut():
+            return  # as the chat stream: cut short on shutdown or sleep
+        # Leading spaces make the concatenated deltas equal the whole text.
+        yield event("response.output_text.delta", **where, delta=token if i == 0 else f" {token}")
+    text = " ".join(tokens)
+    yield event("response.output_text.done", **where, text=text)
+    yield event("response.content_part.done", **where, part=text_part(text))
+    item = message_item(message_id, text, "completed")
+    yield event("response.output_item.done", output_index=0, item=item)
+    yield event(f"response.{status}", response=response(status, text, usage))
 
 
 async def pause(seconds: float, stop: Callable[[], bool]) -> None:
@@ -398,6 +557,7 @@ def create_app(engine: Engine) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
     if engine.sleep_mode:

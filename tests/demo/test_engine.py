@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -247,6 +249,111 @@ def test_models_completions_embeddings(ready: EngineProcess) -> None:
     assert len(one["data"][0]["embedding"]) == 8
     assert many["data"][0]["embedding"] == one["data"][0]["embedding"]
     assert many["data"][1]["embedding"] != one["data"][0]["embedding"]
+
+
+# ---- the Responses API --------------------------------------------------------------------
+
+RESPONSE_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    *["response.output_text.delta"] * 8,
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+def test_responses_non_streamed(ready: EngineProcess) -> None:
+    response = ready.client.post("/v1/responses", json={"model": MODEL, "input": "how are you"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("resp_")
+    assert body["object"] == "response"
+    assert isinstance(body["created_at"], int)
+    assert (body["status"], body["model"], body["error"]) == ("completed", MODEL, None)
+    assert body["incomplete_details"] is None
+    [message] = body["output"]
+    assert message["id"].startswith("msg_")
+    assert (message["type"], message["role"], message["status"]) == (
+        "message",
+        "assistant",
+        "completed",
+    )
+    answer = f"Hello from {MODEL}. You said: how are you"
+    assert message["content"] == [{"type": "output_text", "text": answer, "annotations": []}]
+    assert body["usage"] == {"input_tokens": 3, "output_tokens": 8, "total_tokens": 11}
+
+    # Message items with typed parts; the budget is max_output_tokens.
+    items = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "input_text", "text": "x y"}]},
+    ]
+    capped = ready.client.post(
+        "/v1/responses", json={"input": items, "max_output_tokens": 2, "instructions": "terse"}
+    ).json()
+    assert capped["status"] == "incomplete"
+    assert capped["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert capped["output"][0]["content"][0]["text"] == "Hello from"
+    assert capped["usage"] == {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
+
+    bad = ready.client.post("/v1/responses", json={"input": "x", "max_output_tokens": 0})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["message"] == "max_output_tokens must be a positive integer."
+
+
+def test_responses_streamed_as_semantic_events(ready: EngineProcess) -> None:
+    payload = {"model": MODEL, "input": "a b c", "stream": True}
+    names: list[str] = []
+    events: list[dict[str, Any]] = []
+    with ready.client.stream("POST", "/v1/responses", json=payload) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                names.append(line.removeprefix("event: "))
+            elif line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    assert names == RESPONSE_EVENTS  # no `[DONE]`: response.completed ends it
+    assert [event["type"] for event in events] == RESPONSE_EVENTS
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    created, completed = events[0]["response"], events[-1]["response"]
+    assert (created["status"], created["output"], created["usage"]) == ("in_progress", [], None)
+    assert created["id"] == completed["id"]
+    answer = f"Hello from {MODEL}. You said: a b c"
+    deltas = [event for event in events if event["type"] == "response.output_text.delta"]
+    assert "".join(event["delta"] for event in deltas) == answer
+    message_id = events[2]["item"]["id"]
+    assert all(
+        (event["item_id"], event["output_index"], event["content_index"]) == (message_id, 0, 0)
+        for event in deltas
+    )
+    assert events[-4]["text"] == answer
+    assert completed["status"] == "completed"
+    assert completed["output"][0]["id"] == message_id
+    assert completed["output"][0]["content"][0]["text"] == answer
+    assert completed["usage"] == {"input_tokens": 3, "output_tokens": 8, "total_tokens": 11}
+
+
+def test_responses_read_by_the_openai_sdk(ready: EngineProcess) -> None:
+    client = openai.OpenAI(base_url=f"{ready.base}/v1", api_key="unused", max_retries=0)
+    try:
+        answer = client.responses.create(model=MODEL, input="hi")
+        assert answer.output_text == ANSWER
+        assert answer.status == "completed"
+        with client.responses.stream(model=MODEL, input="hi") as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_response()
+    finally:
+        client.close()
+    assert kinds == [
+        *RESPONSE_EVENTS[:4],
+        *["response.output_text.delta"] * 6,
+        *RESPONSE_EVENTS[-4:],
+    ]
+    assert final.output_text == ANSWER
 
 
 def test_fail_after_exits_1_with_error_lines(start: type[EngineProcess]) -> None:
