@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 
-from switchd import __version__, wire
+from switchd import __version__, errors, wire
 from switchd.config import Settings
 from switchd.events import Event, EventBus
 from switchd.fanout import EventStream, Shutdown
@@ -77,19 +77,6 @@ def proxy_context(scope: Scope) -> ProxyContext:
     return found.proxy_context
 
 
-def error_response(status: int, code: str, message: str, **fields: Any) -> JSONResponse:
-    return JSONResponse(
-        {"status": "error", "error": code, "message": message, **fields}, status_code=status
-    )
-
-
-def switch_error_response(error: SwitchError) -> JSONResponse:
-    response = error_response(error.http_status, error.code, error.message, **error.fields)
-    if error.retry_after_seconds is not None:
-        response.headers["Retry-After"] = str(error.retry_after_seconds)
-    return response
-
-
 def wants_stream(request: Request) -> bool:
     flag = request.query_params.get("stream", "").lower()
     if flag in ("1", "true", "yes"):
@@ -104,7 +91,7 @@ class BadRequest(Exception):
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
-        self.response = error_response(status, code, message)
+        self.response = errors.switchd_error(status, code, message)
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
@@ -296,16 +283,10 @@ async def one_model(request: Request) -> Response:
     name = request.path_params["model_id"]
     if name in CONTROL_ROUTES:  # `GET /v1/models/switch`: a control route, POST only
         raise HTTPException(405, headers={"Allow": "POST"})
-    spec = found.scheduler.resolve(name)
-    if spec is None:
-        body = {
-            "error": {
-                "message": f"The model '{name}' does not exist",
-                "type": "invalid_request_error",
-                "code": "model_not_found",
-            }
-        }
-        return JSONResponse(body, status_code=404)
+    try:
+        spec = found.scheduler.known(name)
+    except SwitchError as unknown:  # the same 404 as every route's for an unknown model
+        return errors.from_switch(unknown, openai=True)
     model = found.scheduler.catalog.model_json(found.scheduler.records[spec.name])
     return JSONResponse(model_object(spec.name, model))
 
@@ -321,7 +302,7 @@ async def switch(request: Request) -> Response:
     except BadRequest as bad:
         return bad.response
     if target is None:
-        return error_response(
+        return errors.switchd_error(
             400, "missing_parameter", "target_model is required (?target_model=NAME)"
         )
     scheduler = services(request).scheduler
@@ -330,14 +311,14 @@ async def switch(request: Request) -> Response:
         await scheduler.check_fits(target)
         job = scheduler.request_switch(target)
     except SwitchError as error:
-        return switch_error_response(error)
+        return errors.from_switch(error, openai=False)
     if wants_stream(request):
         return job_stream(request, job, after or 0)
     # The job runs in the scheduler's worker: this client leaving does not cancel it.
     wait_ready = request.query_params.get("wait") == "ready"
     await (job.done if wait_ready else job.started).wait()
     if job.error is not None:
-        return switch_error_response(job.error)
+        return errors.from_switch(job.error, openai=False)
     if job.result is not None:
         return JSONResponse(job.result)
     return JSONResponse(job.success_body(ready=False))
@@ -350,16 +331,18 @@ async def unload(request: Request) -> Response:
     except BadRequest as bad:
         return bad.response
     if name is None:
-        return error_response(400, "missing_parameter", "model is required (?model=NAME or all)")
+        return errors.switchd_error(
+            400, "missing_parameter", "model is required (?model=NAME or all)"
+        )
     try:
         job = services(request).scheduler.request_unload(name)
     except SwitchError as error:
-        return switch_error_response(error)
+        return errors.from_switch(error, openai=False)
     if wants_stream(request):
         return job_stream(request, job, after or 0)
     await job.done.wait()
     if job.error is not None:
-        return switch_error_response(job.error)
+        return errors.from_switch(job.error, openai=False)
     return JSONResponse(job.result)
 
 
@@ -368,7 +351,7 @@ def _job(request: Request) -> Job | Response:
     job = services(request).scheduler.job(job_id)
     if job is None:
         message = f"No switch job {job_id!r} (switchd keeps the last 200)"
-        return error_response(404, "job_not_found", message)
+        return errors.switchd_error(404, "job_not_found", message)
     return job
 
 
@@ -380,7 +363,7 @@ async def list_jobs(request: Request) -> Response:
     raw = request.query_params.get("limit", str(HISTORY_LIMIT))
     if not raw.isdigit() or not 1 <= int(raw) <= JOB_HISTORY:
         message = f"limit must be a whole number from 1 to {JOB_HISTORY}, got {raw!r}"
-        return error_response(400, "invalid_parameter", message)
+        return errors.switchd_error(400, "invalid_parameter", message)
     jobs = services(request).scheduler.recent_jobs(int(raw))
     return JSONResponse({"switches": [job.as_json() for job in jobs]})
 
@@ -447,11 +430,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     code = codes.get(exc.status_code, "http_error")
-    response = error_response(
-        exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"
-    )
-    response.headers.update(exc.headers or {})
-    return response
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return errors.switchd_error(exc.status_code, code, message, exc.headers)
 
 
 ROUTES = [
