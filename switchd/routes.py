@@ -6,26 +6,22 @@ error before any event stream starts, so `curl -N` sees a plain status code.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 
-from switchd import __version__, errors, wire
+from switchd import __version__, errors, sse, wire
 from switchd.config import Settings
 from switchd.events import Event, EventBus
-from switchd.fanout import EventStream, Shutdown
+from switchd.fanout import EventStream, JobEvents, Shutdown, Source, never, nothing
 from switchd.jobs import Job, SwitchError
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
@@ -36,9 +32,7 @@ from switchd.upstream import Upstream
 PING_SECONDS = 15
 RETRY_MILLISECONDS = 3000
 SEND_TIMEOUT_SECONDS = 30  # a client that stops reading is let go
-SHUTDOWN_GRACE_SECONDS = 1.0  # well inside uvicorn's graceful-shutdown timeout
 MAX_CONTROL_BODY = 64 * 1024
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(frozen=True)
@@ -133,74 +127,25 @@ async def parameter(request: Request, *names: str) -> str | None:
     return None
 
 
-def sse(event: Event) -> ServerSentEvent:
-    return ServerSentEvent(data=event.json(), event=event.name, id=str(event.id))
-
-
-async def until_set(
-    shutdown: anyio.Event, events: AsyncIterator[ServerSentEvent]
-) -> AsyncIterator[ServerSentEvent]:
-    """`events` until `shutdown` is set, so the stream can end with its last chunk."""
-    stop = asyncio.ensure_future(shutdown.wait())
-    following: asyncio.Future[ServerSentEvent] | None = None
-    try:
-        while True:
-            following = asyncio.ensure_future(anext(events))
-            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not following.done():
-                return
-            try:
-                event = following.result()
-            except StopAsyncIteration:
-                return
-            yield event
-    finally:
-        # Whether shut down, ended or cancelled (the client left): release the source,
-        # or its subscription would stay on the bus.
-        stop.cancel()
-        if following is not None and not following.done():
-            following.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await following
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 def event_stream(
     request: Request,
-    events: AsyncIterator[ServerSentEvent],
-    last_words: Callable[[], ServerSentEvent | None] = lambda: None,
-) -> EventSourceResponse:
-    """`events` as SSE; on shutdown the stream ends with `last_words()`, if any."""
-    streams = services(request).metrics.sse_streams
-    # Set by sse-starlette when the server shuts down: the stream then ends properly
-    # (its final chunk sent) instead of being cut, and clients reconnect cleanly.
-    shutdown = anyio.Event()
-
-    async def with_retry() -> AsyncIterator[ServerSentEvent]:
-        # The reconnection delay rides on the first event, in the same block: a block of
-        # its own would reach httpx-sse and the like as an event with empty data.
-        hint: int | None = RETRY_MILLISECONDS
-        streams.inc()
-        try:
-            async for event in until_set(shutdown, events):
-                if hint is not None:
-                    event.retry, hint = hint, None
-                yield event
-            if shutdown.is_set() and (final := last_words()) is not None:
-                final.retry = hint
-                yield final
-        finally:
-            streams.dec()
-
-    return EventSourceResponse(
-        with_retry(),
-        ping=PING_SECONDS,
-        headers=STREAM_HEADERS,
-        send_timeout=SEND_TIMEOUT_SECONDS,
-        shutdown_event=shutdown,
-        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+    source: Source,
+    first: bytes = b"",
+    finished: Callable[[], bool] = never,
+    last_words: Callable[[], bytes] = nothing,
+) -> EventStream:
+    """`source` as an event stream, as every stream of switchd's is written."""
+    found = services(request)
+    return EventStream(
+        source,
+        first,
+        retry_milliseconds=RETRY_MILLISECONDS,
+        shutdown=found.shutdown,
+        streams=found.metrics.sse_streams,
+        ping_seconds=PING_SECONDS,
+        send_timeout_seconds=SEND_TIMEOUT_SECONDS,
+        finished=finished,
+        last_words=last_words,
     )
 
 
@@ -211,11 +156,13 @@ def last_event_id(request: Request) -> int | None:
     """Last-Event-ID (header or `last_event_id`), or None; BadRequest if not an id.
 
     Only ASCII digits: `str.isdigit` also accepts '¹' and '²', which int() refuses.
+    Blanks around it, a trailing `\r` among them (an id cut out of a `\r\n` stream by
+    a shell), are no part of it.
     """
     value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    if value is None or not value.strip():
+    text = (value or "").strip()
+    if not text:
         return None
-    text = value.strip()
     if not (text.isascii() and text.isdigit() and len(text) <= MAX_EVENT_ID_DIGITS):
         shown = text if len(text) <= 24 else text[:20] + "…"
         raise BadRequest(
@@ -229,15 +176,10 @@ def job_stream(request: Request, job: Job, after: int) -> Response:
     if job.finished is not None and all(event.id <= after for event in job.events):
         return Response(status_code=204)  # tells an EventSource to stop reconnecting
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        async for event in job.follow():
-            if event.id > after:
-                yield sse(event)
-
-    def shutting_down() -> ServerSentEvent | None:
+    def shutting_down() -> bytes:
         """A job cut by switchd's shutdown: its followers hear it, not just a closed stream."""
         if job.finished is not None:
-            return None
+            return b""
         data = {
             "job": job.id,
             "kind": job.kind.value,
@@ -247,9 +189,10 @@ def job_stream(request: Request, job: Job, after: int) -> Response:
             "error": "shutting_down",
             "message": "switchd is shutting down; this job did not finish",
         }
-        return ServerSentEvent(data=json.dumps(data, separators=(",", ":")), event=wire.ERROR)
+        return sse.block(None, wire.ERROR, json.dumps(data, separators=(",", ":")))
 
-    return event_stream(request, events(), shutting_down)
+    events = JobEvents(job, after)
+    return event_stream(request, events, finished=events.finished, last_words=shutting_down)
 
 
 # ---- routes -------------------------------------------------------------------
@@ -403,15 +346,7 @@ async def server_events(request: Request) -> Response:
             subscription.close()
             raise
         snapshot = Event(snapshot_id, wire.SNAPSHOT, status).sse()
-    return EventStream(
-        subscription,
-        snapshot,
-        retry_milliseconds=RETRY_MILLISECONDS,
-        shutdown=found.shutdown,
-        streams=found.metrics.sse_streams,
-        ping_seconds=PING_SECONDS,
-        send_timeout_seconds=SEND_TIMEOUT_SECONDS,
-    )
+    return event_stream(request, subscription, snapshot)
 
 
 async def metrics(request: Request) -> Response:
