@@ -10,13 +10,14 @@ values masked, so not even the refused request puts a key in the log.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from switchd import errors
+from switchd.errors import ErrorResponse
 from switchd.proxy import is_engine_call
 
 log = logging.getLogger("switchd.access")
@@ -66,7 +67,7 @@ class RequestLine:
         query = scope.get("query_string", b"")
         names = credential_names(query) if query else None
         if names:
-            await refuse(send, names, openai=is_engine_call(scope))
+            await refusal(names, openai=is_engine_call(scope))(scope, receive, send)
             self._log(scope, query, 400, started)
         elif log.isEnabledFor(logging.INFO):
             await self._logged(scope, receive, send, query, started)
@@ -108,26 +109,13 @@ class RequestLine:
         )
 
 
-async def refuse(send: Send, names: list[str], *, openai: bool) -> None:
+def refusal(names: list[str], *, openai: bool) -> ErrorResponse:
+    """A request with credentials in its query, refused in the shape its route speaks."""
     code = "credentials_in_query"
     message = (
         f"Credentials are not accepted in the query string ({', '.join(names)}): they end up "
         "in logs. Send 'Authorization: Bearer KEY' instead."
     )
-    shaped = (
-        {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-        if openai
-        else {"status": "error", "error": code, "message": message}
-    )
-    body = json.dumps(shaped).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 400,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    if openai:
+        return errors.openai_error(400, code, message)
+    return errors.switchd_error(400, code, message)

@@ -6,7 +6,6 @@ created at import time, and tests pass their own fakes in.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -29,7 +28,7 @@ from switchd.access import RequestLine
 from switchd.auth import BearerAuth
 from switchd.config import ConfigError, RuntimeKind, Settings, check_devices
 from switchd.events import EventBus
-from switchd.fanout import Shutdown, watch_for_exit
+from switchd.fanout import Shutdown
 from switchd.gpu import GpuProbe, open_probe
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
@@ -167,8 +166,7 @@ def create_app(
             stack.push_async_callback(scheduler.close)
             bodies = BodyBudget(settings.max_buffered_body_bytes)
             shutdown = Shutdown()
-            exit_watch = asyncio.create_task(watch_for_exit(shutdown), name="switchd-exit-watch")
-            stack.callback(exit_watch.cancel)
+            stack.callback(shutdown.close)
             app.state.services = Services(
                 settings, scheduler, bus, metrics, upstream, bodies, shutdown
             )

@@ -13,11 +13,12 @@ disconnects: event streams must pass through untouched.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from switchd.errors import ErrorResponse, openai_error
 
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
@@ -74,11 +75,11 @@ class BearerAuth:
             return
         role = self._role(scope)
         if role is None:
-            await self._refuse(send)
+            await refused()(scope, receive, send)
             return
         needed = required_role(scope["method"], scope["path"])
         if role < needed:
-            await self._forbid(send, needed)
+            await forbidden(needed)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -97,47 +98,21 @@ class BearerAuth:
                 found = role
         return found
 
-    @staticmethod
-    async def _refuse(send: Send) -> None:
-        await _error(
-            send,
-            401,
-            "Missing or invalid API key: send 'Authorization: Bearer KEY'",
-            "authentication_error",
-            "invalid_api_key",
-            extra=[(b"www-authenticate", b'Bearer realm="switchd"')],
-        )
 
-    @staticmethod
-    async def _forbid(send: Send, needed: Role) -> None:
-        await _error(
-            send,
-            403,
-            f"This key may not do this: it needs a key with the {needed.name.lower()} role",
-            "permission_error",
-            "insufficient_permissions",
-        )
-
-
-async def _error(
-    send: Send,
-    status: int,
-    message: str,
-    kind: str,
-    code: str,
-    *,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(extra or []),
-            ],
-        }
+def refused() -> ErrorResponse:
+    return openai_error(
+        401,
+        "invalid_api_key",
+        "Missing or invalid API key: send 'Authorization: Bearer KEY'",
+        "authentication_error",
+        {"WWW-Authenticate": 'Bearer realm="switchd"'},
     )
-    await send({"type": "http.response.body", "body": body})
+
+
+def forbidden(needed: Role) -> ErrorResponse:
+    return openai_error(
+        403,
+        "insufficient_permissions",
+        f"This key may not do this: it needs a key with the {needed.name.lower()} role",
+        "permission_error",
+    )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from switchd.errors import SERVER_ERROR, openai_event
+
 
 def event_boundary(buffer: bytes) -> int:
     """Where the last complete Server-Sent Event in `buffer` ends (0: none yet)."""
@@ -35,10 +37,9 @@ class WholeEvents:
         return whole
 
 
-def error_event(message: str, code: str, kind: str = "server_error") -> bytes:
+def error_event(message: str, code: str, kind: str = SERVER_ERROR) -> bytes:
     """An OpenAI-shaped error as one stream event (the SDKs raise it as an APIError)."""
-    error = {"error": {"message": message, "type": kind, "code": code}}
-    return b"data: " + json.dumps(error).encode() + b"\n\n"
+    return openai_event(message, code, kind)
 
 
 def cut_short_event(model: str) -> bytes:

@@ -26,7 +26,7 @@ from switchd.app import check_gpu, create_app
 from switchd.client import run_client
 from switchd.config import ConfigError, RuntimeKind, Settings, load_settings, parse_listen
 from switchd.gpu import GpuUnavailable
-from switchd.protocol import server_protocol
+from switchd.protocol import server_protocol, uvicorn_problem
 from switchd.proxy import one_line_for_cut_offs
 from switchd.runtime.docker import DockerUnavailable, connect_docker
 from switchd.schema import schema_text
@@ -164,6 +164,9 @@ def serve(
         asyncio.run(check_gpu(settings))
     except GpuUnavailable as exc:
         print(f"switchd: {exc}", file=sys.stderr)
+        return 2
+    if (problem := uvicorn_problem()) is not None:
+        print(f"switchd: {problem}", file=sys.stderr)
         return 2
     app = create_app(settings)
     if startup is not None:

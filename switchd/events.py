@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from switchd import wire
+from switchd import sse, wire
 
 RING_SIZE = 2048
 SUBSCRIBER_QUEUE_SIZE = 1024  # stage and state events a reader may fall behind by
@@ -57,7 +57,7 @@ class Event:
         """The event as one Server-Sent Events block, encoded once for every reader."""
         block = self._sse
         if block is None:
-            block = f"id: {self.id}\r\nevent: {self.name}\r\ndata: {self.json()}\r\n\r\n".encode()
+            block = sse.block(self.id, self.name, self.json())
             object.__setattr__(self, "_sse", block)
         return block
 

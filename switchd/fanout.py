@@ -1,13 +1,19 @@
-"""`/v1/events` to many watchers: each event encoded once, its bytes shared.
+"""Every event stream switchd serves (a job's, `/v1/events`): one writer.
 
-sse-starlette gives every response a task group (the stream, a ping, a
-disconnect and a shutdown listener) and every event a new ServerSentEvent,
-encoded again for each reader; with a thousand watchers that was most of the
-cost of an event. Here a watcher is its bus Subscription, told when its client
-leaves (`protocol.watch_leaving`: no task of its own under switchd's protocol),
-and a loop that writes everything queued for it at once, as bytes encoded once
-on the Event (`Event.sse()`). Job streams, few and short,
-stay on sse-starlette.
+A stream is a source of events (a bus Subscription, or a job's own events,
+`JobEvents`) and a loop that writes everything queued for it at once, as bytes
+encoded once on the Event (`Event.sse()`, switchd/sse.py), told when its client
+leaves (`protocol.watch_leaving`: no task of its own under switchd's protocol)
+and when the server stops (`protocol.watch_stopping`: uvicorn asks each
+connection to shut down), then ending properly, with last words if it has any.
+
+sse-starlette, which served the job streams, is not used: it gives every
+response a task group (the stream, a ping, a disconnect and a shutdown
+listener) and every event a new ServerSentEvent, encoded again for each reader;
+with a thousand watchers that was most of the cost of an event (measured with
+its public API on /v1/events: p99 828 ms and 58 KiB a watcher at 1,000, against
+68 ms and 22 KiB here), and it heard the server stop only through its private
+parts.
 
 No watcher has a timer of its own: a timeout around each wait (for the ping) and
 each send (for a reader that stopped reading) was two timers scheduled and
@@ -24,29 +30,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import Gauge
-from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from switchd.events import Subscription
-from switchd.protocol import client_state, watch_leaving
+from switchd.events import Event
+from switchd.jobs import Job
+from switchd.protocol import client_state, watch_leaving, watch_stopping
+from switchd.sse import HEADERS, PING, with_retry
 
-PING = b": ping\r\n\r\n"
-HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),  # nginx in front: do not buffer
-]
 CLOCK_SECONDS = 1.0  # how often the watchers' clock looks at every watcher
 
 
 class Shutdown:
     """Every live watcher, and their one clock.
 
-    Set once the server is asked to stop: every watcher then ends its stream
-    properly, so uvicorn's graceful shutdown is not held up by open streams.
+    `set`: every watcher ends its stream properly, as each does when the server
+    tells its connection to stop (an app served in-process is stopped so).
 
     The clock is one task, started with the first watcher and ended with the last
     one, or by `close` (the app's lifespan ends): every `clock_seconds` it pings
@@ -111,41 +113,104 @@ class Shutdown:
             self._ticking = None
 
 
-async def watch_for_exit(shutdown: Shutdown) -> None:
-    """Set `shutdown` when the server is asked to stop (SIGTERM, Ctrl-C), and close it
-    when this task is cancelled (the lifespan ends).
+class Source(Protocol):
+    """What a stream writes from: a bus Subscription, or a job's events."""
 
-    The signal is heard the way sse-starlette hears it for the job streams, through
-    its one shared watcher of uvicorn's exit flag: both kinds of stream end together.
-    """
-    try:
-        await EventSourceResponse._listen_for_exit_signal()
-        shutdown.set()
-        await asyncio.Future()  # the streams end; the clock runs until the lifespan ends
-    finally:
-        shutdown.close()
+    @property
+    def dropped(self) -> bool:
+        """It let its reader go (fell too far behind): the stream is cut."""
+
+    def queued(self) -> list[Event]:
+        """Everything there is for the reader now, without waiting."""
+
+    async def wait(self) -> None:
+        """Until something is queued, or `wake`, since `queued()` was last taken."""
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JobEvents:
+    """A job's events after `after`, as a stream's source: every one it keeps, then
+    live ones, until it ends (`finished`)."""
+
+    def __init__(self, job: Job, after: int) -> None:
+        self._job = job
+        self._after = after
+        self._pending: list[Event] = []
+        self._woken = asyncio.Event()  # few streams, short: no need to spare an Event
+        self._follower: asyncio.Task[None] | None = None
+        self._ended = False
+        self.dropped = False  # a job keeps all it emitted: no reader is let go
+
+    def finished(self) -> bool:
+        """The job ended and its reader has taken every event."""
+        return self._ended and not self._pending
+
+    def queued(self) -> list[Event]:
+        self._woken.clear()
+        taken, self._pending = self._pending, []
+        return taken
+
+    async def wait(self) -> None:
+        if self._follower is None:  # started with the stream, not with the answer
+            self._follower = asyncio.create_task(self._follow(), name="switchd-job-stream")
+        if not self._pending and not self._ended:
+            await self._woken.wait()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+
+    async def _follow(self) -> None:
+        async for event in self._job.follow():
+            if event.id > self._after:
+                self._pending.append(event)
+                self.wake()
+        self._ended = True
+        self.wake()
+
+
+def never() -> bool:
+    return False
+
+
+def nothing() -> bytes:
+    return b""
 
 
 class EventStream(Response):
-    """One watcher's stream: a Response only to starlette's routing, which calls it
-    as the plain ASGI app it is (nothing of Response's body handling is used)."""
+    """One reader's stream: a Response only to starlette's routing, which calls it
+    as the plain ASGI app it is (nothing of Response's body handling is used).
+
+    `first`: what it starts with (the snapshot; empty on a resume); `finished`:
+    when the source will give no more (a job ended), so the stream ends;
+    `last_words`: what it ends with when the server stops.
+    """
 
     def __init__(
         self,
-        subscription: Subscription,
-        snapshot: bytes,
+        source: Source,
+        first: bytes,
         *,
         retry_milliseconds: int,
         shutdown: Shutdown,
         streams: Gauge,
         ping_seconds: float,
         send_timeout_seconds: float,
+        finished: Callable[[], bool] = never,
+        last_words: Callable[[], bytes] = nothing,
     ) -> None:
-        self._subscription = subscription
-        self._snapshot = snapshot  # its first event; empty on a resume
-        # Rides on the first event, in its block: a block of its own would reach
-        # httpx-sse and the like as an event with empty data.
-        self._hint = f"retry: {retry_milliseconds}\r\n".encode()
+        self._source = source
+        self._first = first
+        self._retry = retry_milliseconds  # rides on the first event; 0 once it went
+        self._finished = finished
+        self._last_words = last_words
+        self._stopping = False  # the server stops: told by this stream's connection
         self._shutdown = shutdown
         self._streams = streams
         self._ping_seconds = ping_seconds
@@ -161,13 +226,14 @@ class EventStream(Response):
         self._cancelling = 0  # cancel requests its task had before this stream began
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        subscription = self._subscription
+        source = self._source
         self._task = asyncio.current_task()
         if self._task is not None:
             self._cancelling = self._task.cancelling()
         self._written = self._shutdown.clock()
         stop_watching = watch_leaving(scope, receive, self._left)
         self._gone = stop_watching is None
+        stop_hearing = watch_stopping(scope, self._stop)
         self._shutdown.add(self)
         self._streams.inc()
         try:
@@ -183,31 +249,33 @@ class EventStream(Response):
         finally:
             self._streams.dec()
             self._shutdown.discard(self)
-            subscription.close()
+            source.close()
             if stop_watching is not None:
                 stop_watching()
+            if stop_hearing is not None:
+                stop_hearing()
 
     async def _stream(self, send: Send) -> bool:
         """Write events as they come, all that is queued in one write; True when the
-        stream should end properly (shutdown), False when the reader is gone."""
-        subscription = self._subscription
+        stream should end properly (its source finished, the server stops), False
+        when the reader is gone."""
+        source = self._source
         shutdown = self._shutdown.event
-        events = self._snapshot
+        events = self._first
         while True:
-            queued = subscription.queued()
+            queued = source.queued()
             if queued or events:
                 if queued:
                     events += b"".join([event.sse() for event in queued])
-                if self._hint:  # the last field of the first event's block
-                    end = events.index(b"\r\n\r\n") + 2
-                    events, self._hint = events[:end] + self._hint + events[end:], b""
-                await self._send(
-                    send, {"type": "http.response.body", "body": events, "more_body": True}
-                )
+                await self._write(send, events)
                 events = b""
-            elif self._gone or subscription.dropped:
+            elif self._gone or source.dropped:
                 return False
-            elif shutdown.is_set():
+            elif self._finished():
+                return True
+            elif self._stopping or shutdown.is_set():
+                if last := self._last_words():
+                    await self._write(send, last)
                 return True
             elif self._ping_due:
                 self._ping_due = False
@@ -218,7 +286,13 @@ class EventStream(Response):
                     )
             # At once when something came during the send, or the reader is woken
             # (gone, the server stops, a ping is due); else until the next event.
-            await subscription.wait()
+            await source.wait()
+
+    async def _write(self, send: Send, events: bytes) -> None:
+        """Whole event blocks; the first carries the reconnection delay."""
+        if self._retry:
+            events, self._retry = with_retry(events, self._retry), 0
+        await self._send(send, {"type": "http.response.body", "body": events, "more_body": True})
 
     async def _send(self, send: Send, message: Message) -> None:
         """`send`, which the clock lets go of (TimeoutError) when it stays blocked."""
@@ -243,11 +317,15 @@ class EventStream(Response):
                     self._task.cancel()
         elif now - self._written >= self._ping_seconds:
             self._ping_due = True
-            self._subscription.wake()
+            self._source.wake()
 
     def wake(self) -> None:
-        self._subscription.wake()
+        self._source.wake()
 
     def _left(self) -> None:
         self._gone = True
-        self._subscription.wake()
+        self._source.wake()
+
+    def _stop(self) -> None:
+        self._stopping = True
+        self._source.wake()

@@ -11,20 +11,43 @@ switchd needs from the connection itself.
   whoever asked, so the proxy needs no task per request waiting on `receive()`
   for an `http.disconnect`; and that a request's body is all in. And a way to
   give up on a client that stopped reading.
+- That the server stops: uvicorn asks every open connection to shut down
+  (`shutdown()`), and an event stream on it is told, so it ends properly at once
+  rather than holding up the graceful shutdown (`watch_stopping`).
+
+All of this subclasses uvicorn's httptools protocol, which is no public API:
+pyproject.toml bounds uvicorn to the versions it was checked with, and
+`uvicorn_problem` says in one line, before serving, what an installed uvicorn lacks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
+import importlib.metadata
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+if TYPE_CHECKING:  # imported where subclassed, after `uvicorn_problem` could say why not
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
+
+# The uvicorn versions switchd's protocol was checked with: pyproject.toml's bound too.
+UVICORN_SUPPORTED = ">=0.30,<0.56"
+HTTPTOOLS_IMPL = "uvicorn.protocols.http.httptools_impl"
+# What SwitchdProtocol overrides or calls of uvicorn's HttpToolsProtocol.
+UVICORN_NEEDED = (
+    "connection_made",
+    "connection_lost",
+    "on_message_begin",
+    "on_headers_complete",
+    "shutdown",
+)
 
 # The scope extension under which a request finds its connection's ClientState.
 CLIENT_STATE = "switchd.client"
@@ -45,14 +68,16 @@ class ClientState:
     `http.disconnect` (measured: a creation, two steps and a turn of the loop).
     """
 
-    __slots__ = ("_callback", "_protocol", "gone")
+    __slots__ = ("_callback", "_protocol", "_stop_callback", "gone", "stopping")
 
     def __init__(self, protocol: HttpToolsProtocol) -> None:
         # Until the client leaves: the protocol holds this too, and a cycle would keep
         # a closed connection's objects until a full garbage collection.
         self._protocol: HttpToolsProtocol | None = protocol
         self._callback: Callable[[], None] | None = None
+        self._stop_callback: Callable[[], None] | None = None
         self.gone = False
+        self.stopping = False  # the server stops: what it answers now should end
 
     def on_leave(self, callback: Callable[[], None] | None) -> None:
         """Call `callback` once if the client leaves from now on; None: no longer."""
@@ -61,6 +86,16 @@ class ClientState:
             # A connection not read from cannot show its end (uvicorn pauses reading
             # behind a pipelined request); `receive()` resumes it the same way.
             self._protocol.flow.resume_reading()
+
+    def on_stop(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` once if the server stops from now on; None: no longer."""
+        self._stop_callback = callback
+
+    def stop(self) -> None:
+        self.stopping = True
+        callback, self._stop_callback = self._stop_callback, None
+        if callback is not None:
+            callback()
 
     def body_arrived(self) -> bool:
         """The request's whole body is in, so `receive()` gives it without waiting.
@@ -124,11 +159,51 @@ def watch_leaving(
     return functools.partial(client.on_leave, None)
 
 
+def watch_stopping(scope: Scope, callback: Callable[[], None]) -> Callable[[], object] | None:
+    """Call `callback` once if the server stops while it answers this request (at
+    once if it does already); gives what stops the watching, or None where no
+    switchd protocol serves the request (tests in-process: they stop it themselves)."""
+    client = client_state(scope)
+    if client is None:
+        return None
+    if client.stopping:
+        callback()
+        return None
+    client.on_stop(callback)
+    return functools.partial(client.on_stop, None)
+
+
+def uvicorn_problem(module_name: str = HTTPTOOLS_IMPL) -> str | None:
+    """Why the installed uvicorn cannot carry switchd's protocol, in one line; None
+    when it has all that `server_protocol` subclasses."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        lacks = f"no {module_name} ({exc})"
+    else:
+        base = getattr(module, "HttpToolsProtocol", None)
+        if base is None:
+            lacks = f"no HttpToolsProtocol in {module_name}"
+        else:
+            missing = [name for name in UVICORN_NEEDED if not callable(getattr(base, name, None))]
+            if not missing:
+                return None
+            lacks = f"an HttpToolsProtocol without {', '.join(missing)}"
+    try:
+        installed = importlib.metadata.version("uvicorn")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "(not installed)"
+    return (
+        f"switchd needs uvicorn{UVICORN_SUPPORTED}; the installed uvicorn {installed} has {lacks}"
+    )
+
+
 def server_protocol(
     header_timeout_seconds: float, unsent_close_seconds: float = UNSENT_CLOSE_SECONDS
 ) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with the header timeout, each response's writes
     through a ResponseTransport, and a ClientState in each request's scope."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: PLC0415 - after uvicorn_problem
 
     class SwitchdProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -155,6 +230,13 @@ def server_protocol(
                 self.cycle.transport = ResponseTransport(
                     self.transport, self.loop, unsent_close_seconds
                 )
+
+        def shutdown(self) -> None:
+            # uvicorn stops (SIGTERM): an event stream answering on this connection
+            # ends properly now; uvicorn closes the connection once it has.
+            super().shutdown()
+            if self._client is not None:
+                self._client.stop()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._header_timer is not None:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from starlette.types import Receive, Scope, Send
 
-from switchd import progress
+from switchd import errors, progress
 from switchd.chunks import WholeEvents, cut_short_event
 from switchd.config import ModelSpec
 from switchd.events import EventBus
@@ -104,7 +104,7 @@ class ProxyError(Exception):
         status: int,
         code: str,
         message: str,
-        kind: str = "invalid_request_error",
+        kind: str = errors.INVALID_REQUEST,
         retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -116,21 +116,12 @@ class ProxyError(Exception):
 
     @classmethod
     def from_switch(cls, error: SwitchError) -> ProxyError:
-        kind = "invalid_request_error" if error.http_status < 500 else "server_error"
+        kind = errors.kind_of(error.http_status)
         return cls(error.http_status, error.code, error.message, kind, error.retry_after_seconds)
 
-    async def send(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": {"message": self.message, "type": self.kind, "code": self.code}}
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if self.retry_after is not None:
-            headers.append((b"retry-after", str(self.retry_after).encode()))
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    def response(self) -> errors.ErrorResponse:
+        headers = errors.retry_after(self.retry_after)
+        return errors.openai_error(self.status, self.code, self.message, self.kind, headers)
 
 
 @dataclass(frozen=True)
@@ -183,7 +174,7 @@ async def read_body(
                 503,
                 "server_busy",
                 "switchd holds too many request bodies at once; try again shortly",
-                "server_error",
+                errors.SERVER_ERROR,
                 retry_after=1,
             )
         if not message.get("more_body", False):
@@ -323,7 +314,7 @@ class _Call:
         try:
             if self.scope["path"].startswith(RESERVED_PATHS):
                 status = 405  # switchd's own routes are never an engine's
-                await method_not_allowed(self.scope, self.send)
+                await method_not_allowed(self.scope)(self.scope, self.receive, self.send)
                 return
             path = checked_path(self.scope["path"])
             try:
@@ -353,10 +344,10 @@ class _Call:
                     status = await self._forward(spec, path, body)
         except ProxyError as error:
             status = error.status
-            await error.send(self.send)
+            await error.response()(self.scope, self.receive, self.send)
         except SwitchError as error:
             status = error.http_status
-            await ProxyError.from_switch(error).send(self.send)
+            await errors.from_switch(error, openai=True)(self.scope, self.receive, self.send)
         except ClientGone:
             status = 499  # the client went away first (nginx's figure)
         except EngineCutOff:
@@ -366,13 +357,9 @@ class _Call:
             context.metrics.request_done(self.model, status, time.perf_counter() - started)
 
     def _model(self, name: str) -> ModelSpec:
-        """The one resolution of the request's model name (aliases included)."""
-        try:
-            return self.context.scheduler.known(name)
-        except SwitchError as unknown:
-            known = ", ".join(unknown.fields.get("available_models", []))
-            message = f"The model '{name}' does not exist; known models: {known}"
-            raise ProxyError(404, "model_not_found", message) from None
+        """The one resolution of the request's model name (aliases included); an
+        unknown one gets the 404 of every route (a SwitchError, answered in run)."""
+        return self.context.scheduler.known(name)
 
     async def _forward(self, spec: ModelSpec, path: str, body: bytes) -> int:
         outcome: dict[str, int] = {}
@@ -447,7 +434,7 @@ class _Call:
             )
         except (UpstreamError, OSError) as exc:
             message = f"{engine.model} did not answer: {exc}"
-            raise ProxyError(502, "engine_unreachable", message, "server_error") from None
+            raise ProxyError(502, "engine_unreachable", message, errors.SERVER_ERROR) from None
         try:
             if into is None:
                 await relay_response(self.send, upstream, engine.model)
@@ -463,20 +450,10 @@ class _Call:
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
-async def method_not_allowed(scope: Scope, send: Send) -> None:
-    body = json.dumps(
-        {
-            "status": "error",
-            "error": "method_not_allowed",
-            "message": f"{scope['method']} {scope['path']}: Method Not Allowed",
-        }
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 405, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def method_not_allowed(scope: Scope) -> errors.ErrorResponse:
+    """What routing says of a POST to a route of switchd's own that takes none."""
+    message = f"{scope['method']} {scope['path']}: Method Not Allowed"
+    return errors.switchd_error(405, "method_not_allowed", message)
 
 
 async def relay_response(send: Send, upstream: Response, model: str) -> None:
@@ -495,7 +472,7 @@ async def relay_response(send: Send, upstream: Response, model: str) -> None:
             first = await upstream.next_piece()
         except (UpstreamError, OSError) as exc:
             message = f"{model} stopped before the body of its answer: {exc}"
-            raise ProxyError(502, "engine_died", message, "server_error") from None
+            raise ProxyError(502, "engine_died", message, errors.SERVER_ERROR) from None
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     if upstream.at_eof:  # all of it came at once (most answers that are not streams)
         await send({"type": "http.response.body", "body": first, "more_body": False})

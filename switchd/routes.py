@@ -6,26 +6,22 @@ error before any event stream starts, so `curl -N` sees a plain status code.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 
-from switchd import __version__, wire
+from switchd import __version__, errors, sse, wire
 from switchd.config import Settings
 from switchd.events import Event, EventBus
-from switchd.fanout import EventStream, Shutdown
+from switchd.fanout import EventStream, JobEvents, Shutdown, Source, never, nothing
 from switchd.jobs import Job, SwitchError
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
@@ -36,9 +32,7 @@ from switchd.upstream import Upstream
 PING_SECONDS = 15
 RETRY_MILLISECONDS = 3000
 SEND_TIMEOUT_SECONDS = 30  # a client that stops reading is let go
-SHUTDOWN_GRACE_SECONDS = 1.0  # well inside uvicorn's graceful-shutdown timeout
 MAX_CONTROL_BODY = 64 * 1024
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(frozen=True)
@@ -77,19 +71,6 @@ def proxy_context(scope: Scope) -> ProxyContext:
     return found.proxy_context
 
 
-def error_response(status: int, code: str, message: str, **fields: Any) -> JSONResponse:
-    return JSONResponse(
-        {"status": "error", "error": code, "message": message, **fields}, status_code=status
-    )
-
-
-def switch_error_response(error: SwitchError) -> JSONResponse:
-    response = error_response(error.http_status, error.code, error.message, **error.fields)
-    if error.retry_after_seconds is not None:
-        response.headers["Retry-After"] = str(error.retry_after_seconds)
-    return response
-
-
 def wants_stream(request: Request) -> bool:
     flag = request.query_params.get("stream", "").lower()
     if flag in ("1", "true", "yes"):
@@ -104,7 +85,7 @@ class BadRequest(Exception):
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
-        self.response = error_response(status, code, message)
+        self.response = errors.switchd_error(status, code, message)
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
@@ -146,74 +127,25 @@ async def parameter(request: Request, *names: str) -> str | None:
     return None
 
 
-def sse(event: Event) -> ServerSentEvent:
-    return ServerSentEvent(data=event.json(), event=event.name, id=str(event.id))
-
-
-async def until_set(
-    shutdown: anyio.Event, events: AsyncIterator[ServerSentEvent]
-) -> AsyncIterator[ServerSentEvent]:
-    """`events` until `shutdown` is set, so the stream can end with its last chunk."""
-    stop = asyncio.ensure_future(shutdown.wait())
-    following: asyncio.Future[ServerSentEvent] | None = None
-    try:
-        while True:
-            following = asyncio.ensure_future(anext(events))
-            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not following.done():
-                return
-            try:
-                event = following.result()
-            except StopAsyncIteration:
-                return
-            yield event
-    finally:
-        # Whether shut down, ended or cancelled (the client left): release the source,
-        # or its subscription would stay on the bus.
-        stop.cancel()
-        if following is not None and not following.done():
-            following.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await following
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 def event_stream(
     request: Request,
-    events: AsyncIterator[ServerSentEvent],
-    last_words: Callable[[], ServerSentEvent | None] = lambda: None,
-) -> EventSourceResponse:
-    """`events` as SSE; on shutdown the stream ends with `last_words()`, if any."""
-    streams = services(request).metrics.sse_streams
-    # Set by sse-starlette when the server shuts down: the stream then ends properly
-    # (its final chunk sent) instead of being cut, and clients reconnect cleanly.
-    shutdown = anyio.Event()
-
-    async def with_retry() -> AsyncIterator[ServerSentEvent]:
-        # The reconnection delay rides on the first event, in the same block: a block of
-        # its own would reach httpx-sse and the like as an event with empty data.
-        hint: int | None = RETRY_MILLISECONDS
-        streams.inc()
-        try:
-            async for event in until_set(shutdown, events):
-                if hint is not None:
-                    event.retry, hint = hint, None
-                yield event
-            if shutdown.is_set() and (final := last_words()) is not None:
-                final.retry = hint
-                yield final
-        finally:
-            streams.dec()
-
-    return EventSourceResponse(
-        with_retry(),
-        ping=PING_SECONDS,
-        headers=STREAM_HEADERS,
-        send_timeout=SEND_TIMEOUT_SECONDS,
-        shutdown_event=shutdown,
-        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+    source: Source,
+    first: bytes = b"",
+    finished: Callable[[], bool] = never,
+    last_words: Callable[[], bytes] = nothing,
+) -> EventStream:
+    """`source` as an event stream, as every stream of switchd's is written."""
+    found = services(request)
+    return EventStream(
+        source,
+        first,
+        retry_milliseconds=RETRY_MILLISECONDS,
+        shutdown=found.shutdown,
+        streams=found.metrics.sse_streams,
+        ping_seconds=PING_SECONDS,
+        send_timeout_seconds=SEND_TIMEOUT_SECONDS,
+        finished=finished,
+        last_words=last_words,
     )
 
 
@@ -224,11 +156,13 @@ def last_event_id(request: Request) -> int | None:
     """Last-Event-ID (header or `last_event_id`), or None; BadRequest if not an id.
 
     Only ASCII digits: `str.isdigit` also accepts '¹' and '²', which int() refuses.
+    Blanks around it, a trailing `\r` among them (an id cut out of a `\r\n` stream by
+    a shell), are no part of it.
     """
     value = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    if value is None or not value.strip():
+    text = (value or "").strip()
+    if not text:
         return None
-    text = value.strip()
     if not (text.isascii() and text.isdigit() and len(text) <= MAX_EVENT_ID_DIGITS):
         shown = text if len(text) <= 24 else text[:20] + "…"
         raise BadRequest(
@@ -242,15 +176,10 @@ def job_stream(request: Request, job: Job, after: int) -> Response:
     if job.finished is not None and all(event.id <= after for event in job.events):
         return Response(status_code=204)  # tells an EventSource to stop reconnecting
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        async for event in job.follow():
-            if event.id > after:
-                yield sse(event)
-
-    def shutting_down() -> ServerSentEvent | None:
+    def shutting_down() -> bytes:
         """A job cut by switchd's shutdown: its followers hear it, not just a closed stream."""
         if job.finished is not None:
-            return None
+            return b""
         data = {
             "job": job.id,
             "kind": job.kind.value,
@@ -260,9 +189,10 @@ def job_stream(request: Request, job: Job, after: int) -> Response:
             "error": "shutting_down",
             "message": "switchd is shutting down; this job did not finish",
         }
-        return ServerSentEvent(data=json.dumps(data, separators=(",", ":")), event=wire.ERROR)
+        return sse.block(None, wire.ERROR, json.dumps(data, separators=(",", ":")))
 
-    return event_stream(request, events(), shutting_down)
+    events = JobEvents(job, after)
+    return event_stream(request, events, finished=events.finished, last_words=shutting_down)
 
 
 # ---- routes -------------------------------------------------------------------
@@ -296,16 +226,10 @@ async def one_model(request: Request) -> Response:
     name = request.path_params["model_id"]
     if name in CONTROL_ROUTES:  # `GET /v1/models/switch`: a control route, POST only
         raise HTTPException(405, headers={"Allow": "POST"})
-    spec = found.scheduler.resolve(name)
-    if spec is None:
-        body = {
-            "error": {
-                "message": f"The model '{name}' does not exist",
-                "type": "invalid_request_error",
-                "code": "model_not_found",
-            }
-        }
-        return JSONResponse(body, status_code=404)
+    try:
+        spec = found.scheduler.known(name)
+    except SwitchError as unknown:  # the same 404 as every route's for an unknown model
+        return errors.from_switch(unknown, openai=True)
     model = found.scheduler.catalog.model_json(found.scheduler.records[spec.name])
     return JSONResponse(model_object(spec.name, model))
 
@@ -321,7 +245,7 @@ async def switch(request: Request) -> Response:
     except BadRequest as bad:
         return bad.response
     if target is None:
-        return error_response(
+        return errors.switchd_error(
             400, "missing_parameter", "target_model is required (?target_model=NAME)"
         )
     scheduler = services(request).scheduler
@@ -330,14 +254,14 @@ async def switch(request: Request) -> Response:
         await scheduler.check_fits(target)
         job = scheduler.request_switch(target)
     except SwitchError as error:
-        return switch_error_response(error)
+        return errors.from_switch(error, openai=False)
     if wants_stream(request):
         return job_stream(request, job, after or 0)
     # The job runs in the scheduler's worker: this client leaving does not cancel it.
     wait_ready = request.query_params.get("wait") == "ready"
     await (job.done if wait_ready else job.started).wait()
     if job.error is not None:
-        return switch_error_response(job.error)
+        return errors.from_switch(job.error, openai=False)
     if job.result is not None:
         return JSONResponse(job.result)
     return JSONResponse(job.success_body(ready=False))
@@ -350,16 +274,18 @@ async def unload(request: Request) -> Response:
     except BadRequest as bad:
         return bad.response
     if name is None:
-        return error_response(400, "missing_parameter", "model is required (?model=NAME or all)")
+        return errors.switchd_error(
+            400, "missing_parameter", "model is required (?model=NAME or all)"
+        )
     try:
         job = services(request).scheduler.request_unload(name)
     except SwitchError as error:
-        return switch_error_response(error)
+        return errors.from_switch(error, openai=False)
     if wants_stream(request):
         return job_stream(request, job, after or 0)
     await job.done.wait()
     if job.error is not None:
-        return switch_error_response(job.error)
+        return errors.from_switch(job.error, openai=False)
     return JSONResponse(job.result)
 
 
@@ -368,7 +294,7 @@ def _job(request: Request) -> Job | Response:
     job = services(request).scheduler.job(job_id)
     if job is None:
         message = f"No switch job {job_id!r} (switchd keeps the last 200)"
-        return error_response(404, "job_not_found", message)
+        return errors.switchd_error(404, "job_not_found", message)
     return job
 
 
@@ -380,7 +306,7 @@ async def list_jobs(request: Request) -> Response:
     raw = request.query_params.get("limit", str(HISTORY_LIMIT))
     if not raw.isdigit() or not 1 <= int(raw) <= JOB_HISTORY:
         message = f"limit must be a whole number from 1 to {JOB_HISTORY}, got {raw!r}"
-        return error_response(400, "invalid_parameter", message)
+        return errors.switchd_error(400, "invalid_parameter", message)
     jobs = services(request).scheduler.recent_jobs(int(raw))
     return JSONResponse({"switches": [job.as_json() for job in jobs]})
 
@@ -420,15 +346,7 @@ async def server_events(request: Request) -> Response:
             subscription.close()
             raise
         snapshot = Event(snapshot_id, wire.SNAPSHOT, status).sse()
-    return EventStream(
-        subscription,
-        snapshot,
-        retry_milliseconds=RETRY_MILLISECONDS,
-        shutdown=found.shutdown,
-        streams=found.metrics.sse_streams,
-        ping_seconds=PING_SECONDS,
-        send_timeout_seconds=SEND_TIMEOUT_SECONDS,
-    )
+    return event_stream(request, subscription, snapshot)
 
 
 async def metrics(request: Request) -> Response:
@@ -447,11 +365,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     code = codes.get(exc.status_code, "http_error")
-    response = error_response(
-        exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"
-    )
-    response.headers.update(exc.headers or {})
-    return response
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return errors.switchd_error(exc.status_code, code, message, exc.headers)
 
 
 ROUTES = [

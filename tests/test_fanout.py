@@ -28,13 +28,14 @@ from starlette.routing import Route
 from switchd.app import create_app
 from switchd.config import SimulatedGpuSettings
 from switchd.events import Event, EventBus
-from switchd.fanout import PING, EventStream, Shutdown
+from switchd.fanout import EventStream, Shutdown
 from switchd.gpu import SimulatedGpu
 from switchd.protocol import server_protocol
+from switchd.sse import PING
 from tests.fakes import FakeRuntime, make_settings
 
 WITHIN = 10.0  # seconds any one wait may take before the test fails
-IDS = re.compile(rb"(?m)^id: (\d+)\r$")
+IDS = re.compile(rb"(?m)^id: (\d+)$")
 
 
 class FakeTime:
@@ -162,7 +163,7 @@ class Reader:
 
     async def got(self, event: Event) -> None:
         """Until `event` has come."""
-        await self.until(lambda: f"id: {event.id}\r\n".encode() in self.received)
+        await self.until(lambda: f"id: {event.id}\n".encode() in self.received)
 
     async def pinged(self, times: int) -> None:
         """Until `times` pings have come."""
@@ -200,7 +201,7 @@ async def test_idle_watchers_get_pings_and_a_busy_one_needs_none() -> None:
         assert ticking is not None
         assert not ticking.done()
         for reader in [*idle, busy]:  # the snapshot first, with the retry hint in its block
-            first = reader.body().split(b"\r\n\r\n")[0].split(b"\r\n")
+            first = reader.body().split(b"\n\n")[0].split(b"\n")
             assert first[0].startswith(b"id: ")
             assert first[1] == b"event: snapshot"
             assert first[2].startswith(b"data: {")

@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
+import tomllib
 import weakref
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import cast
 
 import pytest
@@ -21,7 +24,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from switchd.protocol import ClientState, ResponseTransport, client_state, server_protocol
+from switchd.protocol import (
+    UVICORN_SUPPORTED,
+    ClientState,
+    ResponseTransport,
+    client_state,
+    server_protocol,
+    uvicorn_problem,
+)
 
 
 async def hello(request: Request) -> Response:
@@ -353,3 +363,39 @@ def test_a_client_that_left_keeps_nothing_of_its_connection_alive() -> None:
     assert not state.body_arrived()
     state.drop()  # nothing left to close
     state.on_leave(lambda: None)  # nor to resume
+
+
+# ---- the uvicorn this protocol needs ------------------------------------------------
+
+
+def test_the_installed_uvicorn_has_what_the_protocol_subclasses() -> None:
+    assert uvicorn_problem() is None
+
+
+def test_a_uvicorn_without_it_is_named_in_one_line_with_the_supported_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Lacking:  # an httptools protocol of another uvicorn: no shutdown() to override
+        def connection_made(self) -> None: ...
+        def connection_lost(self) -> None: ...
+        def on_message_begin(self) -> None: ...
+        def on_headers_complete(self) -> None: ...
+
+    module = ModuleType("fake_httptools_impl")
+    module.HttpToolsProtocol = Lacking  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_httptools_impl", module)
+    installed = uvicorn.__version__
+    assert uvicorn_problem("fake_httptools_impl") == (
+        f"switchd needs uvicorn>=0.30,<0.56; the installed uvicorn {installed} has an "
+        "HttpToolsProtocol without shutdown"
+    )
+    assert uvicorn_problem("no_such_uvicorn_module") == (
+        f"switchd needs uvicorn>=0.30,<0.56; the installed uvicorn {installed} has no "
+        "no_such_uvicorn_module (No module named 'no_such_uvicorn_module')"
+    )
+
+
+def test_the_supported_range_is_the_one_pyproject_pins() -> None:
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert f"uvicorn[standard]{UVICORN_SUPPORTED}" in dependencies

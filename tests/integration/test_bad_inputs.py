@@ -450,3 +450,33 @@ async def test_one_model_object_answers_like_openai(server: Server) -> None:
         "status": "exited",
         "aliases": [],
     }
+
+
+async def test_an_unknown_model_gets_the_same_404_on_every_route(server: Server) -> None:
+    """Whichever route names it, an unknown model is told in the same words."""
+    unknown = "Unknown model 'nope'; known models: base, huge, small"
+    asked = [
+        ("GET", "/v1/models/nope", {}, b""),
+        ("POST", "/v1/models/switch?target_model=nope", {}, b""),
+        ("POST", "/v1/models/switch?target_model=nope&stream=true", {}, b""),
+        ("POST", "/v1/models/switch", JSON, b'{"target_model": "nope"}'),
+        ("POST", "/v1/models/unload?model=nope", {}, b""),
+        ("POST", "/v1/models/unload?model=nope&stream=true", {}, b""),
+        ("POST", "/v1/chat/completions", JSON, chat("nope")),
+        ("POST", "/v1/completions", JSON, json.dumps({"model": "nope"}).encode()),
+    ]
+    texts = {}
+    for method, target, headers, body in asked:
+        answer = await raw(server.port, method, target, headers, body)
+        assert answer.status == 404, (target, answer.body)
+        shaped = json.loads(answer.body)
+        # OpenAI's shape where an OpenAI client asks, switchd's (with the list) elsewhere.
+        if "/models/switch" in target or "/models/unload" in target:
+            assert shaped["error"] == "model_not_found", shaped
+            assert shaped["available_models"] == ["base", "huge", "small"], shaped
+            texts[target] = shaped["message"]
+        else:
+            assert shaped["error"]["code"] == "model_not_found", shaped
+            assert shaped["error"]["type"] == "invalid_request_error", shaped
+            texts[target] = shaped["error"]["message"]
+    assert texts == {target: unknown for _, target, _, _ in asked}

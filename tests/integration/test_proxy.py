@@ -198,7 +198,7 @@ ERROR_CASES: list[Any] = [
         json.dumps(chat("gpt-5")).encode(),
         404,
         openai_error(
-            f"The model 'gpt-5' does not exist; known models: {KNOWN}",
+            f"Unknown model 'gpt-5'; known models: {KNOWN}",
             "invalid_request_error",
             "model_not_found",
         ),

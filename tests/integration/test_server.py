@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from typing import Any
@@ -590,3 +591,84 @@ async def test_a_watcher_that_stops_reading_does_not_hold_up_the_others(
         assert seen.count("result") == 6
     finally:
         writer.close()
+
+
+# ---- every stream's bytes: `\n` line endings, and ids a shell can cut out ---------------
+
+SSE_LINE = re.compile(rb"^(id: \d+|event: [a-z_]+|data: \{.*\}|retry: 3000|: ping)$")
+
+
+async def raw_until(response: httpx.Response, until: str, within: float = 30.0) -> bytes:
+    """The stream's bytes as sent (after HTTP's chunking), up to the end of the first
+    block of event `until`."""
+    received = b""
+    marker = f"event: {until}\n".encode()
+
+    async def collect() -> bytes:
+        nonlocal received
+        async for chunk in response.aiter_raw():
+            received += chunk
+            at = received.find(marker)
+            if at >= 0 and b"\n\n" in received[at:]:
+                return received[: received.index(b"\n\n", at) + 2]
+        raise AssertionError(f"the stream ended before `{until}`: {received!r}")
+
+    return await asyncio.wait_for(collect(), within)
+
+
+def check_lines(raw: bytes) -> list[str]:
+    """Every line of `raw` ends with a bare `\\n` and is a field switchd writes; gives the
+    ids, cut out as a shell would (`grep '^id: ' | cut -c5-`)."""
+    assert b"\r" not in raw, raw
+    assert raw.endswith(b"\n\n"), raw
+    lines = [line for line in raw.split(b"\n") if line]
+    assert [line for line in lines if not SSE_LINE.match(line)] == [], raw
+    return [line[4:].decode() for line in lines if line.startswith(b"id: ")]
+
+
+async def test_every_stream_is_written_with_bare_newlines_and_its_ids_resume(
+    client: httpx.AsyncClient,
+) -> None:
+    await client.post("/v1/models/unload", params={"model": "mistral-7b-v0.1"})
+    params = {"target_model": "mistral-7b-v0.1"}
+    async with client.stream("POST", "/v1/models/switch", params=params, headers=SSE) as resp:
+        assert resp.headers["content-type"] == "text/event-stream; charset=utf-8"
+        live = await raw_until(resp, "result")
+    ids = check_lines(live)
+    job = json.loads(live.split(b"\ndata: ", 1)[1].split(b"\n", 1)[0])["job"]
+    # The job's own stream, resumed with the second id as cut out of the bytes.
+    headers = {"Last-Event-ID": ids[1]}
+    async with client.stream("GET", f"/v1/switches/{job}/events", headers=headers) as resp:
+        assert resp.status_code == 200
+        rest = await raw_until(resp, "result")
+    assert check_lines(rest) == ids[2:]
+    # /v1/events: its snapshot, then a resume from the snapshot's id.
+    async with client.stream("GET", "/v1/events") as resp:
+        assert resp.headers["content-type"] == "text/event-stream; charset=utf-8"
+        snapshot = await raw_until(resp, "snapshot")
+    (snapshot_id,) = check_lines(snapshot)
+    await client.post("/v1/models/unload", params={"model": "mistral-7b-v0.1"})
+    await switch_and_wait(client, "mistral-7b-v0.1")
+    headers = {"Last-Event-ID": snapshot_id}
+    async with client.stream("GET", "/v1/events", headers=headers) as resp:
+        assert resp.status_code == 200
+        resumed = await raw_until(resp, "result")
+    assert check_lines(resumed)[0] == str(int(snapshot_id) + 1)
+
+
+async def test_a_last_event_id_with_a_trailing_cr_or_blanks_resumes(
+    client: httpx.AsyncClient,
+) -> None:
+    """An id cut out of a `\\r\\n` stream (another server's, an older switchd's) keeps
+    its `\\r`; it is still that id."""
+    async with client.stream("GET", "/v1/events") as resp:
+        (snapshot_id,) = check_lines(await raw_until(resp, "snapshot"))
+    await switch_and_wait(client, "mistral-7b-v0.1")
+    for query in (f"last_event_id={snapshot_id}%0D", f"last_event_id={snapshot_id}%20%09"):
+        async with client.stream("GET", f"/v1/events?{query}") as resp:
+            assert resp.status_code == 200, query
+            resumed = await raw_until(resp, "result")
+        assert check_lines(resumed)[0] == str(int(snapshot_id) + 1), query
+    refused = await client.get("/v1/events", params={"last_event_id": f"{snapshot_id}x"})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_last_event_id"
