@@ -5,7 +5,7 @@ worker task is the only code that changes model states (Catalog.transition
 asserts it): it runs explicit jobs (an operator's switch or unload, FIFO),
 unloads idle models after their TTL, and turns the demand of waiting requests
 into switches by the policy of switchd/policy.py. Runtime reports reach it as
-messages (Steps.deliver), never as a second writer.
+messages (switchd.inbox), never as a second writer.
 
 Callers ask for outcomes: `request_switch`, `request_unload`, and
 `serving(model)`, which holds a request until its model serves and counts it
@@ -27,17 +27,21 @@ from typing import Any
 
 import httpx
 
-from switchd import planner, policy, standby, wire
+from switchd import planner, planning, policy, standby, wire
 from switchd.catalog import ENGINE, HOLDING, Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
+from switchd.emitter import Emitter
 from switchd.events import EventBus
 from switchd.gpu import GpuProbe, GpuSnapshot
+from switchd.inbox import Inbox
 from switchd.jobs import Cause, Job, JobKind, SwitchError
+from switchd.loading import Loader
 from switchd.runtime.base import EngineInfo, Runtime
+from switchd.standby import EngineStandby
 from switchd.states import ModelState
 from switchd.stats import LearnedStats
-from switchd.steps import Steps, insufficient_memory
+from switchd.steps import Steps
 from switchd.units import iso_timestamp
 
 log = logging.getLogger(__name__)
@@ -85,8 +89,32 @@ class Scheduler:
         self.settings = settings
         self.catalog = Catalog(settings, stats, gpu, bus)
         self.records = self.catalog.records
+        self.runtime = runtime
+        self.gpu = gpu
+        self.emitter = Emitter(bus)
+        self.inbox = Inbox(self.catalog, self.emitter)
+        engines = EngineStandby(http)
+        self.loader = Loader(
+            settings,
+            self.catalog,
+            runtime=runtime,
+            gpu=gpu,
+            inbox=self.inbox,
+            emitter=self.emitter,
+            stats=stats,
+            http=http,
+            standby=engines,
+        )
         self.steps = Steps(
-            settings, self.catalog, runtime=runtime, gpu=gpu, bus=bus, stats=stats, http=http
+            settings,
+            self.catalog,
+            runtime=runtime,
+            gpu=gpu,
+            inbox=self.inbox,
+            emitter=self.emitter,
+            stats=stats,
+            standby=engines,
+            loader=self.loader,
         )
         self.demand = Demand()
         self._on_wait = on_wait
@@ -168,9 +196,9 @@ class Scheduler:
         spec = self.known(name)
         if self.records[spec.name].state in (ModelState.RUNNING, ModelState.LOADING):
             return
-        plan = self.steps.plan(spec, await self.steps.gpu.snapshot())
+        plan = self._plan(spec, await self.gpu.snapshot())
         if not plan.enough:
-            raise insufficient_memory(spec, plan, self.steps.device_count)
+            raise planning.insufficient_memory(spec, plan)
 
     def request_unload(self, name: str) -> Job:
         """A job unloading `name`, or every unpinned model for `all`."""
@@ -324,7 +352,7 @@ class Scheduler:
         job = self._new_job(kind, target, Cause.EXPLICIT)
         ahead = [j.target for j in ([self._running] if self._running else []) + list(self._queue)]
         if ahead:
-            self.steps.emit(
+            self.emitter.emit(
                 job,
                 wire.Queued(len(ahead), ahead[0], ahead),
                 f"Waiting for the {'switch' if kind is JobKind.SWITCH else 'job'} to "
@@ -344,18 +372,18 @@ class Scheduler:
     # ---- the worker -----------------------------------------------------------
 
     async def _watch(self) -> None:
-        async for event in self.steps.runtime.events():
-            self.steps.deliver(event)
+        async for event in self.runtime.events():
+            self.inbox.deliver(event)
             self._wake.set()
 
     async def _work(self) -> None:
-        for model in await self.steps.adopt():
+        for model in await self.loader.adopt():
             self._queue.append(self._new_job(JobKind.SWITCH, model, Cause.DEMAND))
         self._adopted.set()
         while True:
             self._wake.clear()
             try:
-                self.steps.apply_reports()
+                self.inbox.apply()
                 self._admit()
                 job, plan, next_check = await self._next_job()
             except Exception:
@@ -399,8 +427,8 @@ class Scheduler:
             next_check = min(next_check, left)
         if not self.demand:
             return None, None, next_check
-        snapshot = await self.steps.gpu.snapshot()
-        self.steps.apply_reports()
+        snapshot = await self.gpu.snapshot()
+        self.inbox.apply()
         self._admit()
         job, plan, wait = self._decide(snapshot)
         return job, plan, min(next_check, wait)
@@ -437,11 +465,9 @@ class Scheduler:
         may_unload = True  # only the longest-waiting model may make others room
         for want in self._line():
             spec = self.records[want.name].spec
-            full = self.steps.plan(spec, snapshot)
+            full = self._plan(spec, snapshot)
             if not full.enough:
-                self.demand.fail(
-                    spec.name, insufficient_memory(spec, full, self.steps.device_count)
-                )
+                self.demand.fail(spec.name, planning.insufficient_memory(spec, full))
                 continue
             if not full.victims:
                 return self._new_job(JobKind.SWITCH, spec.name, Cause.DEMAND), full, 0.0
@@ -464,10 +490,15 @@ class Scheduler:
                 if yields > now:
                     protected.add(candidate.name)
                     next_check = min(next_check, yields - now)
-            plan = self.steps.plan(spec, snapshot, frozenset(protected))
+            plan = self._plan(spec, snapshot, frozenset(protected))
             if plan.enough:
                 return self._new_job(JobKind.SWITCH, spec.name, Cause.DEMAND), plan, 0.0
         return None, None, next_check
+
+    def _plan(
+        self, spec: ModelSpec, snapshot: GpuSnapshot, protected: frozenset[str] = frozenset()
+    ) -> planner.Plan:
+        return planning.plan(self.catalog, spec, snapshot, self.settings.eviction, protected)
 
     def _holder(self, record: ModelRecord) -> policy.Holder:
         spec = record.spec
@@ -493,7 +524,7 @@ class Scheduler:
             else:
                 result = await self._unload(job)
             message = str(result.get("message") or _result_message(result))
-            self.steps.emit(job, wire.Result(result), message, progress=1.0)
+            self.emitter.emit(job, wire.Result(result), message, progress=1.0)
             job.finish(result, None)
         except SwitchError as error:
             self._fail(job, error)
@@ -507,7 +538,7 @@ class Scheduler:
     async def _switch(self, job: Job, plan: planner.Plan | None) -> dict[str, Any]:
         record = self.records[job.target]
         spec = record.spec
-        self.steps.apply_reports()
+        self.inbox.apply()
         if record.state is ModelState.RUNNING:
             return {
                 "status": "already_loaded",
@@ -516,10 +547,10 @@ class Scheduler:
                 "message": f"Model '{spec.name}' is already running",
             }
         if record.state is ModelState.LOADING:  # found loading at start-up
-            await self.steps.load(job, record)
+            await self.loader.load(job, record)
             return job.success_body(ready=True)
         if plan is None:
-            plan = self.steps.plan(spec, await self.steps.gpu.snapshot())
+            plan = self._plan(spec, await self.gpu.snapshot())
         return await self.steps.switch(job, plan)
 
     async def _unload(self, job: Job) -> dict[str, Any]:
@@ -565,7 +596,7 @@ class Scheduler:
 
     def _fail(self, job: Job, error: SwitchError) -> None:
         try:
-            self.steps.emit(job, wire.Error(error.code, error.fields), error.message)
+            self.emitter.emit(job, wire.Error(error.code, error.fields), error.message)
         except Exception:
             log.exception("could not report the failure of job %s", job.id)
         finally:
@@ -574,11 +605,11 @@ class Scheduler:
     # ---- status ------------------------------------------------------------------
 
     async def gpu_snapshot(self) -> GpuSnapshot:
-        return await self.steps.gpu.snapshot()
+        return await self.gpu.snapshot()
 
     async def status(self, snapshot: GpuSnapshot | None = None) -> dict[str, Any]:
         if snapshot is None:
-            snapshot = await self.steps.gpu.snapshot()
+            snapshot = await self.gpu.snapshot()
         now = time.monotonic()
         models = self.catalog.models_json()
         for name, body in models.items():

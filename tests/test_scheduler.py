@@ -753,7 +753,7 @@ async def test_a_footprint_is_not_learned_while_another_engine_dies_during_the_l
         await asyncio.wait_for(job.started.wait(), 5)
         await asyncio.sleep(0.2)
         runtime.crash("mistral-7b-v0.1", code=137)
-        with caplog.at_level(logging.INFO, logger="switchd.steps"):
+        with caplog.at_level(logging.INFO, logger="switchd.loading"):
             events = await finish(job)
         assert by_stage(events, "ready")["gpu_memory_used_gb"] is None
         assert "footprint of big not learned" in caplog.text
@@ -816,7 +816,7 @@ async def test_an_implausibly_small_sample_is_dropped(
 
     gpu.hook = release_something_unseen
     async with rig(settings, runtime, gpu) as r:
-        with caplog.at_level(logging.WARNING, logger="switchd.steps"):
+        with caplog.at_level(logging.WARNING, logger="switchd.loading"):
             events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
         assert by_stage(events, "ready")["gpu_memory_used_gb"] is None
         assert (
