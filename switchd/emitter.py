@@ -14,7 +14,7 @@ from typing import Any
 
 from switchd import wire
 from switchd.events import EventBus, LogRate
-from switchd.jobs import Job
+from switchd.jobs import Job, JobKind
 from switchd.states import JOB_TRANSITIONS, Stage, check
 from switchd.units import iso_timestamp
 
@@ -45,6 +45,25 @@ class Emitter:
         job.record(
             self._bus.publish(payload.name, _payload(job, payload.name, message, payload.fields()))
         )
+
+    def queued(self, job: Job, ahead: list[str]) -> None:
+        """A job that waits for the jobs `ahead` of it, the running one first."""
+        noun = "switch" if job.kind is JobKind.SWITCH else "job"
+        self.emit(
+            job,
+            wire.Queued(len(ahead), ahead[0], ahead),
+            f"Waiting for the {noun} to {ahead[0]} to finish ({len(ahead)} ahead)",
+        )
+
+    def result(self, job: Job, result: dict[str, Any]) -> None:
+        """A job's last event on success: its JSON body, and a line on how it ended."""
+        message = result.get("message")
+        if not message:
+            if result.get("unloaded_models") is not None and "model" not in result:
+                message = f"Unloaded {', '.join(result['unloaded_models'])}"
+            else:
+                message = f"Model '{result.get('model')}' is ready"
+        self.emit(job, wire.Result(result), str(message), progress=1.0)
 
     def emit_log(self, job: Job, model: str, line: str, *, skipped: int = 0) -> None:
         """Publish one engine output line, within the job's allowance of log events.

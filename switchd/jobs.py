@@ -50,6 +50,11 @@ class SwitchError(Exception):
     def __post_init__(self) -> None:
         super().__init__(self.message)
 
+    def _so_far(self, ready: bool) -> str:
+        if ready:
+            return "is ready"
+        return "is waking up" if self.woken else "started successfully"
+
     def as_json(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.fields}
 
@@ -125,7 +130,13 @@ class Job:
             "woken": self.woken,
             "start_result": {
                 "message": f"Model '{self.target}' "
-                + ("is ready" if ready else "started successfully"),
+                + (
+                    "is ready"
+                    if ready
+                    else "is waking up"
+                    if self.woken
+                    else "started successfully"
+                ),
                 "status": "ready" if ready else "starting",
             },
             "estimated_load_time_seconds": self.estimated_load_time_seconds,

@@ -26,7 +26,7 @@ from switchd.runtime.base import EngineExited, Runtime, StartFailed
 from switchd.standby import EngineStandby, StandbyFailed
 from switchd.states import ModelState
 from switchd.stats import LearnedStats
-from switchd.units import gib
+from switchd.units import gib, with_article
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class Loader:
             job,
             wire.Wake(tier.value, estimate, cold),
             f"Waking {spec.name} ({standby.label(tier)}): about {estimate:g} s instead of "
-            f"a {cold:g} s load",
+            f"{with_article(f'{cold:g}')} s load",
             progress=PROGRESS_FREED,
         )
         before = await self.gpu.snapshot()
@@ -219,6 +219,7 @@ class Loader:
         moves, releasing = self.catalog.memory_moves, self.catalog.release_pending()
         self.catalog.transition(record, ModelState.SLEEPING, ModelState.LOADING)
         started = self._clock()
+        job.woken = True  # before `started`: a switch answered now tells of a wake
         job.started.set()
         loading = Load(job, record, info.instance, info.url + spec.health_path)
         self._inbox.load = loading
@@ -243,6 +244,7 @@ class Loader:
             failure = f"it {loading.exited.reason} while waking"
         if failure is not None:
             log.warning("waking %s failed: %s; starting it cold", spec.name, failure)
+            job.woken = False
             if loading.exited is not None:  # nothing left to stop: its memory went with it
                 record.last_exit = exit_summary(loading.exited)
                 error = f"{spec.name} {loading.exited.reason} while waking"
@@ -262,7 +264,6 @@ class Loader:
             taken_gb = round(sum(taken.values()), 2)
         await self._stats.record_wake(spec.name, tier.value, seconds)
         record.ready_cost_seconds = seconds
-        job.woken = True
         self.catalog.transition(record, ModelState.LOADING, ModelState.RUNNING)
         took = f", taking back {taken_gb:.2f} GB" if taken_gb is not None else ""
         emit(

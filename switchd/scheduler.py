@@ -23,6 +23,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -39,7 +40,7 @@ from switchd.jobs import Cause, Job, JobKind, SwitchError
 from switchd.loading import Loader
 from switchd.runtime.base import EngineInfo, Runtime
 from switchd.standby import EngineStandby
-from switchd.states import ModelState
+from switchd.states import ModelState, Stage
 from switchd.stats import LearnedStats
 from switchd.steps import Steps
 from switchd.units import iso_timestamp
@@ -55,6 +56,35 @@ WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outco
 
 def _ignore_wait(model: str, seconds: float, outcome: str) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class UnderWay:
+    """The job switchd runs now."""
+
+    kind: JobKind
+    target: str
+    stage: Stage
+    progress: float
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where a request for `model` stands (Scheduler.standing): data, which
+    switchd.progress words for the people waiting."""
+
+    model: str
+    state: ModelState
+    under_way: UnderWay | None
+    serving: tuple[str, ...]  # the models serving requests now
+    # Nothing under way and it is not running: it would load at once, beside
+    # what runs, without unloading anything.
+    fits_beside: bool
+    waiting: int  # requests waiting for it
+    waited_seconds: float | None  # how long the first of them has waited
+    queued: tuple[str, ...]  # operators' switches, in the queue's order
+    line: tuple[str, ...]  # the models requests wait for, in the policy's order
+    ready_seconds: float  # the estimate of its load, or of its wake if it sleeps
 
 
 class Serving:
@@ -212,33 +242,30 @@ class Scheduler:
         """Whether a request for it would be admitted at once, without waiting."""
         return _serves(self.records[spec.name])
 
-    def wait_summary(self, model: str) -> str:
-        """One line on what a request for `model` waits for: the switch under way and
-        the demand, for people waiting (switchd.progress)."""
+    async def standing(self, model: str) -> Standing:
+        """Where a request for `model` stands (a newcomer's too, not counted yet): the
+        job under way, the demand, the line; switchd.progress words it for people."""
         record = self.records[model]
-        waiting = self.demand.waiting(model)
-        parts = [f"{model} is {record.state.value}"]
+        fits = False
+        if self._running is None and record.state is not ModelState.RUNNING:
+            plan = self._plan(record.spec, await self.gpu.snapshot())
+            fits = plan.enough and not plan.victims
         current = self._running
-        if current is not None:
-            doing = "unloading" if current.kind is JobKind.UNLOAD else "switching to"
-            parts.append(
-                f"switchd is {doing} {current.target} ({current.stage.value}, "
-                f"{current.progress:.0%})"
-            )
-        elif record.state is not ModelState.RUNNING:
-            others = [r.spec.name for r in self.records.values() if _serves(r)]
-            if others:
-                parts.append(f"{', '.join(others)} serves other requests first")
         oldest = self.demand.oldest(model)
-        if waiting:
-            since = f", the first for {time.monotonic() - oldest:.0f} s" if oldest else ""
-            parts.append(f"{waiting} request(s) wait for it{since}")
-        if current is None or current.target != model:
-            parts.append(self._place_in_line(model))
-        estimate = self.catalog.estimated_ready_seconds(record)
-        verb = "waking" if record.state is ModelState.SLEEPING else "loading"
-        parts.append(f"{verb} it takes about {estimate:g} s")
-        return "; ".join(parts)
+        return Standing(
+            model,
+            record.state,
+            None
+            if current is None
+            else UnderWay(current.kind, current.target, current.stage, current.progress),
+            tuple(r.spec.name for r in self.records.values() if _serves(r)),
+            fits,
+            self.demand.waiting(model),
+            time.monotonic() - oldest if oldest else None,
+            tuple(job.target for job in self._queue),
+            tuple(want.name for want in self._line()),
+            self.catalog.estimated_ready_seconds(record),
+        )
 
     def recent_jobs(self, limit: int) -> list[Job]:
         """The latest jobs, newest first (the running one and the queue included)."""
@@ -352,12 +379,7 @@ class Scheduler:
         job = self._new_job(kind, target, Cause.EXPLICIT)
         ahead = [j.target for j in ([self._running] if self._running else []) + list(self._queue)]
         if ahead:
-            self.emitter.emit(
-                job,
-                wire.Queued(len(ahead), ahead[0], ahead),
-                f"Waiting for the {'switch' if kind is JobKind.SWITCH else 'job'} to "
-                f"{ahead[0]} to finish ({len(ahead)} ahead)",
-            )
+            self.emitter.queued(job, ahead)
         self._queue.append(job)
         self._wake.set()
         return job
@@ -441,23 +463,6 @@ class Scheduler:
             if (oldest := self.demand.oldest(model)) is not None
         )
 
-    def _place_in_line(self, model: str) -> str:
-        """Where `model`'s requests stand (a newcomer's too, not counted yet): behind
-        the queued switches and the models whose requests came first (the policy's
-        order)."""
-        queued = [job.target for job in self._queue]
-        if model in queued:  # an operator's switch to it: the queue's order is the line
-            before = queued[: queued.index(model)]
-            if before:
-                return f"its switch is queued behind {', '.join(before)}"
-            return "its switch is next in the queue"
-        line = [want.name for want in self._line()]
-        ahead = line[: line.index(model)] if model in line else []
-        said = [f"queued switches first: {', '.join(queued)}"] if queued else []
-        if ahead:
-            said.append(f"in line behind {', '.join(ahead)}, wanted earlier")
-        return "; ".join(said) if said else "next in line"
-
     def _decide(self, snapshot: GpuSnapshot) -> tuple[Job | None, planner.Plan | None, float]:
         """Which waiting model loads next, by the policy; else how long until one may."""
         now = time.monotonic()
@@ -523,8 +528,7 @@ class Scheduler:
                 result = await self._switch(job, plan)
             else:
                 result = await self._unload(job)
-            message = str(result.get("message") or _result_message(result))
-            self.emitter.emit(job, wire.Result(result), message, progress=1.0)
+            self.emitter.result(job, result)
             job.finish(result, None)
         except SwitchError as error:
             self._fail(job, error)
@@ -652,9 +656,3 @@ def _report_crash(task: asyncio.Task[None]) -> None:
     """These tasks run for switchd's whole life: one ending early is a bug, said loudly."""
     if not task.cancelled() and task.exception() is not None:
         log.critical("%s stopped: %r", task.get_name(), task.exception())
-
-
-def _result_message(result: dict[str, Any]) -> str:
-    if result.get("unloaded_models") is not None and "model" not in result:
-        return f"Unloaded {', '.join(result['unloaded_models'])}"
-    return f"Model '{result.get('model')}' is ready"

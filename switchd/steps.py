@@ -173,7 +173,9 @@ class Steps:
                 "job": job.id,
                 "unloaded_models": [],
                 "freed_gb": 0.0,
-                "message": f"Nothing to unload: {job.target} is not running",
+                "message": "Nothing to unload: no unpinned model is loaded"
+                if job.target == "all"
+                else f"Nothing to unload: {job.target} is not running",
             }
         freed = await self.unload_all(job, chosen)
         available = gib((await self.gpu.snapshot()).free_bytes())
