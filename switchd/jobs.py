@@ -50,11 +50,6 @@ class SwitchError(Exception):
     def __post_init__(self) -> None:
         super().__init__(self.message)
 
-    def _so_far(self, ready: bool) -> str:
-        if ready:
-            return "is ready"
-        return "is waking up" if self.woken else "started successfully"
-
     def as_json(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.fields}
 
