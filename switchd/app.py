@@ -30,7 +30,7 @@ from switchd.auth import BearerAuth
 from switchd.config import ConfigError, RuntimeKind, Settings, check_devices
 from switchd.events import EventBus
 from switchd.fanout import Shutdown, watch_for_exit
-from switchd.gpu import GpuProbe, open_probe
+from switchd.gpu import GpuProbe, ledger_of, open_probe
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, is_engine_call
@@ -158,6 +158,7 @@ def create_app(
                 settings,
                 runtime=engines,
                 gpu=probe,
+                ledger=ledger_of(probe),
                 bus=bus,
                 stats=stats,
                 http=http,

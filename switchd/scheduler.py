@@ -34,7 +34,7 @@ from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
 from switchd.emitter import Emitter
 from switchd.events import EventBus
-from switchd.gpu import GpuProbe, GpuSnapshot
+from switchd.gpu import GpuLedger, GpuProbe, GpuSnapshot
 from switchd.inbox import Inbox
 from switchd.jobs import Cause, Job, JobKind, SwitchError
 from switchd.loading import Loader
@@ -111,13 +111,14 @@ class Scheduler:
         *,
         runtime: Runtime,
         gpu: GpuProbe,
+        ledger: GpuLedger | None,
         bus: EventBus,
         stats: LearnedStats,
         http: httpx.AsyncClient,
         on_wait: WaitObserver = _ignore_wait,
     ) -> None:
         self.settings = settings
-        self.catalog = Catalog(settings, stats, gpu, bus)
+        self.catalog = Catalog(settings, stats, ledger, bus)
         self.records = self.catalog.records
         self.runtime = runtime
         self.gpu = gpu

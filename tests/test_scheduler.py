@@ -47,7 +47,9 @@ async def rig(
     stats = LearnedStats(settings.state_dir)
     await stats.load()
     async with httpx.AsyncClient(transport=runtime.transport()) as http:
-        scheduler = Scheduler(settings, runtime=runtime, gpu=gpu, bus=bus, stats=stats, http=http)
+        scheduler = Scheduler(
+            settings, runtime=runtime, gpu=gpu, ledger=gpu, bus=bus, stats=stats, http=http
+        )
         await scheduler.start()
         try:
             yield Rig(scheduler, runtime, gpu, bus, settings)
