@@ -3,7 +3,7 @@
 Two parts. `EngineStandby` speaks each engine's documented HTTP API (vLLM's
 sleep mode, SGLang's memory release); `choose` decides, purely, which victims
 of a plan sleep and which stop. switchd measures what each sleep freed and
-each wake cost (switchd.steps) and learns it (switchd.stats).
+each wake cost (switchd.steps, switchd.loading) and learns it (switchd.stats).
 
 The choice, per victim (in the plan's order):
 
