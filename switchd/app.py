@@ -26,17 +26,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from switchd.access import RequestLine
 from switchd.auth import BearerAuth
-from switchd.config import ConfigError, RuntimeKind, Settings, check_devices
+from switchd.config import ConfigError, Settings, check_devices
 from switchd.events import EventBus
 from switchd.fanout import Shutdown
-from switchd.gpu import GpuProbe, open_probe
+from switchd.gpu import GpuProbe, ledger_of, open_probe
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, is_engine_call
 from switchd.routes import ROUTES, Services, http_error, proxy_context
-from switchd.runtime.base import Runtime
-from switchd.runtime.docker import DockerRuntime
-from switchd.runtime.process import ProcessRuntime
+from switchd.runtime.base import RUNTIMES, Runtime
 from switchd.scheduler import Scheduler
 from switchd.stats import LearnedStats
 from switchd.units import gib
@@ -88,23 +86,18 @@ def ui_routes(ui: Path) -> list[BaseRoute]:
 
 def check_runtime(settings: Settings) -> None:
     """Refuse, before serving, a catalog its runtime cannot run."""
-    if settings.runtime is RuntimeKind.PROCESS:
-        missing, needs = [s.name for s in settings.models.values() if not s.cmd], "`cmd`"
-    else:
-        missing = [s.name for s in settings.models.values() if not (s.container or s.image)]
-        needs = "`container` or `image`"
+    choice = RUNTIMES[settings.runtime.value]
+    missing = [s.name for s in settings.models.values() if not choice.runs(s)]
     if missing:
         raise ConfigError(
             settings.source,
             f"models.{missing[0]}",
-            f"the {settings.runtime.value} runtime needs {needs} for every model",
+            f"the {settings.runtime.value} runtime needs {choice.needs} for every model",
         )
 
 
 async def open_runtime(settings: Settings) -> Runtime:
-    if settings.runtime is RuntimeKind.DOCKER:
-        return await DockerRuntime.open(settings.models, settings.stop_grace_seconds)
-    return ProcessRuntime(settings.stop_grace_seconds, state_dir=settings.state_dir)
+    return await RUNTIMES[settings.runtime.value].open(settings)
 
 
 async def check_probe_devices(settings: Settings, probe: GpuProbe) -> None:
@@ -157,6 +150,7 @@ def create_app(
                 settings,
                 runtime=engines,
                 gpu=probe,
+                ledger=ledger_of(probe),
                 bus=bus,
                 stats=stats,
                 http=http,

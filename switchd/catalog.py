@@ -19,7 +19,7 @@ from typing import Any
 from switchd import planner, standby, wire
 from switchd.config import ModelSpec, Settings, Tier
 from switchd.events import EventBus
-from switchd.gpu import GpuProbe, GpuSnapshot
+from switchd.gpu import GpuLedger, GpuSnapshot
 from switchd.runtime.base import EngineInfo
 from switchd.states import MODEL_TRANSITIONS, ModelState, check
 from switchd.stats import LearnedStats
@@ -79,10 +79,10 @@ class ModelRecord:
 
 class Catalog:
     def __init__(
-        self, settings: Settings, stats: LearnedStats, gpu: GpuProbe, bus: EventBus
+        self, settings: Settings, stats: LearnedStats, ledger: GpuLedger | None, bus: EventBus
     ) -> None:
         self._stats = stats
-        self._gpu = gpu
+        self._ledger = ledger  # the simulated card's, told of every memory move
         self._bus = bus
         self.records = {name: ModelRecord(spec) for name, spec in settings.models.items()}
         self.owner: asyncio.Task[Any] | None = None  # the one task allowed to change states
@@ -137,21 +137,25 @@ class Catalog:
             record.last_exit = None
         if new in ENGINE and old not in HOLDING:
             # What the engine will really hold: the simulated card's truth is the
-            # configured size (NVML sees real allocations and ignores this).
-            self._gpu.engine_started(
-                spec.name, gib_to_bytes(spec.size_gb), record.devices or spec.gpus
-            )
+            # configured size (NVML sees real allocations and keeps no ledger).
+            if self._ledger is not None:
+                self._ledger.engine_started(
+                    spec.name, gib_to_bytes(spec.size_gb), record.devices or spec.gpus
+                )
             self.memory_moves += 1
         if new is ModelState.SLEEPING:  # from RUNNING, or adopted asleep
-            self._gpu.engine_slept(spec.name)
+            if self._ledger is not None:
+                self._ledger.engine_slept(spec.name)
             record.asleep, record.asleep_since = tier, time.time()
             self.memory_moves += 1
         if old is ModelState.SLEEPING and new is ModelState.LOADING:
-            self._gpu.engine_woken(spec.name)
+            if self._ledger is not None:
+                self._ledger.engine_woken(spec.name)
             record.measured_gb = record.measured_by_device = None  # measured again once awake
             self.memory_moves += 1
         if new not in HOLDING and old in HOLDING:
-            self._gpu.engine_stopped(spec.name)
+            if self._ledger is not None:
+                self._ledger.engine_stopped(spec.name)
             record.measured_gb = record.measured_by_device = None
             self.memory_moves += 1
             self._releasing[spec.name] = time.monotonic() + self._release_seconds

@@ -1,4 +1,4 @@
-"""GPU memory: the GpuProbe protocol, the NVML probe and a simulated GPU.
+"""GPU memory: the GpuProbe protocol, the NVML probe and a simulated GPU (a GpuLedger).
 
 NVML is initialised once and read in a worker thread (a read takes well under
 a millisecond); nvidia-smi and `docker exec` are never used. The simulated GPU
@@ -92,8 +92,16 @@ class GpuProbe(Protocol):
 
     async def snapshot(self) -> GpuSnapshot: ...
 
+    async def close(self) -> None: ...
+
+
+class GpuLedger(Protocol):
+    """What a card that sees no real allocation must be told: the simulated GPU's
+    ledger, kept by Catalog.transition as engines start, sleep, wake and stop.
+    NVML sees real allocations and keeps none (`ledger_of`)."""
+
     def engine_started(self, model: str, num_bytes: int, devices: Sequence[int] | None) -> None:
-        """An engine was started and will hold about `num_bytes` (the simulator's ledger)."""
+        """An engine was started and will hold about `num_bytes`."""
 
     def engine_stopped(self, model: str) -> None:
         """An engine is gone and its memory is being released."""
@@ -103,8 +111,6 @@ class GpuProbe(Protocol):
 
     def engine_woken(self, model: str) -> None:
         """A sleeping engine woke up and takes its memory back."""
-
-    async def close(self) -> None: ...
 
 
 class NvmlProbe:
@@ -161,18 +167,6 @@ class NvmlProbe:
                 if used is not None:  # None where the driver hides it (containers)
                     processes.append(ProcessMemory(int(proc.pid), index, int(used)))
         return GpuSnapshot(self.source, tuple(devices), tuple(processes))
-
-    def engine_started(self, model: str, num_bytes: int, devices: Sequence[int] | None) -> None:
-        pass  # NVML sees real allocations itself
-
-    def engine_stopped(self, model: str) -> None:
-        pass
-
-    def engine_slept(self, model: str) -> None:
-        pass
-
-    def engine_woken(self, model: str) -> None:
-        pass
 
     async def close(self) -> None:
         await asyncio.to_thread(self._nvml.nvmlShutdown)
@@ -278,6 +272,11 @@ async def open_probe(kind: GpuKind, simulated: SimulatedGpuSettings) -> GpuProbe
             ) from exc
         log.warning("NVML unavailable (%s): using a simulated %.2f GB GPU", exc, simulated.total_gb)
         return SimulatedGpu(simulated)
+
+
+def ledger_of(probe: GpuProbe) -> GpuLedger | None:
+    """The ledger to keep for `probe`: the simulated card's own; none for NVML."""
+    return probe if isinstance(probe, SimulatedGpu) else None
 
 
 def _text(value: bytes | str) -> str:

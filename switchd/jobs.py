@@ -125,7 +125,13 @@ class Job:
             "woken": self.woken,
             "start_result": {
                 "message": f"Model '{self.target}' "
-                + ("is ready" if ready else "started successfully"),
+                + (
+                    "is ready"
+                    if ready
+                    else "is waking up"
+                    if self.woken
+                    else "started successfully"
+                ),
                 "status": "ready" if ready else "starting",
             },
             "estimated_load_time_seconds": self.estimated_load_time_seconds,

@@ -98,6 +98,8 @@ class Plan:
     # When not enough: the chosen device with the largest shortfall even after
     # unloading every unpinned model. None when enough.
     short_device: int | None
+    # How many devices the host has: messages name devices only on a host of several.
+    host_devices: int
 
     # Scalar views, summed over `devices` and rounded to 2 decimals: events,
     # messages and seed-compatible bodies.
@@ -326,4 +328,5 @@ def plan(
         short_device=None
         if enough
         else _short_device(devices, need.per_device_gb, available, freeable),
+        host_devices=len(host),
     )

@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from starlette.types import Scope, Send
 
@@ -32,7 +33,12 @@ from switchd.chunks import (
 )
 from switchd.config import ModelSpec
 from switchd.events import Event, Subscription
+from switchd.jobs import JobKind
+from switchd.states import ModelState
 from switchd.upstream import Response, UpstreamError
+
+if TYPE_CHECKING:  # the scheduler's data; this module only words it
+    from switchd.scheduler import Standing
 
 HEADER = b"x-switchd-progress"
 ON = frozenset({"on", "1", "true", "yes"})
@@ -149,6 +155,51 @@ class ProgressStream:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
 
+def describe(standing: Standing) -> str:
+    """One line on what a request for its model waits for: the job under way, the
+    demand, its place in line and how long it takes to be ready."""
+    model, state = standing.model, standing.state
+    parts = [f"{model} is {state.value}"]
+    current = standing.under_way
+    if current is not None:
+        doing = "unloading" if current.kind is JobKind.UNLOAD else "switching to"
+        parts.append(
+            f"switchd is {doing} {current.target} ({current.stage.value}, {current.progress:.0%})"
+        )
+    elif state is not ModelState.RUNNING and standing.serving:
+        serving = ", ".join(standing.serving)
+        if standing.fits_beside:
+            parts.append(f"it fits beside {serving}: it loads now")
+        else:
+            parts.append(f"{serving} serves other requests first")
+    if standing.waiting:
+        waited = standing.waited_seconds
+        since = f", the first for {waited:.0f} s" if waited is not None else ""
+        parts.append(f"{standing.waiting} request(s) wait for it{since}")
+    if current is None or current.target != model:
+        parts.append(_place_in_line(standing))
+    verb = "waking" if state is ModelState.SLEEPING else "loading"
+    parts.append(f"{verb} it takes about {standing.ready_seconds:g} s")
+    return "; ".join(parts)
+
+
+def _place_in_line(standing: Standing) -> str:
+    """Where its requests stand: behind the queued switches and the models whose
+    requests came first (the policy's order)."""
+    model, queued = standing.model, list(standing.queued)
+    if model in queued:  # an operator's switch to it: the queue's order is the line
+        before = queued[: queued.index(model)]
+        if before:
+            return f"its switch is queued behind {', '.join(before)}"
+        return "its switch is next in the queue"
+    line = list(standing.line)
+    ahead = line[: line.index(model)] if model in line else []
+    said = [f"queued switches first: {', '.join(queued)}"] if queued else []
+    if ahead:
+        said.append(f"in line behind {', '.join(ahead)}, wanted earlier")
+    return "; ".join(said) if said else "next in line"
+
+
 def line_for(event: Event, model: str) -> str | None:
     """What to tell about `event` in `model`'s stream; None: nothing."""
     if event.name not in SHOWN or event.data.get("model") != model:
@@ -168,11 +219,12 @@ async def say_queued(stream: ProgressStream, subscription: Subscription) -> None
 async def follow(
     stream: ProgressStream,
     subscription: Subscription,
-    describe: Callable[[], str],
+    standing: Callable[[], Awaitable[Standing]],
     every: float = EVERY_SECONDS,
 ) -> None:
-    """Say each stage of the model's job as it comes, and `describe()` when nothing
-    has been said for `every` seconds; until cancelled."""
+    """Say each stage of the model's job as it comes, and where the request stands
+    (`standing()`, described) when nothing has been said for `every` seconds; until
+    cancelled."""
     events: AsyncIterator[Event] = aiter(subscription)
     upcoming: asyncio.Future[Event] = asyncio.ensure_future(anext(events))
     last_loading = 0.0
@@ -180,8 +232,9 @@ async def follow(
         while True:
             done, _ = await asyncio.wait({upcoming}, timeout=every)
             if not done:
+                where = describe(await standing())
                 async with stream.lock:
-                    await stream.say(describe())
+                    await stream.say(where)
                 continue
             try:
                 event = upcoming.result()

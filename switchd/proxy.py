@@ -380,9 +380,9 @@ class _Call:
         stream = progress.ProgressStream(self.send, spec.name)
         subscription = self.context.bus.subscribe()
         await stream.start()
-        await stream.say(scheduler.wait_summary(spec.name))
+        await stream.say(progress.describe(await scheduler.standing(spec.name)))
         follower = asyncio.create_task(
-            progress.follow(stream, subscription, lambda: scheduler.wait_summary(spec.name))
+            progress.follow(stream, subscription, lambda: scheduler.standing(spec.name))
         )
         outcome = {"status": 200}
 

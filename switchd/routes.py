@@ -25,7 +25,7 @@ from switchd.fanout import EventStream, JobEvents, Shutdown, Source, never, noth
 from switchd.jobs import Job, SwitchError
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
-from switchd.proxy import Proxy, ProxyContext
+from switchd.proxy import ProxyContext
 from switchd.scheduler import JOB_HISTORY, Scheduler
 from switchd.upstream import Upstream
 
@@ -360,6 +360,10 @@ async def metrics(request: Request) -> Response:
 CONTROL_ROUTES = frozenset({"switch", "unload"})
 
 
+async def not_an_engine_call(request: Request) -> Response:
+    raise HTTPException(405)
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     """Routing's own errors (404, 405) as JSON, like every other error."""
     assert isinstance(exc, HTTPException)
@@ -381,6 +385,8 @@ ROUTES = [
     Route("/v1/switches/{job_id}", job_status),
     Route("/v1/switches/{job_id}/events", job_events),
     Route("/v1/events", server_events),
-    # Last: every other POST under /v1 is an OpenAI call for an engine.
-    Route("/v1/{path:path}", Proxy(proxy_context), methods=["POST"]),
+    # Last. Engine calls (every other POST under /v1) never reach the router:
+    # app.Switchd sends them to the proxy. This answers the rest with 405: another
+    # method on an engine's path, and a POST to one of switchd's own that takes none.
+    Route("/v1/{path:path}", not_an_engine_call, methods=["POST"]),
 ]

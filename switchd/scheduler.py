@@ -5,7 +5,7 @@ worker task is the only code that changes model states (Catalog.transition
 asserts it): it runs explicit jobs (an operator's switch or unload, FIFO),
 unloads idle models after their TTL, and turns the demand of waiting requests
 into switches by the policy of switchd/policy.py. Runtime reports reach it as
-messages (Steps.deliver), never as a second writer.
+messages (switchd.inbox), never as a second writer.
 
 Callers ask for outcomes: `request_switch`, `request_unload`, and
 `serving(model)`, which holds a request until its model serves and counts it
@@ -23,21 +23,26 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from switchd import planner, policy, standby, wire
+from switchd import planner, planning, policy, standby, wire
 from switchd.catalog import ENGINE, HOLDING, Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
+from switchd.emitter import Emitter
 from switchd.events import EventBus
-from switchd.gpu import GpuProbe, GpuSnapshot
+from switchd.gpu import GpuLedger, GpuProbe, GpuSnapshot
+from switchd.inbox import Inbox
 from switchd.jobs import Cause, Job, JobKind, SwitchError
+from switchd.loading import Loader
 from switchd.runtime.base import EngineInfo, Runtime
-from switchd.states import ModelState
+from switchd.standby import EngineStandby
+from switchd.states import ModelState, Stage
 from switchd.stats import LearnedStats
-from switchd.steps import Steps, insufficient_memory
+from switchd.steps import Steps
 from switchd.units import iso_timestamp
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,35 @@ WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outco
 
 def _ignore_wait(model: str, seconds: float, outcome: str) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class UnderWay:
+    """The job switchd runs now."""
+
+    kind: JobKind
+    target: str
+    stage: Stage
+    progress: float
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where a request for `model` stands (Scheduler.standing): data, which
+    switchd.progress words for the people waiting."""
+
+    model: str
+    state: ModelState
+    under_way: UnderWay | None
+    serving: tuple[str, ...]  # the models serving requests now
+    # Nothing under way and it is not running: it would load at once, beside
+    # what runs, without unloading anything.
+    fits_beside: bool
+    waiting: int  # requests waiting for it
+    waited_seconds: float | None  # how long the first of them has waited
+    queued: tuple[str, ...]  # operators' switches, in the queue's order
+    line: tuple[str, ...]  # the models requests wait for, in the policy's order
+    ready_seconds: float  # the estimate of its load, or of its wake if it sleeps
 
 
 class Serving:
@@ -77,16 +111,41 @@ class Scheduler:
         *,
         runtime: Runtime,
         gpu: GpuProbe,
+        ledger: GpuLedger | None,
         bus: EventBus,
         stats: LearnedStats,
         http: httpx.AsyncClient,
         on_wait: WaitObserver = _ignore_wait,
     ) -> None:
         self.settings = settings
-        self.catalog = Catalog(settings, stats, gpu, bus)
+        self.catalog = Catalog(settings, stats, ledger, bus)
         self.records = self.catalog.records
+        self.runtime = runtime
+        self.gpu = gpu
+        self.emitter = Emitter(bus)
+        self.inbox = Inbox(self.catalog, self.emitter)
+        engines = EngineStandby(http)
+        self.loader = Loader(
+            settings,
+            self.catalog,
+            runtime=runtime,
+            gpu=gpu,
+            inbox=self.inbox,
+            emitter=self.emitter,
+            stats=stats,
+            http=http,
+            standby=engines,
+        )
         self.steps = Steps(
-            settings, self.catalog, runtime=runtime, gpu=gpu, bus=bus, stats=stats, http=http
+            settings,
+            self.catalog,
+            runtime=runtime,
+            gpu=gpu,
+            inbox=self.inbox,
+            emitter=self.emitter,
+            stats=stats,
+            standby=engines,
+            loader=self.loader,
         )
         self.demand = Demand()
         self._on_wait = on_wait
@@ -168,9 +227,9 @@ class Scheduler:
         spec = self.known(name)
         if self.records[spec.name].state in (ModelState.RUNNING, ModelState.LOADING):
             return
-        plan = self.steps.plan(spec, await self.steps.gpu.snapshot())
+        plan = self._plan(spec, await self.gpu.snapshot())
         if not plan.enough:
-            raise insufficient_memory(spec, plan, self.steps.device_count)
+            raise planning.insufficient_memory(spec, plan)
 
     def request_unload(self, name: str) -> Job:
         """A job unloading `name`, or every unpinned model for `all`."""
@@ -184,33 +243,30 @@ class Scheduler:
         """Whether a request for it would be admitted at once, without waiting."""
         return _serves(self.records[spec.name])
 
-    def wait_summary(self, model: str) -> str:
-        """One line on what a request for `model` waits for: the switch under way and
-        the demand, for people waiting (switchd.progress)."""
+    async def standing(self, model: str) -> Standing:
+        """Where a request for `model` stands (a newcomer's too, not counted yet): the
+        job under way, the demand, the line; switchd.progress words it for people."""
         record = self.records[model]
-        waiting = self.demand.waiting(model)
-        parts = [f"{model} is {record.state.value}"]
+        fits = False
+        if self._running is None and record.state is not ModelState.RUNNING:
+            plan = self._plan(record.spec, await self.gpu.snapshot())
+            fits = plan.enough and not plan.victims
         current = self._running
-        if current is not None:
-            doing = "unloading" if current.kind is JobKind.UNLOAD else "switching to"
-            parts.append(
-                f"switchd is {doing} {current.target} ({current.stage.value}, "
-                f"{current.progress:.0%})"
-            )
-        elif record.state is not ModelState.RUNNING:
-            others = [r.spec.name for r in self.records.values() if _serves(r)]
-            if others:
-                parts.append(f"{', '.join(others)} serves other requests first")
         oldest = self.demand.oldest(model)
-        if waiting:
-            since = f", the first for {time.monotonic() - oldest:.0f} s" if oldest else ""
-            parts.append(f"{waiting} request(s) wait for it{since}")
-        if current is None or current.target != model:
-            parts.append(self._place_in_line(model))
-        estimate = self.catalog.estimated_ready_seconds(record)
-        verb = "waking" if record.state is ModelState.SLEEPING else "loading"
-        parts.append(f"{verb} it takes about {estimate:g} s")
-        return "; ".join(parts)
+        return Standing(
+            model,
+            record.state,
+            None
+            if current is None
+            else UnderWay(current.kind, current.target, current.stage, current.progress),
+            tuple(r.spec.name for r in self.records.values() if _serves(r)),
+            fits,
+            self.demand.waiting(model),
+            time.monotonic() - oldest if oldest else None,
+            tuple(job.target for job in self._queue),
+            tuple(want.name for want in self._line()),
+            self.catalog.estimated_ready_seconds(record),
+        )
 
     def recent_jobs(self, limit: int) -> list[Job]:
         """The latest jobs, newest first (the running one and the queue included)."""
@@ -324,12 +380,7 @@ class Scheduler:
         job = self._new_job(kind, target, Cause.EXPLICIT)
         ahead = [j.target for j in ([self._running] if self._running else []) + list(self._queue)]
         if ahead:
-            self.steps.emit(
-                job,
-                wire.Queued(len(ahead), ahead[0], ahead),
-                f"Waiting for the {'switch' if kind is JobKind.SWITCH else 'job'} to "
-                f"{ahead[0]} to finish ({len(ahead)} ahead)",
-            )
+            self.emitter.queued(job, ahead)
         self._queue.append(job)
         self._wake.set()
         return job
@@ -344,18 +395,18 @@ class Scheduler:
     # ---- the worker -----------------------------------------------------------
 
     async def _watch(self) -> None:
-        async for event in self.steps.runtime.events():
-            self.steps.deliver(event)
+        async for event in self.runtime.events():
+            self.inbox.deliver(event)
             self._wake.set()
 
     async def _work(self) -> None:
-        for model in await self.steps.adopt():
+        for model in await self.loader.adopt():
             self._queue.append(self._new_job(JobKind.SWITCH, model, Cause.DEMAND))
         self._adopted.set()
         while True:
             self._wake.clear()
             try:
-                self.steps.apply_reports()
+                self.inbox.apply()
                 self._admit()
                 job, plan, next_check = await self._next_job()
             except Exception:
@@ -399,8 +450,8 @@ class Scheduler:
             next_check = min(next_check, left)
         if not self.demand:
             return None, None, next_check
-        snapshot = await self.steps.gpu.snapshot()
-        self.steps.apply_reports()
+        snapshot = await self.gpu.snapshot()
+        self.inbox.apply()
         self._admit()
         job, plan, wait = self._decide(snapshot)
         return job, plan, min(next_check, wait)
@@ -413,23 +464,6 @@ class Scheduler:
             if (oldest := self.demand.oldest(model)) is not None
         )
 
-    def _place_in_line(self, model: str) -> str:
-        """Where `model`'s requests stand (a newcomer's too, not counted yet): behind
-        the queued switches and the models whose requests came first (the policy's
-        order)."""
-        queued = [job.target for job in self._queue]
-        if model in queued:  # an operator's switch to it: the queue's order is the line
-            before = queued[: queued.index(model)]
-            if before:
-                return f"its switch is queued behind {', '.join(before)}"
-            return "its switch is next in the queue"
-        line = [want.name for want in self._line()]
-        ahead = line[: line.index(model)] if model in line else []
-        said = [f"queued switches first: {', '.join(queued)}"] if queued else []
-        if ahead:
-            said.append(f"in line behind {', '.join(ahead)}, wanted earlier")
-        return "; ".join(said) if said else "next in line"
-
     def _decide(self, snapshot: GpuSnapshot) -> tuple[Job | None, planner.Plan | None, float]:
         """Which waiting model loads next, by the policy; else how long until one may."""
         now = time.monotonic()
@@ -437,11 +471,9 @@ class Scheduler:
         may_unload = True  # only the longest-waiting model may make others room
         for want in self._line():
             spec = self.records[want.name].spec
-            full = self.steps.plan(spec, snapshot)
+            full = self._plan(spec, snapshot)
             if not full.enough:
-                self.demand.fail(
-                    spec.name, insufficient_memory(spec, full, self.steps.device_count)
-                )
+                self.demand.fail(spec.name, planning.insufficient_memory(spec, full))
                 continue
             if not full.victims:
                 return self._new_job(JobKind.SWITCH, spec.name, Cause.DEMAND), full, 0.0
@@ -464,10 +496,15 @@ class Scheduler:
                 if yields > now:
                     protected.add(candidate.name)
                     next_check = min(next_check, yields - now)
-            plan = self.steps.plan(spec, snapshot, frozenset(protected))
+            plan = self._plan(spec, snapshot, frozenset(protected))
             if plan.enough:
                 return self._new_job(JobKind.SWITCH, spec.name, Cause.DEMAND), plan, 0.0
         return None, None, next_check
+
+    def _plan(
+        self, spec: ModelSpec, snapshot: GpuSnapshot, protected: frozenset[str] = frozenset()
+    ) -> planner.Plan:
+        return planning.plan(self.catalog, spec, snapshot, self.settings.eviction, protected)
 
     def _holder(self, record: ModelRecord) -> policy.Holder:
         spec = record.spec
@@ -492,8 +529,7 @@ class Scheduler:
                 result = await self._switch(job, plan)
             else:
                 result = await self._unload(job)
-            message = str(result.get("message") or _result_message(result))
-            self.steps.emit(job, wire.Result(result), message, progress=1.0)
+            self.emitter.result(job, result)
             job.finish(result, None)
         except SwitchError as error:
             self._fail(job, error)
@@ -507,7 +543,7 @@ class Scheduler:
     async def _switch(self, job: Job, plan: planner.Plan | None) -> dict[str, Any]:
         record = self.records[job.target]
         spec = record.spec
-        self.steps.apply_reports()
+        self.inbox.apply()
         if record.state is ModelState.RUNNING:
             return {
                 "status": "already_loaded",
@@ -516,10 +552,10 @@ class Scheduler:
                 "message": f"Model '{spec.name}' is already running",
             }
         if record.state is ModelState.LOADING:  # found loading at start-up
-            await self.steps.load(job, record)
+            await self.loader.load(job, record)
             return job.success_body(ready=True)
         if plan is None:
-            plan = self.steps.plan(spec, await self.steps.gpu.snapshot())
+            plan = self._plan(spec, await self.gpu.snapshot())
         return await self.steps.switch(job, plan)
 
     async def _unload(self, job: Job) -> dict[str, Any]:
@@ -565,7 +601,7 @@ class Scheduler:
 
     def _fail(self, job: Job, error: SwitchError) -> None:
         try:
-            self.steps.emit(job, wire.Error(error.code, error.fields), error.message)
+            self.emitter.emit(job, wire.Error(error.code, error.fields), error.message)
         except Exception:
             log.exception("could not report the failure of job %s", job.id)
         finally:
@@ -574,11 +610,11 @@ class Scheduler:
     # ---- status ------------------------------------------------------------------
 
     async def gpu_snapshot(self) -> GpuSnapshot:
-        return await self.steps.gpu.snapshot()
+        return await self.gpu.snapshot()
 
     async def status(self, snapshot: GpuSnapshot | None = None) -> dict[str, Any]:
         if snapshot is None:
-            snapshot = await self.steps.gpu.snapshot()
+            snapshot = await self.gpu.snapshot()
         now = time.monotonic()
         models = self.catalog.models_json()
         for name, body in models.items():
@@ -621,9 +657,3 @@ def _report_crash(task: asyncio.Task[None]) -> None:
     """These tasks run for switchd's whole life: one ending early is a bug, said loudly."""
     if not task.cancelled() and task.exception() is not None:
         log.critical("%s stopped: %r", task.get_name(), task.exception())
-
-
-def _result_message(result: dict[str, Any]) -> str:
-    if result.get("unloaded_models") is not None and "model" not in result:
-        return f"Unloaded {', '.join(result['unloaded_models'])}"
-    return f"Model '{result.get('model')}' is ready"

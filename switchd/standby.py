@@ -3,7 +3,7 @@
 Two parts. `EngineStandby` speaks each engine's documented HTTP API (vLLM's
 sleep mode, SGLang's memory release); `choose` decides, purely, which victims
 of a plan sleep and which stop. switchd measures what each sleep freed and
-each wake cost (switchd.steps) and learns it (switchd.stats).
+each wake cost (switchd.steps, switchd.loading) and learns it (switchd.stats).
 
 The choice, per victim (in the plan's order):
 
@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from switchd.config import ModelSpec, Tier
+from switchd.units import with_article
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +275,8 @@ def _preferred(victim: Victim, ram_left: float) -> PutAway:
     return PutAway(
         victim.name,
         tier,
-        f"sleeping {victim.name} ({label(tier)}): wakes in ~{wake:g} s instead of a "
-        f"{victim.load_seconds:g} s load{refused}",
+        f"sleeping {victim.name} ({label(tier)}): wakes in ~{wake:g} s instead of "
+        f"{with_article(f'{victim.load_seconds:g}')} s load{refused}",
         wake,
         victim.weights_gb if tier.uses_host_ram else 0.0,
     )

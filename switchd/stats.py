@@ -1,7 +1,7 @@
 """What switchd learned about each model: load and wake times, footprint, sleep residue.
 
 A footprint sample is only recorded when it could be attributed to the engine
-(the steps decide; see Steps.load). The learned figure moves smoothly (half
+(the loader decides; see Loader.load). The learned figure moves smoothly (half
 the way to each new sample), and the planner plans with the largest of the
 recent good samples (`planned_gb`), never less: an engine that once needed 80
 GB is not squeezed into 70 because a later sample came out low.

@@ -55,9 +55,6 @@ class FakeRuntime:
         url = f"http://{spec.name}.engine"
         return EngineInfo(spec.name, instance, url, time.time(), pid=4242, devices=devices)
 
-    async def devices_of(self, spec: ModelSpec) -> tuple[int, ...] | None:
-        return None
-
     async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
         self.calls.append(f"stop {spec.name}")
         self.ready_at.pop(spec.name, None)

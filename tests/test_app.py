@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from switchd.app import create_app, static_dir, ui_routes
 from switchd.config import SimulatedGpuSettings
 from switchd.gpu import SimulatedGpu
+from switchd.proxy import Proxy
 from tests.fakes import FakeRuntime, make_settings
 
 
@@ -78,3 +79,23 @@ async def test_cors_is_off_unless_origins_are_allowed(tmp_path: Path) -> None:
 
 def client(app: Starlette) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://switchd")
+
+
+async def test_the_proxy_is_reached_one_way_and_the_router_answers_the_rest(
+    tmp_path: Path,
+) -> None:
+    app = ui_app(tmp_path)
+    assert not any(isinstance(getattr(r, "app", None), Proxy) for r in app.routes)
+    async with app.router.lifespan_context(app), client(app) as http:
+        engine_call = await http.post("/v1/chat/completions", json={"model": "nope"})
+        engine_path_by_get = await http.get("/v1/chat/completions")
+        own_path_by_post = await http.post("/v1/events", json={"model": "nope"})
+    assert engine_call.json()["error"]["code"] == "model_not_found"  # the proxy's answer
+    assert (engine_path_by_get.status_code, engine_path_by_get.headers["allow"]) == (405, "POST")
+    assert engine_path_by_get.json()["error"] == "method_not_allowed"
+    assert own_path_by_post.status_code == 405
+    assert own_path_by_post.json() == {
+        "status": "error",
+        "error": "method_not_allowed",
+        "message": "POST /v1/events: Method Not Allowed",
+    }

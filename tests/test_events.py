@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncGenerator
 from typing import cast
 
-import httpx
 import pytest
 
 from switchd import wire
-from switchd.catalog import Catalog
 from switchd.events import (
-    LOG_BURST,
     LOG_QUEUE_SIZE,
     SUBSCRIBER_QUEUE_SIZE,
     Event,
@@ -22,11 +18,6 @@ from switchd.events import (
     LogRate,
     Subscription,
 )
-from switchd.gpu import SimulatedGpu
-from switchd.jobs import Job, JobKind
-from switchd.stats import LearnedStats
-from switchd.steps import Steps
-from tests.fakes import FakeRuntime, make_settings
 
 TIMEOUT = 2.0
 
@@ -296,7 +287,7 @@ def test_an_id_from_an_earlier_run_gets_a_snapshot_not_this_runs_events() -> Non
 
 
 def log_data(n: int) -> dict[str, object]:
-    """A log event's payload as Steps publishes it (the common job fields, line, source)."""
+    """A log event's payload as the Emitter publishes it (the common job fields, line, source)."""
     line = f"line {n}"
     return {"job": "j", "stage": "log", "model": "m", "message": line, "line": line, "source": "m"}
 
@@ -506,73 +497,3 @@ def test_log_rate_counts_held_lines_until_flushed_and_keeps_jobs_apart() -> None
     rate.admit("c", "o", 0.0)
     rate.admit("d", "p", 0.0)  # past max_keys: the oldest ("b") is forgotten
     assert rate.flush("b") == ("", 0)
-
-
-@pytest.fixture
-async def steps(tmp_path: Path) -> AsyncIterator[tuple[Steps, EventBus, list[float]]]:
-    settings = make_settings(tmp_path)
-    bus = EventBus(first_id=0)
-    stats = LearnedStats(settings.state_dir)
-    gpu = SimulatedGpu(settings.simulated_gpu)
-    now = [0.0]
-    async with httpx.AsyncClient() as http:
-        yield (
-            Steps(
-                settings,
-                Catalog(settings, stats, gpu, bus),
-                runtime=FakeRuntime(),
-                gpu=gpu,
-                bus=bus,
-                stats=stats,
-                http=http,
-                clock=lambda: now[0],
-            ),
-            bus,
-            now,
-        )
-
-
-async def test_an_engine_that_prints_1500_lines_at_once_publishes_a_burst_and_a_count(
-    steps: tuple[Steps, EventBus, list[float]],
-) -> None:
-    step, bus, _ = steps
-    job = Job(JobKind.SWITCH, "gpt-oss-20b")
-    subscription = bus.subscribe()
-    for n in range(1500):
-        step.emit_log(job, "gpt-oss-20b", f"line {n}")
-    assert bus.last_id == LOG_BURST
-    step.flush_logs(job)
-    got = available(subscription)
-    assert [e.data["line"] for e in got[:-1]] == [f"line {n}" for n in range(LOG_BURST)]
-    summary = got[-1]
-    assert summary.name == wire.LOG
-    assert summary.data["line"] == summary.data["message"] == "1300 more lines from gpt-oss-20b"
-    assert summary.data["skipped"] == 1300
-    assert summary.data["source"] == "gpt-oss-20b"
-    assert summary.data["job"] == job.id
-    assert job.events[-1] == summary  # the job's own replay has it too
-    step.flush_logs(job)  # nothing left: nothing published
-    assert bus.last_id == summary.id
-
-
-async def test_held_lines_are_summed_up_on_the_first_line_a_second_later(
-    steps: tuple[Steps, EventBus, list[float]],
-) -> None:
-    step, bus, now = steps
-    job = Job(JobKind.SWITCH, "gpt-oss-20b")
-    subscription = bus.subscribe()
-    for n in range(LOG_BURST + 30):
-        step.emit_log(job, "gpt-oss-20b", f"line {n}")
-    now[0] = 0.5
-    for n in range(50):  # 50 tokens came back: these go out one by one
-        step.emit_log(job, "gpt-oss-20b", f"later {n}")
-    assert bus.last_id == LOG_BURST + 50
-    now[0] = 1.0
-    step.emit_log(job, "gpt-oss-20b", "after a second")
-    got = available(subscription)
-    assert [e.data["line"] for e in got[-2:]] == [
-        "30 more lines from gpt-oss-20b",
-        "after a second",
-    ]
-    step.flush_logs(job)
-    assert available(subscription) == []

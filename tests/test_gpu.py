@@ -17,6 +17,7 @@ from switchd.gpu import (
     NvmlProbe,
     ProcessMemory,
     SimulatedGpu,
+    ledger_of,
     open_probe,
 )
 from switchd.units import GIB
@@ -413,15 +414,11 @@ async def test_nvml_process_figures_are_optional() -> None:
     assert [d.used_bytes for d in snapshot.devices] == [40 * GIB, 0]
 
 
-async def test_nvml_engine_notices_are_ignored() -> None:
-    fake = FakeNvml()
-    probe = await NvmlProbe.open(fake.module)
-    before = await probe.snapshot()
-    probe.engine_started("m", 10 * GIB, None)
-    probe.engine_slept("m")
-    probe.engine_woken("m")
-    probe.engine_stopped("m")
-    assert await probe.snapshot() == before
+async def test_only_the_simulated_card_keeps_a_ledger() -> None:
+    nvml = await NvmlProbe.open(FakeNvml().module)
+    assert ledger_of(nvml) is None  # NVML sees real allocations
+    simulated = SimulatedGpu(SimulatedGpuSettings())
+    assert ledger_of(simulated) is simulated
 
 
 async def test_nvml_init_failure_is_gpu_unavailable() -> None:

@@ -1,13 +1,18 @@
-"""Who gets load progress in their stream: the header, the model, the default."""
+"""Who gets load progress in their stream (the header, the model, the default), and
+what they are told of where their request stands."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
 from switchd.config import ModelSpec
-from switchd.progress import CHAT_PATH, BadProgressHeader, asked, wanted
+from switchd.jobs import JobKind
+from switchd.progress import CHAT_PATH, BadProgressHeader, asked, describe, wanted
+from switchd.scheduler import Standing, UnderWay
+from switchd.states import ModelState, Stage
 
 
 def scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
@@ -60,3 +65,56 @@ def test_only_streamed_chat_gets_progress_as_asked(
 ) -> None:
     header, model, default = said
     assert wanted(path, streamed, header, spec(model), default) is expected
+
+
+def standing(**changed: Any) -> Standing:
+    """Where a request for `m` stands; by default nothing runs and nothing waits."""
+    return dataclasses.replace(
+        Standing("m", ModelState.EXITED, None, (), False, 0, None, (), (), 12.0), **changed
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        (standing(), "m is exited; next in line; loading it takes about 12 s"),
+        (
+            standing(serving=("a", "b"), fits_beside=True),
+            "m is exited; it fits beside a, b: it loads now; next in line; "
+            "loading it takes about 12 s",
+        ),
+        (
+            standing(serving=("a", "b")),
+            "m is exited; a, b serves other requests first; next in line; "
+            "loading it takes about 12 s",
+        ),
+        (
+            standing(state=ModelState.SLEEPING, ready_seconds=0.5, waiting=2, waited_seconds=3.4),
+            "m is sleeping; 2 request(s) wait for it, the first for 3 s; next in line; "
+            "waking it takes about 0.5 s",
+        ),
+        (
+            standing(under_way=UnderWay(JobKind.UNLOAD, "a", Stage.DRAIN, 0.054), line=("b", "m")),
+            "m is exited; switchd is unloading a (drain, 5%); in line behind b, wanted "
+            "earlier; loading it takes about 12 s",
+        ),
+        (
+            standing(under_way=UnderWay(JobKind.SWITCH, "m", Stage.LOADING, 0.5)),
+            "m is exited; switchd is switching to m (loading, 50%); loading it takes about 12 s",
+        ),
+        (
+            standing(queued=("a", "m")),
+            "m is exited; its switch is queued behind a; loading it takes about 12 s",
+        ),
+        (
+            standing(queued=("m",)),
+            "m is exited; its switch is next in the queue; loading it takes about 12 s",
+        ),
+        (
+            standing(queued=("a",), line=("m",)),
+            "m is exited; queued switches first: a; loading it takes about 12 s",
+        ),
+    ],
+)
+def test_where_a_request_stands_is_told_in_one_line(where: Standing, said: str) -> None:
+    assert describe(where) == said

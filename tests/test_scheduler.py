@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from switchd import progress
 from switchd.config import Settings
 from switchd.events import Event, EventBus
 from switchd.gpu import ProcessMemory, SimulatedGpu
@@ -46,13 +47,20 @@ async def rig(
     stats = LearnedStats(settings.state_dir)
     await stats.load()
     async with httpx.AsyncClient(transport=runtime.transport()) as http:
-        scheduler = Scheduler(settings, runtime=runtime, gpu=gpu, bus=bus, stats=stats, http=http)
+        scheduler = Scheduler(
+            settings, runtime=runtime, gpu=gpu, ledger=gpu, bus=bus, stats=stats, http=http
+        )
         await scheduler.start()
         try:
             yield Rig(scheduler, runtime, gpu, bus, settings)
         finally:
             await scheduler.close()
             await runtime.close()
+
+
+async def said(scheduler: Scheduler, model: str) -> str:
+    """What a request for `model` is told of where it stands."""
+    return progress.describe(await scheduler.standing(model))
 
 
 async def finish(job: Job) -> list[Event]:
@@ -362,6 +370,17 @@ async def test_unload_all_spares_pinned_models(tmp_path: Path) -> None:
         await finish(again)
         assert again.result is not None
         assert again.result["status"] == "not_loaded"
+        assert again.result["message"] == "Nothing to unload: a is not running"
+        everything = r.scheduler.request_unload("all")  # only the pinned one is left
+        events = await finish(everything)
+        assert everything.result == {
+            "status": "not_loaded",
+            "job": everything.id,
+            "unloaded_models": [],
+            "freed_gb": 0.0,
+            "message": "Nothing to unload: no unpinned model is loaded",
+        }
+        assert events[-1].data["message"] == "Nothing to unload: no unpinned model is loaded"
 
 
 def test_unknown_model_is_refused_before_any_job(tmp_path: Path) -> None:
@@ -629,11 +648,11 @@ async def test_people_waiting_hear_where_their_model_stands_in_line(tmp_path: Pa
             await asyncio.sleep(0.05)
             waiting += [asyncio.create_task(r.scheduler.ensure("z")) for _ in range(3)]
             await asyncio.sleep(0.05)
-            assert r.scheduler.wait_summary("y") == (
+            assert await said(r.scheduler, "y") == (
                 "y is exited; x serves other requests first; 2 request(s) wait for it, "
                 "the first for 0 s; next in line; loading it takes about 2 s"
             )
-            assert r.scheduler.wait_summary("z") == (
+            assert await said(r.scheduler, "z") == (
                 "z is exited; x serves other requests first; 3 request(s) wait for it, "
                 "the first for 0 s; in line behind y, wanted earlier; loading it takes "
                 "about 3 s"
@@ -641,15 +660,32 @@ async def test_people_waiting_hear_where_their_model_stands_in_line(tmp_path: Pa
             # An operator's switches: to z (under way: x drains), then to y (queued).
             r.scheduler.request_switch("z")
             r.scheduler.request_switch("y")
-            assert "; its switch is queued behind z; " in r.scheduler.wait_summary("y")
+            assert "; its switch is queued behind z; " in await said(r.scheduler, "y")
             await asyncio.sleep(0.05)  # the switch to z begins: x drains (it is busy)
-            assert "; its switch is next in the queue; " in r.scheduler.wait_summary("y")
-            assert "; switchd is switching to z (" in r.scheduler.wait_summary("z")
-            assert "line" not in r.scheduler.wait_summary("z"), "its own switch is under way"
+            assert "; its switch is next in the queue; " in await said(r.scheduler, "y")
+            assert "; switchd is switching to z (" in await said(r.scheduler, "z")
+            assert "line" not in await said(r.scheduler, "z"), "its own switch is under way"
             for task in waiting:
                 task.cancel()
             await asyncio.gather(*waiting, return_exceptions=True)
         assert r.scheduler.waiting == 0
+
+
+async def test_a_model_that_fits_beside_those_serving_is_told_it_loads_now(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(adopted=adopted("gpt-oss-20b", "mistral-7b-v0.1"))
+    async with rig(make_settings(tmp_path), runtime) as r:
+        # 24 + 18 GB run; 40 more fit beside them on the 95.59 GB card.
+        assert await said(r.scheduler, "deepseek-coder-33b-instruct") == (
+            "deepseek-coder-33b-instruct is exited; it fits beside gpt-oss-20b, "
+            "mistral-7b-v0.1: it loads now; next in line; loading it takes about 30 s"
+        )
+        # gpt-oss-120b (80 GB) does not: they serve first, as the policy holds them.
+        assert await said(r.scheduler, "gpt-oss-120b") == (
+            "gpt-oss-120b is exited; gpt-oss-20b, mistral-7b-v0.1 serves other requests "
+            "first; next in line; loading it takes about 8 s"
+        )
 
 
 async def test_a_model_that_can_never_fit_fails_its_waiters_with_409(
@@ -753,7 +789,7 @@ async def test_a_footprint_is_not_learned_while_another_engine_dies_during_the_l
         await asyncio.wait_for(job.started.wait(), 5)
         await asyncio.sleep(0.2)
         runtime.crash("mistral-7b-v0.1", code=137)
-        with caplog.at_level(logging.INFO, logger="switchd.steps"):
+        with caplog.at_level(logging.INFO, logger="switchd.loading"):
             events = await finish(job)
         assert by_stage(events, "ready")["gpu_memory_used_gb"] is None
         assert "footprint of big not learned" in caplog.text
@@ -816,7 +852,7 @@ async def test_an_implausibly_small_sample_is_dropped(
 
     gpu.hook = release_something_unseen
     async with rig(settings, runtime, gpu) as r:
-        with caplog.at_level(logging.WARNING, logger="switchd.steps"):
+        with caplog.at_level(logging.WARNING, logger="switchd.loading"):
             events = await finish(r.scheduler.request_switch("gpt-oss-20b"))
         assert by_stage(events, "ready")["gpu_memory_used_gb"] is None
         assert (

@@ -1,4 +1,5 @@
-"""The Runtime protocol: what the switcher needs from whatever runs engines.
+"""The Runtime protocol: what the switcher needs from whatever runs engines, and the
+runtimes by name (`RUNTIMES`, what `runtime:` in the config chooses from).
 
 A runtime reports what happens to its engines (output lines, exits) as a
 stream of RuntimeEvents, so the switcher, the one owner of model states, hears
@@ -8,11 +9,11 @@ about a crash outside switchd the same way it hears about its own stops.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from switchd.config import ModelSpec
+from switchd.config import ModelSpec, Settings
 
 
 class StartFailed(RuntimeError):
@@ -82,11 +83,6 @@ class Runtime(Protocol):
         A `container:` model ignores `devices`: compose placed it."""
         ...
 
-    async def devices_of(self, spec: ModelSpec) -> tuple[int, ...] | None:
-        """The devices of an engine switchd does not place (a `container:` model keeps
-        what compose gave it); None when unknown or every device."""
-        ...
-
     async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
         """Stop the engine and return only once it has really stopped."""
         ...
@@ -112,3 +108,33 @@ class Runtime(Protocol):
     async def close(self) -> None:
         """Release the runtime; engines it owns are stopped."""
         ...
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """A runtime the config can name: how to open it, and what every model needs for it."""
+
+    open: Callable[[Settings], Awaitable[Runtime]]
+    runs: Callable[[ModelSpec], bool]  # whether a model has what this runtime needs
+    needs: str  # that, in words, for the error naming a model without it
+
+
+async def _open_docker(settings: Settings) -> Runtime:
+    # Imported when chosen: the Docker SDK is loaded only where Docker runs engines.
+    from switchd.runtime.docker import DockerRuntime  # noqa: PLC0415
+
+    return await DockerRuntime.open(settings.models, settings.stop_grace_seconds)
+
+
+async def _open_process(settings: Settings) -> Runtime:
+    from switchd.runtime.process import ProcessRuntime  # noqa: PLC0415
+
+    return ProcessRuntime(settings.stop_grace_seconds, state_dir=settings.state_dir)
+
+
+RUNTIMES: Mapping[str, RuntimeChoice] = {
+    "docker": RuntimeChoice(
+        _open_docker, lambda spec: bool(spec.container or spec.image), "`container` or `image`"
+    ),
+    "process": RuntimeChoice(_open_process, lambda spec: bool(spec.cmd), "`cmd`"),
+}

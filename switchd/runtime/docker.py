@@ -394,18 +394,6 @@ class DockerRuntime:
         )
         return _Run(spec, container.id, started, info)
 
-    async def devices_of(self, spec: ModelSpec) -> tuple[int, ...] | None:
-        """The devices the model's container asks Docker for (compose's, for a
-        `container:` model); None when unknown, all, a count, or no container."""
-        try:
-            container = await asyncio.to_thread(self._client.containers.get, container_name(spec))
-        except docker.errors.NotFound:
-            return None
-        except docker.errors.DockerException as exc:
-            log.warning("cannot read the devices of %s: %s", container_name(spec), exc)
-            return None
-        return devices_requested(container)
-
     def events(self) -> AsyncIterator[RuntimeEvent]:
         return aiter(self._events)
 

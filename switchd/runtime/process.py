@@ -160,9 +160,6 @@ class ProcessRuntime:
         engine.pump = asyncio.create_task(self._pump(engine), name=f"engine-{spec.name}")
         return info
 
-    async def devices_of(self, spec: ModelSpec) -> tuple[int, ...] | None:
-        return None  # switchd places every process engine itself
-
     async def _pump(self, engine: _Engine) -> None:
         """Forward the output lines, then the exit, of one engine."""
         reader = asyncio.create_task(self._read_output(engine))

@@ -87,7 +87,7 @@ def test_a_model_put_to_sleep_and_woken(page: Page, standby_server: Server) -> N
         re.compile(r"small needs 24\.00 GB; [\d.]+ GB free: sleeping big…"), timeout=WAIT_MS
     )
     expect(timeline).to_contain_text(
-        re.compile(r"Sleeping big \(level 1\): wakes in ~[\d.]+ s instead of a [\d.]+ s load"),
+        re.compile(r"Sleeping big \(level 1\): wakes in ~[\d.]+ s instead of an? [\d.]+ s load"),
         timeout=WAIT_MS,
     )
     expect(timeline).to_contain_text(
@@ -141,7 +141,7 @@ def test_a_model_put_to_sleep_and_woken(page: Page, standby_server: Server) -> N
         timeout=WAIT_MS,
     )
     expect(timeline).to_contain_text(
-        re.compile(r"Waking big \(level 1\): about [\d.]+ s instead of a [\d.]+ s load…"),
+        re.compile(r"Waking big \(level 1\): about [\d.]+ s instead of an? [\d.]+ s load…"),
         timeout=WAIT_MS,
     )
     expect(timeline).to_contain_text(

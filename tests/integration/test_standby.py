@@ -362,3 +362,23 @@ async def test_a_sleeper_killed_during_anothers_load_teaches_nothing_false(
 
 
 ANSWER_SMALL = "Hello from small. You said: {said}"
+
+
+async def test_a_json_switch_to_a_sleeping_model_answers_that_it_wakes(
+    make_server: ServerFactory,
+) -> None:
+    # Its wake takes 1 s: the answer, sent once the wake begins, comes before it ends.
+    models = {"big": sleeper(80, "--wake-seconds", "1"), "small": sleeper(24)}
+    server = make_server(models, standby_host_ram_gb=200)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        await switch(http, "big")
+        await switch(http, "small")
+        answer = await http.post("/v1/models/switch", params={"target_model": "big"})
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["woken"] is True
+        assert body["start_result"] == {"message": "Model 'big' is waking up", "status": "starting"}
+        done = await http.get(f"/v1/switches/{body['job']}/events")
+        events = [event for _, event in await read_events(done)]
+        assert "start" not in stages(events)
+        assert one(events, "result").data["woken"] is True

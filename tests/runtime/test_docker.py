@@ -22,7 +22,13 @@ from docker.types import DeviceRequest
 
 from switchd.config import ModelSpec, parse_settings
 from switchd.runtime.base import EngineExited, EngineInfo, EngineOutput, RuntimeEvent, StartFailed
-from switchd.runtime.docker import DockerRuntime, DockerUnavailable, connect_docker, container_name
+from switchd.runtime.docker import (
+    DockerRuntime,
+    DockerUnavailable,
+    connect_docker,
+    container_name,
+    devices_requested,
+)
 from tests import docker_engine
 from tests.docker_engine import (
     CRASH_LINES,
@@ -275,7 +281,6 @@ async def test_an_image_model_placed_on_devices_asks_docker_for_exactly_them(
     state = containers.inspect(f"switchd-{model}")
     assert device_requests_of(state) == [(0, ["1"], [["gpu"]])]
     assert state["Config"]["Labels"] == {LABEL: model}
-    assert await harness.runtime.devices_of(spec) == (1,)
 
 
 async def test_another_placement_recreates_the_container_and_the_same_one_reuses_it(
@@ -302,7 +307,6 @@ async def test_another_placement_recreates_the_container_and_the_same_one_reuses
     unplaced = containers.inspect(name)
     assert unplaced["Id"] != second["Id"]
     assert device_requests_of(unplaced) == [(-1, [], [["gpu"]])]
-    assert await harness.runtime.devices_of(spec) is None
 
 
 async def test_without_request_gpus_a_placement_asks_docker_for_no_device(
@@ -371,29 +375,19 @@ async def test_a_container_model_ignores_the_placement(
         ([], None),
     ],
 )
-async def test_devices_of_reads_the_device_requests_compose_gave_a_container(
-    open_runtime: OpenRuntime,
+def test_the_devices_a_container_requests_are_read_from_its_device_requests(
     containers: Containers,
     engine_image: str,
     requests: list[DeviceRequest],
     expected: tuple[int, ...] | None,
 ) -> None:
-    model = unique("compose-gpus")
     name = containers.name("compose-gpus")
-    containers.client.containers.create(engine_image, ["true"], name=name, device_requests=requests)
-    harness = await open_runtime({model: {"container": name, "size_gb": 1}})
+    created = containers.client.containers.create(
+        engine_image, ["true"], name=name, device_requests=requests
+    )
 
-    assert await harness.runtime.devices_of(harness.specs[model]) == expected
+    assert devices_requested(created) == expected
     assert containers.inspect(name)["State"]["Status"] == "created"  # only read
-
-
-async def test_devices_of_a_model_without_a_container_is_none(
-    open_runtime: OpenRuntime, containers: Containers, engine_image: str
-) -> None:
-    model = containers.model("never")
-    harness = await open_runtime({model: image_model(engine_image, model, request_gpus=True)})
-
-    assert await harness.runtime.devices_of(harness.specs[model]) is None
 
 
 # ---- clear errors -----------------------------------------------------------------

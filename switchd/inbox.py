@@ -1,0 +1,104 @@
+"""What the runtime reports (an engine's output line, an exit), applied by the worker.
+
+The scheduler's worker is the one owner of model state: a report is queued by
+`deliver` and applied by the worker between steps and at every wait inside one
+(`pause`), so a report can never change a state that a step has read and is
+about to act on. A report about the engine being loaded goes to that load
+(`Inbox.load`): its lines become the job's `log` events, its exit fails it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from switchd.catalog import Catalog, ModelRecord
+from switchd.emitter import Emitter
+from switchd.jobs import Job
+from switchd.runtime.base import EngineExited, EngineOutput, RuntimeEvent
+from switchd.states import ModelState
+from switchd.units import iso_timestamp
+
+
+@dataclass
+class Load:
+    """The load in progress: whose job reports it, and its engine's exit if it died."""
+
+    job: Job
+    record: ModelRecord
+    instance: str
+    health_url: str
+    exited: EngineExited | None = None
+
+    def concerns(self, model: str, instance: str) -> bool:
+        return (model, instance) == (self.record.spec.name, self.instance)
+
+
+class Inbox:
+    def __init__(self, catalog: Catalog, emitter: Emitter) -> None:
+        self._catalog = catalog
+        self._emitter = emitter
+        self._reports: deque[RuntimeEvent] = deque()
+        self._reported = asyncio.Event()
+        self.load: Load | None = None  # set by the loader while it waits for an engine
+
+    def deliver(self, event: RuntimeEvent) -> None:
+        """Queue a runtime report for the worker (called by the runtime's watcher)."""
+        self._reports.append(event)
+        self._reported.set()
+
+    def apply(self) -> None:
+        """Handle every queued report: the worker calls this, no one else."""
+        self._reported.clear()
+        while self._reports:
+            event = self._reports.popleft()
+            if isinstance(event, EngineOutput):
+                self._on_output(event)
+            else:
+                self._on_exit(event)
+
+    async def pause(self, seconds: float, until: asyncio.Event | None = None) -> bool:
+        """Wait up to `seconds` (or until `until` is set), applying reports as they come;
+        True when a report cut the wait short."""
+        waits = [asyncio.ensure_future(self._reported.wait())]
+        if until is not None:
+            waits.append(asyncio.ensure_future(until.wait()))
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, seconds), return_when="FIRST_COMPLETED")
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        reported = self._reported.is_set()
+        self.apply()
+        return reported
+
+    def _on_output(self, event: EngineOutput) -> None:
+        load = self.load
+        if load is not None and load.concerns(event.model, event.instance):
+            self._emitter.emit_log(load.job, event.model, event.line)
+
+    def _on_exit(self, event: EngineExited) -> None:
+        load = self.load
+        if load is not None and load.concerns(event.model, event.instance):
+            load.exited = event  # the load fails with the engine's last lines
+            return
+        record = self._catalog.records.get(event.model)
+        if record is None or record.engine is None or record.engine.instance != event.instance:
+            return  # an engine switchd already stopped, or one from an earlier run
+        if record.state not in (ModelState.RUNNING, ModelState.LOADING, ModelState.SLEEPING):
+            return  # STOPPING: the job stopping it sees it go
+        # RUNNING or SLEEPING, or LOADING when found so at start-up and its job has not begun.
+        record.last_exit = exit_summary(event)
+        lines = "\n".join(event.last_lines[-5:])
+        asleep = " while asleep" if record.state is ModelState.SLEEPING else ""
+        error = f"{event.reason} outside switchd{asleep}" + (f":\n{lines}" if lines else "")
+        failed = event.exit_code not in (0, None)
+        new = ModelState.FAILED if failed else ModelState.EXITED
+        self._catalog.transition(record, record.state, new, error=error)
+
+
+def exit_summary(event: EngineExited) -> dict[str, Any]:
+    return {"exit_code": event.exit_code, "reason": event.reason, "at": iso_timestamp(time.time())}

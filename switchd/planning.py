@@ -1,0 +1,68 @@
+"""A switch's plan: the planner's pure decision, fed with the catalog's figures.
+
+switchd.planner decides from figures alone; this gathers them (what the target
+needs, what is free on each device, what each loaded model would free) from the
+catalog and a snapshot, and words the 409 of a model that can never fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from switchd import planner
+from switchd.catalog import Catalog
+from switchd.config import EvictionPolicy, ModelSpec
+from switchd.gpu import GpuSnapshot
+from switchd.jobs import SwitchError
+from switchd.units import gib
+
+
+def plan(
+    catalog: Catalog,
+    spec: ModelSpec,
+    snapshot: GpuSnapshot,
+    eviction: EvictionPolicy,
+    protected: frozenset[str] = frozenset(),
+) -> planner.Plan:
+    """Where `spec` goes and what must be unloaded there for it to fit, device by
+    device; `protected` models count as pinned."""
+    every = snapshot.indexes()
+    candidates = [
+        c if c.name not in protected else planner.Candidate(c.name, c.held_gb, c.last_used, True)
+        for c in catalog.candidates(spec, every)
+    ]
+    return planner.plan(
+        catalog.need(spec, every),
+        catalog.available_by_device(snapshot),
+        {d.index: gib(d.total_bytes) for d in snapshot.devices},
+        candidates,
+        eviction,
+    )
+
+
+def insufficient_memory(spec: ModelSpec, plan: planner.Plan) -> SwitchError:
+    """The 409 of a model that cannot fit; on a host of several GPUs it names the one
+    that lacks memory."""
+    required = round(plan.required_gb, 2)
+    fields: dict[str, Any] = {
+        "required_gb": required,
+        "available_gb": plan.available_gb,
+        "freed_gb": 0.0,
+        "total_available_gb": plan.total_available_gb,
+    }
+    short = ""
+    if plan.short_device is not None and plan.host_devices > 1:
+        device = plan.short_device
+        fields["device"] = device
+        free = plan.available_by_device[device] + plan.freeable_by_device[device]
+        short = (
+            f": GPU {device} would have only {free:.2f} GB of the "
+            f"{plan.required_by_device[device]:.2f} GB it needs there"
+        )
+    return SwitchError(
+        "insufficient_memory",
+        409,
+        f"{spec.name} needs {required:.2f} GB but only {plan.total_available_gb:.2f} GB "
+        f"would be free after unloading every unpinned model{short}; nothing was unloaded",
+        fields,
+    )
