@@ -24,11 +24,11 @@ import uvicorn
 from switchd import __version__
 from switchd.app import check_gpu, create_app
 from switchd.client import run_client
-from switchd.config import ConfigError, RuntimeKind, Settings, load_settings, parse_listen
+from switchd.config import ConfigError, Settings, load_settings, parse_listen
 from switchd.gpu import GpuUnavailable
 from switchd.protocol import server_protocol, uvicorn_problem
 from switchd.proxy import one_line_for_cut_offs
-from switchd.runtime.docker import DockerUnavailable, connect_docker
+from switchd.runtime.base import RUNTIMES
 from switchd.schema import schema_text
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -152,12 +152,9 @@ def serve(
     if (error := bind_error(host, port)) is not None:
         print(cannot_listen(host, port, error, elsewhere), file=sys.stderr)
         return 2
-    if settings.runtime is RuntimeKind.DOCKER:
-        try:
-            connect_docker().close()  # one clear line now, not a traceback from the lifespan
-        except DockerUnavailable as exc:
-            print(f"switchd: {exc}", file=sys.stderr)
-            return 2
+    if (unreachable := RUNTIMES[settings.runtime].preflight()) is not None:
+        print(f"switchd: {unreachable}", file=sys.stderr)
+        return 2
     try:
         # Only an opened GPU shows `gpus: [5]` on a 2-GPU host to be wrong: one clear
         # line now (main prints a ConfigError), not a traceback from the lifespan.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Scope, Send
 
-from switchd import wire
+from switchd import sse, wire
 from switchd.chunks import (
     WholeEvents,
     cut_short_event,
@@ -109,12 +109,7 @@ class ProgressStream:
         self.lock = asyncio.Lock()
 
     async def start(self) -> None:
-        headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-        ]
-        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._send({"type": "http.response.start", "status": 200, "headers": sse.HEADERS})
 
     async def say(self, text: str) -> None:
         elapsed = time.monotonic() - self._started

@@ -312,10 +312,6 @@ class _Call:
         status = 500
         context = self.context
         try:
-            if self.scope["path"].startswith(RESERVED_PATHS):
-                status = 405  # switchd's own routes are never an engine's
-                await method_not_allowed(self.scope)(self.scope, self.receive, self.send)
-                return
             path = checked_path(self.scope["path"])
             try:
                 progress_asked = progress.asked(self.scope)
@@ -448,12 +444,6 @@ class _Call:
 
 
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
-
-
-def method_not_allowed(scope: Scope) -> errors.ErrorResponse:
-    """What routing says of a POST to a route of switchd's own that takes none."""
-    message = f"{scope['method']} {scope['path']}: Method Not Allowed"
-    return errors.switchd_error(405, "method_not_allowed", message)
 
 
 async def relay_response(send: Send, upstream: Response, model: str) -> None:

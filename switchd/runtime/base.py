@@ -117,6 +117,9 @@ class RuntimeChoice:
     open: Callable[[Settings], Awaitable[Runtime]]
     runs: Callable[[ModelSpec], bool]  # whether a model has what this runtime needs
     needs: str  # that, in words, for the error naming a model without it
+    # Before serving: why the runtime cannot be reached, in one line, or None. Found
+    # then, not as a traceback from the lifespan.
+    preflight: Callable[[], str | None] = lambda: None
 
 
 async def _open_docker(settings: Settings) -> Runtime:
@@ -124,6 +127,16 @@ async def _open_docker(settings: Settings) -> Runtime:
     from switchd.runtime.docker import DockerRuntime  # noqa: PLC0415
 
     return await DockerRuntime.open(settings.models, settings.stop_grace_seconds)
+
+
+def _docker_preflight() -> str | None:
+    from switchd.runtime.docker import DockerUnavailable, connect_docker  # noqa: PLC0415
+
+    try:
+        connect_docker().close()
+    except DockerUnavailable as exc:
+        return str(exc)
+    return None
 
 
 async def _open_process(settings: Settings) -> Runtime:
@@ -134,7 +147,10 @@ async def _open_process(settings: Settings) -> Runtime:
 
 RUNTIMES: Mapping[str, RuntimeChoice] = {
     "docker": RuntimeChoice(
-        _open_docker, lambda spec: bool(spec.container or spec.image), "`container` or `image`"
+        _open_docker,
+        lambda spec: bool(spec.container or spec.image),
+        "`container` or `image`",
+        _docker_preflight,
     ),
     "process": RuntimeChoice(_open_process, lambda spec: bool(spec.cmd), "`cmd`"),
 }
