@@ -15,9 +15,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# The test extra on top (pytest, playwright, mypy, ruff), for test, lint and bench.
+# The test extra on top (pytest, playwright, mypy, ruff, llama-cpp-python), for
+# test, lint and bench. llama-cpp-python compiles llama.cpp for the CPU on every
+# core; pip caches the wheel it built, so a later install is quick.
 $(BIN)/.installed-test: $(BIN)/.installed
-	$(BIN)/pip install --quiet -e '.[test]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 demo: $(BIN)/.installed
