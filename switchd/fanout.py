@@ -67,6 +67,15 @@ class Shutdown:
         self._watchers: set[EventStream] = set()
         self._ticking: asyncio.Task[None] | None = None
         self._closed = False
+        # Run once when the server begins to stop, before any stream ends: the
+        # scheduler ends its jobs there, so every open stream still tells their end.
+        self.on_stopping: list[Callable[[], None]] = []
+
+    def stopping(self) -> None:
+        """The server begins to stop (a stream heard it, or `set`): run `on_stopping`."""
+        hooks, self.on_stopping = self.on_stopping, []
+        for hook in hooks:
+            hook()
 
     def __len__(self) -> int:
         return len(self._watchers)
@@ -87,6 +96,7 @@ class Shutdown:
             self._stop_clock()
 
     def set(self) -> None:
+        self.stopping()
         self.event.set()
         for watcher in list(self._watchers):
             watcher.wake()
@@ -141,6 +151,7 @@ class JobEvents:
         self._pending: list[Event] = []
         self._woken = asyncio.Event()  # few streams, short: no need to spare an Event
         self._follower: asyncio.Task[None] | None = None
+        self._taken = after  # the last id handed to the stream
         self._ended = False
         self.dropped = False  # a job keeps all it emitted: no reader is let go
 
@@ -151,7 +162,14 @@ class JobEvents:
     def queued(self) -> list[Event]:
         self._woken.clear()
         taken, self._pending = self._pending, []
+        if taken:
+            self._taken = taken[-1].id
         return taken
+
+    def unsent(self) -> list[Event]:
+        """The job's events the stream has not taken yet (its follower may not have
+        seen them): what it ends with when the server stops."""
+        return [event for event in self._job.events if event.id > self._taken]
 
     async def wait(self) -> None:
         if self._follower is None:  # started with the stream, not with the answer
@@ -327,5 +345,6 @@ class EventStream(Response):
         self._source.wake()
 
     def _stop(self) -> None:
+        self._shutdown.stopping()
         self._stopping = True
         self._source.wake()
