@@ -28,6 +28,7 @@ of a reader whose queue is full, too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -40,6 +41,8 @@ from switchd.events import Event
 from switchd.jobs import Job
 from switchd.protocol import client_state, watch_leaving, watch_stopping
 from switchd.sse import HEADERS, PING, with_retry
+
+log = logging.getLogger(__name__)
 
 CLOCK_SECONDS = 1.0  # how often the watchers' clock looks at every watcher
 
@@ -75,7 +78,10 @@ class Shutdown:
         """The server begins to stop (a stream heard it, or `set`): run `on_stopping`."""
         hooks, self.on_stopping = self.on_stopping, []
         for hook in hooks:
-            hook()
+            try:
+                hook()
+            except Exception:  # the streams end properly all the same
+                log.exception("while switchd began to stop")
 
     def __len__(self) -> int:
         return len(self._watchers)
@@ -287,7 +293,10 @@ class EventStream(Response):
                     events += b"".join([event.sse() for event in queued])
                 await self._write(send, events)
                 events = b""
-            elif self._gone or source.dropped:
+                # Looked at again before waiting: the server may have begun to stop
+                # with these (the ends of the jobs it cut) as the stream's last events.
+                continue
+            if self._gone or source.dropped:
                 return False
             elif self._finished():
                 return True
@@ -345,6 +354,6 @@ class EventStream(Response):
         self._source.wake()
 
     def _stop(self) -> None:
-        self._shutdown.stopping()
         self._stopping = True
+        self._shutdown.stopping()  # jobs end now: their last events are queued first
         self._source.wake()

@@ -125,6 +125,8 @@ class Journal:
     def start(self, bus_last_id: int) -> None:
         """Start writing; this run's first event gets an id above `bus_last_id`."""
         self._floor = bus_last_id
+        if self.covered_after is None:  # this run's first segment will say so
+            self.covered_after = bus_last_id
         self._thread = threading.Thread(target=self._write_on, name="switchd-journal", daemon=True)
         self._thread.start()
 
@@ -275,8 +277,9 @@ class Journal:
 
 
 def first_id(found: Found, boot_id: int) -> int:
-    """The id the bus counts on from: boot time, or past every journaled id."""
-    return max(boot_id, found.last_id + 1)
+    """The id the bus counts on from (its next event gets one more): boot time in
+    microseconds, or the last journaled id when that is later (a clock set back)."""
+    return max(boot_id, found.last_id)
 
 
 async def missed_since(bus: EventBus, journal: Journal | None, last_id: int) -> list[Event] | None:
