@@ -326,7 +326,7 @@ async function followEvents() {
       delay = 500;
       // Resumed with Last-Event-ID, switchd replays what was missed and sends no
       // snapshot: a fresh status read says when the figures are current again.
-      if (state.stale) refreshStatus();
+      if (state.stale) statusAfterResume();
       for await (const message of readEvents(response)) {
         if (message.id) state.lastEventId = message.id;
         handleEvent(message.event, JSON.parse(message.data));
@@ -347,12 +347,34 @@ async function followEvents() {
   }
 }
 
+// A status read after the stream came back says no job runs, or another one: the
+// job on show ended while the page was away (switchd restarted, or was killed and
+// never said so). Its progress banner goes, and nothing stays locked.
+function dropEndedJob(current) {
+  if (state.job && !state.job.done && !(current && current.id === state.job.id)) {
+    state.job.done = true;
+    $("banner").hidden = true;
+  }
+}
+
+// After a resume (no snapshot comes): a fresh status, read now, ends a job on show
+// that no longer runs.
+async function statusAfterResume() {
+  try {
+    const response = await api("/v1/models/status");
+    if (!response.ok) return;
+    const status = await response.json();
+    dropEndedJob(status.switch);
+    onStatus(status);
+    updateControls();
+  } catch (error) {
+    if (error instanceof Unauthorized) askForKey("That key was refused. Enter the API key.");
+  }
+}
+
 function handleEvent(name, data) {
   if (name === "snapshot") {
-    if (state.job && !state.job.done && !data.switch) {
-      // The job ended while we were away (or switchd restarted): do not stay locked.
-      state.job.done = true;
-    }
+    dropEndedJob(data.switch);
     if (!data.switch) {
       state.mine.clear();
       state.joined = null;

@@ -6,9 +6,11 @@ created at import time, and tests pass their own fakes in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,17 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from switchd import wire
 from switchd.access import RequestLine
 from switchd.auth import BearerAuth
-from switchd.config import ConfigError, Settings, check_devices
+from switchd.catalog import ENGINE
+from switchd.config import ConfigError, RuntimeKind, Settings, check_devices
 from switchd.events import EventBus
 from switchd.fanout import Shutdown
 from switchd.gpu import GpuProbe, ledger_of, open_probe
+from switchd.journal import Journal, first_id
 from switchd.limits import BodyBudget
+from switchd.logs import JobLog
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, is_engine_call
 from switchd.routes import ROUTES, Services, http_error, proxy_context
@@ -133,7 +139,14 @@ def create_app(
             probe = gpu or await open_probe(settings.gpu, settings.simulated_gpu)
             stack.push_async_callback(probe.close)
             await check_probe_devices(settings, probe)
+            journal, bus = await open_journal(settings)
+            if journal is not None:
+                # Closed last: what the shutdown publishes is written too.
+                stack.push_async_callback(asyncio.to_thread, journal.close)
             engines = runtime or await open_runtime(settings)
+            if runtime is None and settings.runtime is RuntimeKind.PROCESS:
+                # Its engines stop with switchd: their model_state says so (journaled).
+                stack.callback(lambda: stopped_engines(app))
             stack.push_async_callback(engines.close)
             # Health checks: a few requests a second during loads, injectable in tests.
             http = await stack.enter_async_context(httpx.AsyncClient(transport=http_transport))
@@ -143,9 +156,9 @@ def create_app(
             stack.push_async_callback(upstream.close)
             stats = LearnedStats(settings.state_dir)
             await stats.load()
-            bus = EventBus()
             metrics = Metrics()
             bus.add_listener(metrics.observe)
+            bus.add_listener(JobLog().observe)
             scheduler = Scheduler(
                 settings,
                 runtime=engines,
@@ -160,9 +173,10 @@ def create_app(
             stack.push_async_callback(scheduler.close)
             bodies = BodyBudget(settings.max_buffered_body_bytes)
             shutdown = Shutdown()
+            shutdown.on_stopping.append(scheduler.stop)
             stack.callback(shutdown.close)
             app.state.services = Services(
-                settings, scheduler, bus, metrics, upstream, bodies, shutdown
+                settings, scheduler, bus, metrics, upstream, bodies, shutdown, journal
             )
             log.info(
                 "switchd ready: %d models, %s runtime, %s GPU",
@@ -181,6 +195,29 @@ def create_app(
         lifespan=lifespan,
         engine_calls=wrapped(Proxy(proxy_context), layers),
     )
+
+
+async def open_journal(settings: Settings) -> tuple[Journal | None, EventBus]:
+    """The bus, its ids past every journaled one, and the journal listening to it."""
+    if not settings.journal_max_bytes:
+        return None, EventBus()
+    journal = Journal(settings.state_dir, settings.journal_max_bytes)
+    found = await asyncio.to_thread(journal.open)
+    bus = EventBus(first_id=first_id(found, time.time_ns() // 1000))
+    journal.start(bus.last_id)
+    bus.add_listener(journal.append)
+    return journal, bus
+
+
+def stopped_engines(app: Starlette) -> None:
+    """After the runtime stopped the engines it owns: a `model_state` for each."""
+    services: Services | None = getattr(app.state, "services", None)
+    if services is None:
+        return
+    for record in services.scheduler.records.values():
+        if record.state in ENGINE:
+            data = {"model": record.spec.name, "from": record.state.value, "to": "exited"}
+            services.bus.publish(wire.MODEL_STATE, {**data, "error": "switchd stopped"})
 
 
 class Switchd(Starlette):

@@ -1,4 +1,4 @@
-"""`switchd serve | demo | status | switch | unload`."""
+"""`switchd serve | demo | status | switch | unload | events`."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ import uvicorn
 from switchd import __version__
 from switchd.app import check_gpu, create_app
 from switchd.client import run_client
-from switchd.config import ConfigError, Settings, load_settings, parse_listen
+from switchd.config import ConfigError, LogFormat, Settings, load_settings, parse_listen
+from switchd.follow import add_follow_arguments, follow_command
 from switchd.gpu import GpuUnavailable
+from switchd.logs import configure
 from switchd.protocol import server_protocol, uvicorn_problem
 from switchd.proxy import one_line_for_cut_offs
 from switchd.runtime.base import RUNTIMES
@@ -131,6 +133,7 @@ def serve(
     *,
     elsewhere: str = "switchd serve --listen {listen}",
     startup: str | None = None,
+    log_format: str | None = None,
 ) -> int:
     """Serve until stopped: 0, or 1 if the server never started, or 2 after a refusal.
 
@@ -168,8 +171,11 @@ def serve(
     app = create_app(settings)
     if startup is not None:
         log.info("%s", startup)
+    chosen = LogFormat(log_format) if log_format else settings.log_format
+    logs = configure(log_level, chosen)
     config = uvicorn.Config(
         app,
+        log_config=logs,  # uvicorn's lines in switchd's format (None: as configured)
         host=host,
         port=port,
         log_level=log_level,
@@ -214,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--insecure", action="store_true", help="allow a non-loopback address without keys"
         )
         command.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+        command.add_argument(
+            "--log-format", choices=[f.value for f in LogFormat], help="overrides log_format"
+        )
 
     client_parent = argparse.ArgumentParser(add_help=False)
     client_parent.add_argument(
@@ -232,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         "unload", parents=[client_parent], help="unload a model (`all`: every unpinned one)"
     )
     unload_cmd.add_argument("model")
+    events_cmd = commands.add_parser(
+        "events", parents=[client_parent], help="follow every event as JSON lines (collectors)"
+    )
+    add_follow_arguments(events_cmd)
     commands.add_parser("config-schema", help="print the JSON Schema of switchd.yaml")
     return parser
 
@@ -250,12 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-schema":
         sys.stdout.write(schema_text())
         return 0
+    if args.command == "events":
+        return follow_command(args, client_url(args.url)[0])
     if args.command in ("status", "switch", "unload"):
         url, source = client_url(args.url)
         return run_client(args.command, url, args.key, getattr(args, "model", None), source)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    # One line per health poll drowns what matters; keep httpx to warnings.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure(args.log_level, LogFormat(args.log_format or LogFormat.TEXT))
     logging.getLogger("uvicorn.error").addFilter(one_line_for_cut_offs)
     try:
         if args.command == "demo":
@@ -264,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         elsewhere = f"switchd serve --config {shlex.quote(args.config)} --listen {{listen}}"
         if args.insecure:
             elsewhere += " --insecure"
-        return serve(settings, args.listen, args.insecure, args.log_level, elsewhere=elsewhere)
+        return serve(
+            settings,
+            args.listen,
+            args.insecure,
+            args.log_level,
+            elsewhere=elsewhere,
+            log_format=args.log_format,
+        )
     except ConfigError as error:
         print(f"switchd: bad configuration: {error}", file=sys.stderr)
         return 2
@@ -287,4 +307,5 @@ def demo(args: argparse.Namespace) -> int:
             args.log_level,
             elsewhere=f"{command} ({make})",
             startup=f"demo state (learned load times) in {state_dir}{kept}",
+            log_format=args.log_format,
         )

@@ -88,6 +88,11 @@ class RuntimeKind(StrEnum):
     PROCESS = "process"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class GpuKind(StrEnum):
     AUTO = "auto"
     NVML = "nvml"
@@ -482,6 +487,18 @@ class Settings:
     state_dir: Path = field(
         default=Path("~/.local/state/switchd"),
         metadata=key("what switchd learns (load times, footprints) and its engines' pid files"),
+    )
+
+    journal_max_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=key(
+            "the event journal in state_dir (resumes across restarts) at most; 0: no journal",
+            minimum=0,
+        ),
+    )
+    log_format: LogFormat = field(
+        default=LogFormat.TEXT,
+        metadata=key("switchd's own log: text lines, or one JSON object a line (collectors)"),
     )
 
     def __post_init__(self) -> None:

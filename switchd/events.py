@@ -11,6 +11,10 @@ droppable: past LOG_QUEUE_SIZE queued lines the oldest are skipped, never a
 stage, and the reader is told once, in order, how many it missed. Before any
 of that, `LogRate` keeps an engine that prints thousands of lines from
 flooding the bus in the first place.
+
+Every event is self-describing on the wire: its JSON carries its `id`, its
+`event` name and a `ts` (added when the publisher gave none), so a log
+collector that keeps only the data lines loses nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from switchd import sse, wire
+from switchd.units import iso_timestamp
 
 RING_SIZE = 2048
 SUBSCRIBER_QUEUE_SIZE = 1024  # stage and state events a reader may fall behind by
@@ -39,7 +44,7 @@ LOG_RATE_KEYS = 64  # loads tracked at once; the oldest is forgotten past it
 @dataclass(frozen=True)
 class Event:
     id: int
-    name: str  # the SSE `event:` field: a stage, `log`, `model_state` or `snapshot`
+    name: str  # the SSE `event:` field: a stage, `log`, `model_state`, `snapshot` or `gap`
     data: Mapping[str, Any]
     # Encoded once, however many streams send it.
     _json: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -49,7 +54,9 @@ class Event:
     def json(self) -> str:
         encoded = self._json
         if encoded is None:
-            encoded = json.dumps(self.data, separators=(",", ":"))
+            encoded = json.dumps(
+                {"id": self.id, "event": self.name, **self.data}, separators=(",", ":")
+            )
             object.__setattr__(self, "_json", encoded)
         return encoded
 
@@ -60,6 +67,23 @@ class Event:
             block = sse.block(self.id, self.name, self.json())
             object.__setattr__(self, "_sse", block)
         return block
+
+
+def opening(
+    last_id: int, status: Mapping[str, Any], asked: int | None, oldest: int | None
+) -> bytes:
+    """What `/v1/events` starts with when it cannot resume: the status as a
+    `snapshot`, after a `gap` event when a resume after `asked` was refused (with
+    `oldest`, the oldest id still held). Both carry `last_id`, so the reader's next
+    resume asks for what follows them."""
+    ts = iso_timestamp(time.time())
+    blocks = b""
+    if asked is not None:
+        message = f"events after {asked} are no longer held: a fresh snapshot follows"
+        gap = {"ts": ts, "asked": asked, "oldest": oldest, "message": message}
+        blocks = Event(last_id, wire.GAP, gap).sse()
+    reason = "connect" if asked is None else "gap"
+    return blocks + Event(last_id, wire.SNAPSHOT, {"ts": ts, "reason": reason, **status}).sse()
 
 
 def skipped_notice(last: Event, lines: int) -> Event:
@@ -266,6 +290,8 @@ class EventBus:
         # Ids start at the boot time in microseconds, so an id from an earlier run of
         # switchd is always older than this run's: its client gets a fresh snapshot,
         # never this run's events replayed as if they followed its own.
+        # A journal from earlier runs (switchd/journal.py) passes its last id + 1 when
+        # that is later, so ids stay unique and increasing across restarts.
         self._last_id = time.time_ns() // 1000 if first_id is None else first_id
 
     @property
@@ -278,6 +304,8 @@ class EventBus:
 
     def publish(self, name: str, data: Mapping[str, Any]) -> Event:
         self._last_id += 1
+        if "ts" not in data:  # job events carry their own; model_state and the like get one
+            data = {**data, "ts": iso_timestamp(time.time())}
         event = Event(self._last_id, name, data)
         self._ring.append(event)
         for listener in self._listeners:
@@ -289,6 +317,15 @@ class EventBus:
     def add_listener(self, listener: Callable[[Event], None]) -> None:
         """A synchronous callback for every event (metrics): must be quick, never blocks."""
         self._listeners.append(listener)
+
+    @property
+    def oldest_id(self) -> int | None:
+        """The oldest id the ring still holds, None when it holds nothing."""
+        return self._ring[0].id if self._ring else None
+
+    def held_after(self, last_id: int) -> list[Event]:
+        """What the ring holds after `last_id` (it may lack older ones)."""
+        return [event for event in self._ring if event.id > last_id]
 
     def missed_since(self, last_id: int) -> list[Event] | None:
         """Events after `last_id`, or None when the ring no longer holds them all."""

@@ -28,6 +28,7 @@ of a reader whose queue is full, too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -40,6 +41,8 @@ from switchd.events import Event
 from switchd.jobs import Job
 from switchd.protocol import client_state, watch_leaving, watch_stopping
 from switchd.sse import HEADERS, PING, with_retry
+
+log = logging.getLogger(__name__)
 
 CLOCK_SECONDS = 1.0  # how often the watchers' clock looks at every watcher
 
@@ -67,6 +70,18 @@ class Shutdown:
         self._watchers: set[EventStream] = set()
         self._ticking: asyncio.Task[None] | None = None
         self._closed = False
+        # Run once when the server begins to stop, before any stream ends: the
+        # scheduler ends its jobs there, so every open stream still tells their end.
+        self.on_stopping: list[Callable[[], None]] = []
+
+    def stopping(self) -> None:
+        """The server begins to stop (a stream heard it, or `set`): run `on_stopping`."""
+        hooks, self.on_stopping = self.on_stopping, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # the streams end properly all the same
+                log.exception("while switchd began to stop")
 
     def __len__(self) -> int:
         return len(self._watchers)
@@ -87,6 +102,7 @@ class Shutdown:
             self._stop_clock()
 
     def set(self) -> None:
+        self.stopping()
         self.event.set()
         for watcher in list(self._watchers):
             watcher.wake()
@@ -141,6 +157,7 @@ class JobEvents:
         self._pending: list[Event] = []
         self._woken = asyncio.Event()  # few streams, short: no need to spare an Event
         self._follower: asyncio.Task[None] | None = None
+        self._taken = after  # the last id handed to the stream
         self._ended = False
         self.dropped = False  # a job keeps all it emitted: no reader is let go
 
@@ -151,7 +168,14 @@ class JobEvents:
     def queued(self) -> list[Event]:
         self._woken.clear()
         taken, self._pending = self._pending, []
+        if taken:
+            self._taken = taken[-1].id
         return taken
+
+    def unsent(self) -> list[Event]:
+        """The job's events the stream has not taken yet (its follower may not have
+        seen them): what it ends with when the server stops."""
+        return [event for event in self._job.events if event.id > self._taken]
 
     async def wait(self) -> None:
         if self._follower is None:  # started with the stream, not with the answer
@@ -269,7 +293,10 @@ class EventStream(Response):
                     events += b"".join([event.sse() for event in queued])
                 await self._write(send, events)
                 events = b""
-            elif self._gone or source.dropped:
+                # Looked at again before waiting: the server may have begun to stop
+                # with these (the ends of the jobs it cut) as the stream's last events.
+                continue
+            if self._gone or source.dropped:
                 return False
             elif self._finished():
                 return True
@@ -328,4 +355,5 @@ class EventStream(Response):
 
     def _stop(self) -> None:
         self._stopping = True
+        self._shutdown.stopping()  # jobs end now: their last events are queued first
         self._source.wake()

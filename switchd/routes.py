@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +21,16 @@ from starlette.types import Scope
 
 from switchd import __version__, errors, sse, wire
 from switchd.config import Settings
-from switchd.events import Event, EventBus
+from switchd.events import EventBus, opening
 from switchd.fanout import EventStream, JobEvents, Shutdown, Source, never, nothing
 from switchd.jobs import Job, SwitchError
+from switchd.journal import Journal
+from switchd.journal import missed_since as journal_missed_since
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
 from switchd.proxy import ProxyContext
 from switchd.scheduler import JOB_HISTORY, Scheduler
+from switchd.units import iso_timestamp
 from switchd.upstream import Upstream
 
 PING_SECONDS = 15
@@ -46,6 +50,7 @@ class Services:
     upstream: Upstream
     bodies: BodyBudget
     shutdown: Shutdown  # set when the server is asked to stop: watchers' streams end
+    journal: Journal | None = None  # events on disk: resumes across restarts
 
     @functools.cached_property
     def proxy_context(self) -> ProxyContext:
@@ -177,15 +182,18 @@ def job_stream(request: Request, job: Job, after: int) -> Response:
         return Response(status_code=204)  # tells an EventSource to stop reconnecting
 
     def shutting_down() -> bytes:
-        """A job cut by switchd's shutdown: its followers hear it, not just a closed stream."""
+        """A job cut by switchd's shutdown: its followers hear it, not just a closed stream.
+        The scheduler ended it as the server began to stop: its `error` is among them."""
         if job.finished is not None:
-            return b""
+            return b"".join(event.sse() for event in events.unsent())
         data = {
             "job": job.id,
             "kind": job.kind.value,
+            "cause": job.cause.value,
             "stage": wire.ERROR,
             "model": job.target,
             "progress": round(job.progress, 3),
+            "ts": iso_timestamp(time.time()),
             "error": "shutting_down",
             "message": "switchd is shutting down; this job did not finish",
         }
@@ -334,18 +342,24 @@ async def server_events(request: Request) -> Response:
         last_id = last_event_id(request)
     except BadRequest as bad:
         return bad.response
-    missed = bus.missed_since(last_id) if last_id is not None else None
+    journal = found.journal
+    missed = None
+    if last_id is not None:
+        missed = await journal_missed_since(bus, journal, last_id)
     # Subscribe before reading the status, so nothing between the two is lost.
     subscription = bus.subscribe(missed)
     snapshot = b""
     if missed is None:
         snapshot_id = bus.last_id
+        oldest = bus.oldest_id
+        if journal is not None and journal.covered_after is not None:
+            oldest = journal.covered_after + 1
         try:
             status = await found.scheduler.status()
         except BaseException:
             subscription.close()
             raise
-        snapshot = Event(snapshot_id, wire.SNAPSHOT, status).sse()
+        snapshot = opening(snapshot_id, status, last_id, oldest)
     return event_stream(request, subscription, snapshot)
 
 

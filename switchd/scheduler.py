@@ -180,12 +180,22 @@ class Scheduler:
         if worker.done():
             worker.result()  # adoption failed: say why
 
+    def stop(self) -> None:
+        """switchd begins to stop: the worker is cancelled and every job not done ends
+        now with `shutting_down`, while the streams that follow it are still open."""
+        for task in self._tasks:
+            task.cancel()
+        self._end_jobs()
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._end_jobs()
+
+    def _end_jobs(self) -> None:
         stopping = SwitchError("shutting_down", 503, "switchd is shutting down")
         for job in self._jobs.values():
             if job.finished is None:  # the cancelled running job and the queue behind it

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 from switchd.states import Stage
 
 # Events that are not stages of a job.
-SNAPSHOT = "snapshot"  # the status body, first on /v1/events
+SNAPSHOT = "snapshot"  # the status body and `reason` (connect | gap), first on /v1/events
+GAP = "gap"  # asked, oldest: a resume that could not be served, just before its snapshot
 MODEL_STATE = "model_state"  # model, from, to[, error]
 LOG = "log"  # line, source[, skipped]: an engine output line while it loads, or a count
 RESULT = "result"  # the JSON-mode answer, last on success
@@ -24,7 +25,7 @@ ERROR = "error"  # error, message and that error's fields, last on failure
 
 COMMON_FIELDS = ("job", "kind", "cause", "seq", "stage", "model", "progress", "ts", "message")
 JOB_END = frozenset({RESULT, ERROR})
-NOT_STAGES = frozenset({LOG, MODEL_STATE, SNAPSHOT})
+NOT_STAGES = frozenset({LOG, MODEL_STATE, SNAPSHOT, GAP})
 
 
 @dataclass(frozen=True)

@@ -340,6 +340,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Settings, str | None]]
         *,
         elsewhere: str = "",
         startup: str | None = None,
+        log_format: str | None = None,
     ) -> int:
         assert settings.state_dir.is_dir()
         calls.append((settings, startup))

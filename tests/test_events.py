@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncGenerator
 from typing import cast
@@ -57,12 +58,14 @@ def test_ids_increase_by_one() -> None:
     third = bus.publish("model_state", {"model": "m"})
     assert [first.id, second.id, third.id] == [1, 2, 3]
     assert bus.last_id == 3
-    assert third == Event(3, "model_state", {"model": "m"})
+    # An event published without a time gets one: every event is self-describing.
+    assert third == Event(3, "model_state", {"model": "m", "ts": third.data["ts"]})
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", third.data["ts"])
 
 
 def test_event_json_is_compact() -> None:
     event = Event(7, "ready", {"model": "m", "load_seconds": 1.5, "gpus": [0, 1]})
-    assert event.json() == '{"model":"m","load_seconds":1.5,"gpus":[0,1]}'
+    assert event.json() == '{"id":7,"event":"ready","model":"m","load_seconds":1.5,"gpus":[0,1]}'
 
 
 def test_missed_since_returns_exactly_what_came_after() -> None:

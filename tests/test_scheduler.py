@@ -345,6 +345,7 @@ async def test_engine_that_crashes_while_running_shows_failed(tmp_path: Path) ->
             "from": "running",
             "to": "failed",
             "error": "exited with code 139 outside switchd:\nSegmentation fault",
+            "ts": event.data["ts"],  # when: every event carries it
         }
         status = await r.scheduler.status()
         assert status["models"]["gpt-oss-20b"]["status"] == "failed"

@@ -14,7 +14,8 @@ def test_an_event_block_ends_its_lines_with_a_bare_newline() -> None:
 
 def test_an_event_is_encoded_by_the_one_writer() -> None:
     event = Event(5, "loading", {"progress": 0.5})
-    assert event.sse() == b'id: 5\nevent: loading\ndata: {"progress":0.5}\n\n'
+    data = b'{"id":5,"event":"loading","progress":0.5}'
+    assert event.sse() == b"id: 5\nevent: loading\ndata: " + data + b"\n\n"
     assert event.sse() is event.sse()  # once, for every reader
 
 

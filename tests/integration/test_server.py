@@ -300,8 +300,14 @@ async def test_server_events_open_with_a_snapshot_and_resume_from_last_event_id(
     headers = {"Last-Event-ID": "99999999"}
     async with client.stream("GET", "/v1/events", headers=headers) as resp:
         fresh = await read_events(resp, stop=frozenset({"snapshot"}))
-    assert fresh[0][1].name == "snapshot"
-    assert fresh[0][1].data["models"]["mistral-7b-v0.1"]["status"] == "running"
+    # An id no longer held (from before any journal): said so, then a fresh snapshot.
+    gap, snapshot = fresh[0][1], fresh[1][1]
+    assert gap.name == "gap"
+    assert gap.data["asked"] == 99999999
+    assert snapshot.name == "snapshot"
+    assert snapshot.data["reason"] == "gap"
+    assert snapshot.data["models"]["mistral-7b-v0.1"]["status"] == "running"
+    assert timed[0][1].data["reason"] == "connect"
 
 
 async def test_unload_frees_measured_memory(client: httpx.AsyncClient) -> None:
