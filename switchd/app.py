@@ -6,10 +6,12 @@ created at import time, and tests pass their own fakes in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from switchd.gpu import GpuProbe, ledger_of, open_probe
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, is_engine_call
+from switchd.reload import Reloader, ReloadError
 from switchd.routes import ROUTES, Services, http_error, proxy_context
 from switchd.runtime.base import RUNTIMES, Runtime
 from switchd.scheduler import Scheduler
@@ -164,6 +167,15 @@ def create_app(
             app.state.services = Services(
                 settings, scheduler, bus, metrics, upstream, bodies, shutdown
             )
+
+            async def validate(new: Settings) -> None:
+                if runtime is None:
+                    check_runtime(new)
+                await check_probe_devices(new, probe)
+
+            reloader = Reloader(lambda: scheduler.settings, scheduler.reload, validate, bus)
+            app.state.reloader = reloader
+            stack.callback(_on_sighup(reloader))
             log.info(
                 "switchd ready: %d models, %s runtime, %s GPU",
                 len(settings.models),
@@ -181,6 +193,33 @@ def create_app(
         lifespan=lifespan,
         engine_calls=wrapped(Proxy(proxy_context), layers),
     )
+
+
+def _on_sighup(reloader: Reloader) -> Callable[[], None]:
+    """Reload the config on SIGHUP (where the loop can take signals); returns the undo."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        with contextlib.suppress(ReloadError):  # logged and published by the reloader
+            await reloader.reload()
+
+    def on_signal() -> None:
+        log.info("SIGHUP: reloading the config")
+        task = loop.create_task(reload(), name="switchd-reload")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_signal)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
+        log.info("no SIGHUP handler here: reload with POST /v1/config/reload")
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return undo
 
 
 class Switchd(Starlette):

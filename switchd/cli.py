@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         "unload", parents=[client_parent], help="unload a model (`all`: every unpinned one)"
     )
     unload_cmd.add_argument("model")
+    commands.add_parser(
+        "reload", parents=[client_parent], help="read the config file again (live, as a diff)"
+    )
     commands.add_parser("config-schema", help="print the JSON Schema of switchd.yaml")
     return parser
 
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-schema":
         sys.stdout.write(schema_text())
         return 0
-    if args.command in ("status", "switch", "unload"):
+    if args.command in ("status", "switch", "unload", "reload"):
         url, source = client_url(args.url)
         return run_client(args.command, url, args.key, getattr(args, "model", None), source)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -129,7 +129,12 @@ async def _open_docker(settings: Settings) -> Runtime:
 async def _open_process(settings: Settings) -> Runtime:
     from switchd.runtime.process import ProcessRuntime  # noqa: PLC0415
 
-    return ProcessRuntime(settings.stop_grace_seconds, state_dir=settings.state_dir)
+    return ProcessRuntime(
+        settings.stop_grace_seconds,
+        state_dir=settings.state_dir,
+        catalog=settings.models,  # its engines are adoptable by the next switchd
+        keep_engines_on_exit=settings.keep_engines_on_exit,
+    )
 
 
 RUNTIMES: Mapping[str, RuntimeChoice] = {
