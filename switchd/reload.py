@@ -148,15 +148,14 @@ class Reloader:
         async with self._lock:
             old = self._current()
             try:
-                new = await read_again(old)
-                await self._validate(new)
+                change = diff(old, await read_again(old))
+                await self._validate(change.settings)  # as it would run: refused keys kept
             except ReloadError as exc:
                 self._failed(exc.problem)
                 raise
             except ConfigError as exc:
                 self._failed(str(exc))
                 raise ReloadError(str(exc)) from None
-            change = diff(old, new)
             await self._apply(change, now)
         for key, why in change.refused.items():
             log.warning("config reload: %s not changed: %s", key, why)

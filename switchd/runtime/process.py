@@ -125,6 +125,7 @@ class _Engine:
     pump: asyncio.Task[None] | None = None
     pid_file: Path | None = None
     output: int | None = None  # the read end of its output file, when it has one
+    pending: bytes = b""  # read from it, not a whole line yet
     exited: bool = False  # the process is gone: the follower reads to the end and stops
 
     def alive(self) -> bool:
@@ -264,26 +265,33 @@ class ProcessRuntime:
         line written between that last read and the truncation is lost, as with any
         copy-truncate rotation.
         """
-        pending = b""
         while True:
-            chunk = os.read(fd, FOLLOW_CHUNK)
-            if chunk:
-                *lines, pending = (pending + chunk).split(b"\n")
-                for raw in lines:
-                    self._line(engine, raw)
-                while len(pending) >= _LINE_LIMIT:  # an overlong line, in pieces, intact
-                    self._line(engine, pending[:_LINE_LIMIT])
-                    pending = pending[_LINE_LIMIT:]
+            if self._read_chunk(engine, fd):
                 await asyncio.sleep(0)
                 continue
             if engine.exited:
-                if pending:
-                    self._line(engine, pending)  # the last line had no newline
+                if engine.pending:
+                    self._line(engine, engine.pending)  # the last line had no newline
+                    engine.pending = b""
                 return
             if os.lseek(fd, 0, os.SEEK_CUR) >= LOG_FILE_LIMIT:
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+    def _read_chunk(self, engine: _Engine, fd: int) -> bool:
+        """Forward the whole lines of the next chunk of an output file; False at its end."""
+        chunk = os.read(fd, FOLLOW_CHUNK)
+        if not chunk:
+            return False
+        *lines, pending = (engine.pending + chunk).split(b"\n")
+        for raw in lines:
+            self._line(engine, raw)
+        while len(pending) >= _LINE_LIMIT:  # an overlong line, in pieces, intact
+            self._line(engine, pending[:_LINE_LIMIT])
+            pending = pending[_LINE_LIMIT:]
+        engine.pending = pending
+        return True
 
     async def _read_output(self, engine: _Engine) -> None:
         assert engine.process is not None
@@ -494,9 +502,20 @@ class ProcessRuntime:
         return aiter(self._events)
 
     async def engine_pids(self, info: EngineInfo) -> list[int]:
-        """Every live process of the engine's group: the engine and what it forked."""
+        """Every live process of the engine's group: the engine and what it forked.
+
+        First, what its output file holds is read: the loader asks this the moment the
+        engine answers its health path, and the lines it wrote before (the last one
+        comes just before it answers) belong to its load, which a follower polling
+        the file might not have read yet.
+        """
         if info.pid is None:
             return []
+        engine = self._engines.get(info.model)
+        if engine is not None and engine.output is not None and engine.info is info:
+            for _ in range(64):  # a bounded catch-up; the follower reads the rest
+                if not self._read_chunk(engine, engine.output):
+                    break
         members = await asyncio.to_thread(_group, info.pid)
         return [member.pid for member in members]
 
