@@ -128,6 +128,8 @@ async def test_an_engine_outlives_a_killed_switchd_and_is_adopted_without_a_load
         assert await pid_of(http, "small-a") == pid  # the same engine
         history = (await http.get("/v1/switches")).json()["switches"]
         assert history == []  # no load job, no switch
+        gpu = (await http.get("/v1/models/status")).json()["gpu"]
+        assert gpu["used_gb"] == 10.0  # the simulated card's ledger learned it
     assert "adopting the engine of small-a" in server.log()
 
 
