@@ -653,7 +653,11 @@ class Scheduler:
     def _apply_reload(self, change: Diff, now: bool) -> None:
         new = change.settings
         for name in change.added:
-            self.catalog.add(new.models[name])
+            if name in self._retiring:  # removed by a reload before, still being unloaded
+                self._retiring.discard(name)
+                self._respec[name] = (new.models[name], now)
+            else:
+                self.catalog.add(new.models[name])
         for name in change.unchanged:  # its engine is kept; switchd-only fields apply now
             self.records[name].spec = new.models[name]
         for name in change.changed:

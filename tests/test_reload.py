@@ -316,3 +316,18 @@ async def test_preload_loads_in_order_with_cause_preload(tmp_path: Path) -> None
         for job in jobs:
             await finish(job)
         assert r.scheduler.records["c"].state is ModelState.RUNNING
+
+
+async def test_a_model_removed_then_added_back_before_its_unload_stays(tmp_path: Path) -> None:
+    old = with_models(tmp_path, MODELS)
+    async with rig(old) as r:
+        await finish(r.scheduler.request_switch("c"))
+        without = with_models(tmp_path, {k: v for k, v in MODELS.items() if k != "c"})
+        back = diff(without, with_models(tmp_path, MODELS))
+        assert back.added == ("c",)
+        # Both reach the worker together: the unload the first queued is still to run.
+        await asyncio.gather(r.scheduler.reload(diff(old, without)), r.scheduler.reload(back))
+        await wait_for(lambda: r.runtime.calls == ["start c", "stop c"])
+        await asyncio.sleep(0.1)
+        assert r.scheduler.records["c"].state is ModelState.EXITED  # unloaded, not removed
+        assert r.scheduler.known("c").name == "c"

@@ -106,7 +106,8 @@ class Runtime(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release the runtime; engines it owns are stopped."""
+        """Release the runtime; engines it owns are stopped (unless it was told to leave
+        them for the next switchd: `keep_engines_on_exit`)."""
         ...
 
 
