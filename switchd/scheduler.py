@@ -198,6 +198,8 @@ class Scheduler:
                 self._fail(job, stopping)
         self._queue.clear()
         self.demand.fail_all(stopping)
+        while self._reloads:  # never to be applied: their callers are let go
+            self._reloads.popleft()[2].cancel()
 
     # ---- what callers ask for ---------------------------------------------------
 
