@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from switchd.limits import BodyBudget
 from switchd.logs import JobLog
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, is_engine_call
+from switchd.reload import Reloader, ReloadError
 from switchd.routes import ROUTES, Services, http_error, proxy_context
 from switchd.runtime.base import RUNTIMES, Runtime
 from switchd.scheduler import Scheduler
@@ -144,7 +146,11 @@ def create_app(
                 # Closed last: what the shutdown publishes is written too.
                 stack.push_async_callback(asyncio.to_thread, journal.close)
             engines = runtime or await open_runtime(settings)
-            if runtime is None and settings.runtime is RuntimeKind.PROCESS:
+            if (
+                runtime is None
+                and settings.runtime is RuntimeKind.PROCESS
+                and not settings.keep_engines_on_exit
+            ):
                 # Its engines stop with switchd: their model_state says so (journaled).
                 stack.callback(lambda: stopped_engines(app))
             stack.push_async_callback(engines.close)
@@ -178,6 +184,15 @@ def create_app(
             app.state.services = Services(
                 settings, scheduler, bus, metrics, upstream, bodies, shutdown, journal
             )
+
+            async def validate(new: Settings) -> None:
+                if runtime is None:
+                    check_runtime(new)
+                await check_probe_devices(new, probe)
+
+            reloader = Reloader(lambda: scheduler.settings, scheduler.reload, validate, bus)
+            app.state.reloader = reloader
+            stack.callback(_on_sighup(reloader))
             log.info(
                 "switchd ready: %d models, %s runtime, %s GPU",
                 len(settings.models),
@@ -218,6 +233,33 @@ def stopped_engines(app: Starlette) -> None:
         if record.state in ENGINE:
             data = {"model": record.spec.name, "from": record.state.value, "to": "exited"}
             services.bus.publish(wire.MODEL_STATE, {**data, "error": "switchd stopped"})
+
+
+def _on_sighup(reloader: Reloader) -> Callable[[], None]:
+    """Reload the config on SIGHUP (where the loop can take signals); returns the undo."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        with contextlib.suppress(ReloadError):  # logged and published by the reloader
+            await reloader.reload()
+
+    def on_signal() -> None:
+        log.info("SIGHUP: reloading the config")
+        task = loop.create_task(reload(), name="switchd-reload")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_signal)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
+        log.info("no SIGHUP handler here: reload with POST /v1/config/reload")
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return undo
 
 
 class Switchd(Starlette):

@@ -22,7 +22,7 @@ from switchd.errors import ErrorResponse, openai_error
 
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
-ADMIN_PATHS = frozenset({"/v1/models/switch", "/v1/models/unload"})
+ADMIN_PATHS = frozenset({"/v1/models/switch", "/v1/models/unload", "/v1/config/reload"})
 
 
 class Role(IntEnum):

@@ -167,6 +167,24 @@ class Catalog:
         self._bus.publish(wire.MODEL_STATE, data)
         return old
 
+    def add(self, spec: ModelSpec) -> ModelRecord:
+        """A model new to the catalog (a config reload), not loaded."""
+        assert self.owner is None or asyncio.current_task() is self.owner
+        record = self.records[spec.name] = ModelRecord(spec)
+        return record
+
+    def remove(self, model: str) -> None:
+        """A model gone from the config, once its engine is gone (a config reload)."""
+        assert self.owner is None or asyncio.current_task() is self.owner
+        record = self.records[model]
+        if record.state in HOLDING:
+            raise StateConflict(model, record.state, (ModelState.EXITED, ModelState.FAILED))
+        del self.records[model]
+
+    def configure(self, settings: Settings) -> None:
+        """The settings a config reload brought (the catalog's records change one by one)."""
+        self._release_seconds = settings.memory_release_timeout_seconds
+
     def released(self, model: str) -> None:
         """The memory of `model`'s engine was seen back (an unload verified it)."""
         self._releasing.pop(model, None)

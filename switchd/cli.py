@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "events", parents=[client_parent], help="follow every event as JSON lines (collectors)"
     )
     add_follow_arguments(events_cmd)
+    commands.add_parser(
+        "reload", parents=[client_parent], help="read the config file again (live, as a diff)"
+    )
     commands.add_parser("config-schema", help="print the JSON Schema of switchd.yaml")
     return parser
 
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "events":
         return follow_command(args, client_url(args.url)[0])
-    if args.command in ("status", "switch", "unload"):
+    if args.command in ("status", "switch", "unload", "reload"):
         url, source = client_url(args.url)
         return run_client(args.command, url, args.key, getattr(args, "model", None), source)
     configure(args.log_level, LogFormat(args.log_format or LogFormat.TEXT))

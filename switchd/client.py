@@ -147,6 +147,15 @@ class Client:
         body: dict[str, Any] = response.json()
         return body
 
+    def post(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        try:
+            response = self._http.post(path, params=params)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        self._check(response)
+        body: dict[str, Any] = response.json()
+        return body
+
     def stream(self, path: str, params: dict[str, str]) -> Iterator[ServerEvent]:
         """POST and follow the event stream until the job's last event."""
         headers = {"Accept": "text/event-stream"}
@@ -254,6 +263,17 @@ def follow_job(client: Client, path: str, params: dict[str, str], out: TextIO) -
     raise ClientError("the event stream ended before the switch did", EXIT_UNREACHABLE)
 
 
+def reload_config(client: Client, out: TextIO, *, now: bool = False) -> int:
+    """Have switchd read its config file again; print what changed."""
+    body = client.post("/v1/config/reload", {"now": "true"} if now else {})
+    for kind in ("added", "removed", "changed", "unchanged"):
+        names = body.get(kind) or []
+        out.write(f"{kind:<10} {', '.join(names) if names else '-'}\n")
+    for key, why in (body.get("refused") or {}).items():
+        out.write(f"refused    {key}: {why}\n")
+    return 0
+
+
 def run_client(
     command: str, url: str, key: str | None, model: str | None, url_source: str = "--url"
 ) -> int:
@@ -265,6 +285,8 @@ def run_client(
     try:
         if command == "status":
             return show_status(client, sys.stdout)
+        if command == "reload":
+            return reload_config(client, sys.stdout)
         assert model is not None
         if command == "switch":
             return follow_job(client, "/v1/models/switch", {"target_model": model}, sys.stdout)

@@ -12,6 +12,8 @@ is wrong, so an operator fixes a bad file in one go instead of guessing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -483,6 +485,22 @@ class Settings:
         default=False,
         metadata=key("streamed chat answers that wait for a load get its progress as reasoning"),
     )
+    # Restarts and config (switchd/reload.py, runtime/process.py adoption).
+    keep_engines_on_exit: bool = field(
+        default=False,
+        metadata=key(
+            "a stop leaves process engines running, for the next switchd to adopt"
+            " (upgrades without reloading models)"
+        ),
+    )
+    preload: tuple[str, ...] = field(
+        default=(),
+        metadata=key(
+            "models loaded at start, in order (each waits its turn if it does not fit)",
+            custom=True,
+            schema={"type": ["array", "null"], "items": {"type": "string"}},
+        ),
+    )
     # What DESIGN.md documents and every loaded file got; "~" is expanded on construction.
     state_dir: Path = field(
         default=Path("~/.local/state/switchd"),
@@ -889,6 +907,66 @@ def _check_names(source: str, models: Mapping[str, ModelSpec]) -> None:
             owner[alias] = spec.name
 
 
+def _parse_preload(top: _Reader, models: Mapping[str, ModelSpec]) -> tuple[str, ...]:
+    """The models to load at start, by name or alias, as their catalog names."""
+    names = top.data.get("preload", []) or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise top.error("preload", "must be a list of model names")
+    chosen: list[str] = []
+    for name in names:
+        spec = models.get(name) or next((m for m in models.values() if name in m.aliases), None)
+        if spec is None:
+            raise top.error("preload", f"{name!r} is not a model of `models`")
+        if spec.name not in chosen:
+            chosen.append(spec.name)
+    return tuple(chosen)
+
+
+# What a reload may change on a loaded model without restarting its engine: what
+# switchd alone reads. Every other field (cmd, env, url, gpus, image, docker, standby…,
+# and any field added later) is an engine setting: a change restarts the engine.
+LIVE_MODEL_FIELDS = frozenset(
+    {
+        "size_gb",
+        "load_time_seconds",
+        "pinned",
+        "aliases",
+        "ttl_seconds",
+        "api_key",
+        "priority",
+        "gb_per_device",
+        "weights_gb",
+        "wake_check_path",
+        "load_progress_in_stream",
+        "health_path",
+    }
+)
+
+
+def engine_settings(spec: ModelSpec) -> dict[str, Any]:
+    """The fields of `spec` its engine was started with (all but LIVE_MODEL_FIELDS)."""
+    return {
+        each.name: getattr(spec, each.name)
+        for each in dataclasses.fields(ModelSpec)
+        if each.name not in LIVE_MODEL_FIELDS
+    }
+
+
+def engine_digest(spec: ModelSpec) -> str:
+    """A hash of the model's engine settings: the same engine for the same config
+    (the pid file of an engine records it; a reload compares it)."""
+
+    def plain(value: object) -> object:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        if isinstance(value, Mapping):
+            return dict(value)
+        return str(value)
+
+    text = json.dumps(engine_settings(spec), sort_keys=True, default=plain)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _keys(top: _Reader, name: str, environ: Mapping[str, str], variable: str) -> tuple[str, ...]:
     """Bearer keys from the file and from `variable` (comma-separated), stripped."""
     keys = top.data.get(name, []) or []
@@ -928,6 +1006,7 @@ def parse_settings(data: object, source: str, environ: Mapping[str, str]) -> Set
         models[name] = _parse_model(source, name, model_data)
     _check_names(source, models)
 
+    values["preload"] = _parse_preload(top, models)
     settings = Settings(models=models, source=source, **values, **top.fields(Settings))
     if settings.gpu is GpuKind.SIMULATED:  # for nvml and auto: once the probe is open (app.py)
         simulated = settings.simulated_gpu

@@ -30,11 +30,14 @@ class JobKind(StrEnum):
 
 
 class Cause(StrEnum):
-    """Why a job runs: an operator's call, requests waiting for a model, or its TTL."""
+    """Why a job runs: an operator's call, requests waiting for a model, its TTL, the
+    config's `preload` at start, or a config reload (a model removed or changed)."""
 
     EXPLICIT = "explicit"
     DEMAND = "demand"
     TTL = "ttl"
+    PRELOAD = "preload"
+    RELOAD = "reload"
 
 
 @dataclass

@@ -84,6 +84,7 @@ class Loader:
                     log.info("adopted sleeping engine of %s (%s)", info.model, info.instance)
                     continue
                 self.catalog.transition(record, ModelState.EXITED, ModelState.RUNNING, engine=info)
+                await self._measure_adopted(record)
                 log.info("adopted running engine of %s (%s)", info.model, info.instance)
             else:
                 # Started before a restart and not answering yet: a job waits for it, and
@@ -97,6 +98,31 @@ class Loader:
                 self.catalog.transition(record, ModelState.EXITED, ModelState.FAILED, error=why)
                 log.error("%s cannot run: %s", model, why)
         return still_loading
+
+    async def _measure_adopted(self, record: ModelRecord) -> None:
+        """What an adopted engine holds: NVML's figures for its own processes (no
+        before-and-after here: it loaded before this switchd was there to see). The
+        simulated card's ledger learned it from the transition."""
+        info = record.engine
+        assert info is not None
+        pids = await self.runtime.engine_pids(info)
+        now = await self.gpu.snapshot()
+        on_devices = record.devices or record.spec.gpus or now.indexes()
+        expected = self.catalog.expected_gb(record.spec)
+        # moved=True: only per-process figures count (free memory says nothing here).
+        measured, _ = footprint.attribute(
+            on_devices, now, now, pids, moved=True, expected_gb=expected
+        )
+        if measured is None:
+            log.info(
+                "footprint of the adopted %s not measured: no per-process figures for its"
+                " processes %s",
+                record.spec.name,
+                pids,
+            )
+            return
+        record.measured_by_device = measured
+        record.measured_gb = round(sum(measured.values()), 2)
 
     # ---- a cold load ---------------------------------------------------------------
 

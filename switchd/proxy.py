@@ -188,7 +188,7 @@ def too_large(limit: int) -> ProxyError:
 
 # Characters an engine could read as leaving the path, or that a path never needs.
 FORBIDDEN_IN_PATH = frozenset("\\?#%") | {chr(c) for c in range(32)} | {chr(127)}
-RESERVED_PATHS = ("/v1/models", "/v1/events", "/v1/switches")
+RESERVED_PATHS = ("/v1/models", "/v1/events", "/v1/switches", "/v1/config")
 
 
 def checked_path(path: str) -> str:

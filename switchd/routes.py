@@ -29,6 +29,7 @@ from switchd.journal import missed_since as journal_missed_since
 from switchd.limits import BodyBudget
 from switchd.metrics import Metrics
 from switchd.proxy import ProxyContext
+from switchd.reload import Reloader, ReloadError
 from switchd.scheduler import JOB_HISTORY, Scheduler
 from switchd.units import iso_timestamp
 from switchd.upstream import Upstream
@@ -297,6 +298,18 @@ async def unload(request: Request) -> Response:
     return JSONResponse(job.result)
 
 
+async def reload_config(request: Request) -> Response:
+    """Read the config file again and apply it (`?now=true`: restart changed models at
+    once); 422 with the reason, nothing changed, when it does not parse or validate."""
+    reloader: Reloader = request.app.state.reloader
+    now = request.query_params.get("now", "").lower() in ("1", "true", "yes")
+    try:
+        change = await reloader.reload(now=now)
+    except ReloadError as exc:
+        return errors.switchd_error(422, "invalid_config", exc.problem)
+    return JSONResponse({"status": "ok", **change.as_json()})
+
+
 def _job(request: Request) -> Job | Response:
     job_id = request.path_params["job_id"]
     job = services(request).scheduler.job(job_id)
@@ -399,6 +412,7 @@ ROUTES = [
     Route("/v1/switches/{job_id}", job_status),
     Route("/v1/switches/{job_id}/events", job_events),
     Route("/v1/events", server_events),
+    Route("/v1/config/reload", reload_config, methods=["POST"]),
     # Last. Engine calls (every other POST under /v1) never reach the router:
     # app.Switchd sends them to the proxy. This answers the rest with 405: another
     # method on an engine's path, and a POST to one of switchd's own that takes none.

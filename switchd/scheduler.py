@@ -38,6 +38,7 @@ from switchd.gpu import GpuLedger, GpuProbe, GpuSnapshot
 from switchd.inbox import Inbox
 from switchd.jobs import Cause, Job, JobKind, SwitchError
 from switchd.loading import Loader
+from switchd.reload import Diff
 from switchd.runtime.base import EngineInfo, Runtime
 from switchd.standby import EngineStandby
 from switchd.states import ModelState, Stage
@@ -155,6 +156,11 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._adopted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Config reloads (switchd/reload.py), applied by the worker between jobs.
+        self._reloads: deque[tuple[Diff, bool, asyncio.Future[None]]] = deque()
+        self._respec: dict[str, tuple[ModelSpec, bool]] = {}  # changed: new spec, at once?
+        self._restarting: dict[str, tuple[ModelSpec, bool]] = {}  # unloading: spec, load back?
+        self._retiring: set[str] = set()  # removed from the config, unloading
 
     @property
     def waiting(self) -> int:
@@ -202,6 +208,8 @@ class Scheduler:
                 self._fail(job, stopping)
         self._queue.clear()
         self.demand.fail_all(stopping)
+        while self._reloads:  # never to be applied: their callers are let go
+            self._reloads.popleft()[2].cancel()
 
     # ---- what callers ask for ---------------------------------------------------
 
@@ -380,14 +388,15 @@ class Scheduler:
         record.last_active = time.monotonic()
         if record.in_flight == 0:
             record.idle.set()
-            if self.demand or record.spec.ttl_seconds > 0:
-                self._wake.set()  # others wait for it to go idle, or its TTL starts now
+            if self.demand or record.spec.ttl_seconds > 0 or self._respec:
+                # Others wait for it to go idle, its TTL starts now, or a restart waits.
+                self._wake.set()
 
-    def _enqueue(self, kind: JobKind, target: str) -> Job:
+    def _enqueue(self, kind: JobKind, target: str, cause: Cause = Cause.EXPLICIT) -> Job:
         for job in [*([self._running] if self._running else []), *self._queue]:
             if job.kind is kind and job.target == target and job.finished is None:
                 return job
-        job = self._new_job(kind, target, Cause.EXPLICIT)
+        job = self._new_job(kind, target, cause)
         ahead = [j.target for j in ([self._running] if self._running else []) + list(self._queue)]
         if ahead:
             self.emitter.queued(job, ahead)
@@ -410,13 +419,19 @@ class Scheduler:
             self._wake.set()
 
     async def _work(self) -> None:
-        for model in await self.loader.adopt():
+        adopted = await self.loader.adopt()
+        for model in adopted:
             self._queue.append(self._new_job(JobKind.SWITCH, model, Cause.DEMAND))
+        for model in self.settings.preload:  # in order, each in its turn; not the adopted
+            if self.records[model].state not in ENGINE:
+                self._queue.append(self._new_job(JobKind.SWITCH, model, Cause.PRELOAD))
         self._adopted.set()
         while True:
             self._wake.clear()
             try:
                 self.inbox.apply()
+                self._apply_reloads()
+                self._due_restarts()
                 self._admit()
                 job, plan, next_check = await self._next_job()
             except Exception:
@@ -549,6 +564,8 @@ class Scheduler:
         finally:
             self._running = None
             self._settle(job)
+            if job.cause is Cause.RELOAD and job.kind is JobKind.UNLOAD:
+                self._unloaded_for_reload(job.target)
 
     async def _switch(self, job: Job, plan: planner.Plan | None) -> dict[str, Any]:
         record = self.records[job.target]
@@ -566,6 +583,12 @@ class Scheduler:
             return job.success_body(ready=True)
         if plan is None:
             plan = self._plan(spec, await self.gpu.snapshot())
+        if job.cause is Cause.PRELOAD and (plan.victims or not plan.enough):
+            # A preload unloads nothing: a model that fits only in place of another
+            # is left to load on demand.
+            message = f"{spec.name} not preloaded: it does not fit beside the models loaded"
+            log.warning("%s", message)
+            return {"status": "skipped", "model": spec.name, "job": job.id, "message": message}
         return await self.steps.switch(job, plan)
 
     async def _unload(self, job: Job) -> dict[str, Any]:
@@ -616,6 +639,105 @@ class Scheduler:
             log.exception("could not report the failure of job %s", job.id)
         finally:
             job.finish(None, error)  # waiters are released whatever happened above
+
+    # ---- config reloads (switchd/reload.py) --------------------------------------
+
+    async def reload(self, change: Diff, now: bool = False) -> None:
+        """Apply a config diff in the worker (the one owner of model state); returns once
+        applied: models added and removed from new requests' view, unloads and restarts
+        queued. `now`: restart the changed models at once, not when next idle."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reloads.append((change, now, done))
+        self._wake.set()
+        await done
+
+    def _apply_reloads(self) -> None:
+        while self._reloads:
+            change, now, done = self._reloads.popleft()
+            try:
+                self._apply_reload(change, now)
+            except Exception as exc:  # a bug: said to the caller, the worker goes on
+                log.exception("applying a config reload failed")
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+    def _apply_reload(self, change: Diff, now: bool) -> None:
+        new = change.settings
+        for name in change.added:
+            if name in self._retiring:  # removed by a reload before, still being unloaded
+                self._retiring.discard(name)
+                self._respec[name] = (new.models[name], now)
+            else:
+                self.catalog.add(new.models[name])
+        for name in change.unchanged:  # its engine is kept; switchd-only fields apply now
+            self.records[name].spec = new.models[name]
+        for name in change.changed:
+            record = self.records[name]
+            if record.state in HOLDING or name in self._restarting:
+                self._respec[name] = (new.models[name], now)
+            else:
+                record.spec = new.models[name]
+        gone = SwitchError(
+            "model_not_found", 404, "the model was removed from the config", {"removed": True}
+        )
+        for name in change.removed:
+            self._respec.pop(name, None)
+            self._restarting.pop(name, None)
+            for job in [j for j in self._queue if j.target == name and j.kind is JobKind.SWITCH]:
+                self._queue.remove(job)
+                self._fail(job, gone)
+            self.demand.fail(name, gone)
+            if self.records[name].state in HOLDING:
+                self._retiring.add(name)  # drained and unloaded, then removed
+                self._enqueue(JobKind.UNLOAD, name, Cause.RELOAD)
+            else:
+                self.catalog.remove(name)
+        # The one place the current Settings change: the scheduler's, and its helpers'.
+        self.settings = self.loader.settings = self.steps.settings = new
+        self.catalog.configure(new)
+
+    def _due_restarts(self) -> None:
+        """Queue the restart of each changed model that is idle (or wanted at once)."""
+        for name, (spec, now) in list(self._respec.items()):
+            record = self.records[name]
+            if name in self._restarting or any(job.target == name for job in self._queue):
+                continue
+            if record.state not in HOLDING:
+                record.spec = spec
+                del self._respec[name]
+                continue
+            if record.state not in (ModelState.RUNNING, ModelState.SLEEPING):
+                continue  # loading or stopping: once it is settled
+            if not now and (record.in_flight or self.demand.waiting(name)):
+                continue
+            del self._respec[name]
+            self._restarting[name] = (spec, record.state is ModelState.RUNNING)
+            log.info("restarting %s: its engine settings changed in the config", name)
+            self._enqueue(JobKind.UNLOAD, name, Cause.RELOAD)
+
+    def _unloaded_for_reload(self, name: str) -> None:
+        """After a reload's unload: remove a retired model, or start a changed one anew."""
+        record = self.records.get(name)
+        if record is None:
+            return
+        if name in self._retiring:
+            if record.state not in HOLDING:
+                self._retiring.discard(name)
+                self.catalog.remove(name)
+            else:
+                self._enqueue(JobKind.UNLOAD, name, Cause.RELOAD)  # failed: again
+            return
+        restart = self._restarting.pop(name, None)
+        if restart is None:
+            return
+        spec, load_back = restart
+        if record.state in HOLDING:
+            self._respec.setdefault(name, (spec, False))  # not stopped: try again when idle
+            return
+        record.spec = spec
+        if load_back:
+            self._enqueue(JobKind.SWITCH, name, Cause.RELOAD)
 
     # ---- status ------------------------------------------------------------------
 

@@ -106,7 +106,8 @@ class Runtime(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release the runtime; engines it owns are stopped."""
+        """Release the runtime; engines it owns are stopped (unless it was told to leave
+        them for the next switchd: `keep_engines_on_exit`)."""
         ...
 
 
@@ -142,7 +143,12 @@ def _docker_preflight() -> str | None:
 async def _open_process(settings: Settings) -> Runtime:
     from switchd.runtime.process import ProcessRuntime  # noqa: PLC0415
 
-    return ProcessRuntime(settings.stop_grace_seconds, state_dir=settings.state_dir)
+    return ProcessRuntime(
+        settings.stop_grace_seconds,
+        state_dir=settings.state_dir,
+        catalog=settings.models,  # its engines are adoptable by the next switchd
+        keep_engines_on_exit=settings.keep_engines_on_exit,
+    )
 
 
 RUNTIMES: Mapping[str, RuntimeChoice] = {

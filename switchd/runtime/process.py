@@ -8,17 +8,27 @@ An engine started on some devices sees only those: CUDA_VISIBLE_DEVICES lists
 them (with CUDA_DEVICE_ORDER=PCI_BUS_ID, so CUDA's numbers are NVML's), and
 `${GPUS}` in its `cmd` and `env` is the same list. Its own `env` wins.
 
-The engines stop with switchd. A clean stop sends SIGTERM to each group (then
-SIGKILL after the grace). On a crash (even `kill -9`) PR_SET_PDEATHSIG sends
-SIGTERM to each engine's direct child, but only to it: the children of a
-wrapper (`sh -c "…"`, `bash start.sh`) survive, holding GPU memory. So, with a
-`state_dir`, every engine has a pid file there (its process group, start time
-and the boot it ran in) while it runs, and the next switchd's `discover()`
-stops whatever of that group is still alive before it starts anything. Such
-leftovers cannot be adopted: their output pipe and their port are gone.
+A clean stop sends SIGTERM to each group (then SIGKILL after the grace), unless
+`keep_engines_on_exit`. With a `state_dir`, every engine has a pid file there
+(its process group, start time, the boot it ran in, its command line and a
+digest of its model's engine settings) while it runs.
+
+Given the catalog (`catalog=`, as switchd does), engines are adoptable: they
+outlive a crash (no PDEATHSIG) and write their output to a file of their own
+under `state_dir/engine-logs/` (not a pipe, which would die with switchd), which
+switchd follows. The next switchd's `discover()` adopts an engine it can prove
+the same (same pid and start time, the recorded command line, the same engine
+settings in the config now; its health is checked by the loader) and stops any
+other, saying why.
+
+Without a catalog (a runtime used on its own), engines stop with switchd: on a
+crash (even `kill -9`) PR_SET_PDEATHSIG sends SIGTERM to each engine's direct
+child, but only to it: the children of a wrapper (`sh -c "…"`) survive, and the
+next switchd's `discover()` stops whatever of that group is still alive.
 
 An engine's exit is seen as it happens where Linux offers a pidfd (5.3 on): the
-pidfd becomes readable when the process exits. Elsewhere it is polled for.
+pidfd becomes readable when the process exits, for an adopted engine (not our
+child, so its exit code is unknown) too. Elsewhere it is polled for.
 """
 
 from __future__ import annotations
@@ -34,12 +44,12 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from switchd.config import ModelSpec
+from switchd.config import ModelSpec, engine_digest
 from switchd.runtime.base import (
     Discovery,
     EngineExited,
@@ -62,6 +72,10 @@ OUTPUT_DRAIN_SECONDS = 2.0
 ENGINES_DIR = "engines"  # under state_dir: one pid file per running engine
 ORPHAN_POLL_SECONDS = 0.05
 ORPHAN_KILL_WAIT_SECONDS = 5.0  # after SIGKILL, how long discover() waits to see them gone
+LOGS_DIR = "engine-logs"  # under state_dir: each adoptable engine's output
+LOG_FILE_LIMIT = 16 << 20  # a followed output file is emptied past this size, once read
+FOLLOW_POLL_SECONDS = 0.02  # how often a followed output file is read when idle
+FOLLOW_CHUNK = 1 << 16
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -100,28 +114,52 @@ def placement_env(devices: tuple[int, ...] | None) -> dict[str, str]:
 @dataclass
 class _Engine:
     spec: ModelSpec
-    process: asyncio.subprocess.Process
+    process: asyncio.subprocess.Process | None  # None: adopted, not our child
     info: EngineInfo
+    pid: int = 0
+    start_time: int | None = None  # of an adopted engine: tells it from a reused pid
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     stopping: bool = False
     killed: bool = False
     grace_seconds: float = 0.0
     pump: asyncio.Task[None] | None = None
     pid_file: Path | None = None
+    output: int | None = None  # the read end of its output file, when it has one
+    pending: bytes = b""  # read from it, not a whole line yet
+    exited: bool = False  # the process is gone: the follower reads to the end and stops
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.returncode is None
+        stat = _read_stat(self.pid)
+        return stat is not None and stat.start_time == self.start_time and stat.state not in "ZX"
 
 
 class ProcessRuntime:
-    def __init__(self, stop_grace_seconds: float = 10.0, *, state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        stop_grace_seconds: float = 10.0,
+        *,
+        state_dir: Path | None = None,
+        catalog: Mapping[str, ModelSpec] | None = None,
+        keep_engines_on_exit: bool = False,
+    ) -> None:
         self._stop_grace_seconds = stop_grace_seconds
         self._engines: dict[str, _Engine] = {}
         self._tails: dict[str, tuple[str, ...]] = {}
         self._events = EventQueue()
         self._pid_dir = state_dir / ENGINES_DIR if state_dir is not None else None
         self._self = _read_stat("self") if state_dir is not None else None
+        # Adoptable engines: only with pid files, and a catalog to prove them against.
+        self._catalog = catalog if state_dir is not None else None
+        self._log_dir = (
+            state_dir / LOGS_DIR if state_dir is not None and catalog is not None else None
+        )
+        self._keep = keep_engines_on_exit and self._catalog is not None
 
     async def start(self, spec: ModelSpec, devices: tuple[int, ...] | None = None) -> EngineInfo:
         current = self._engines.get(spec.name)
-        if current is not None and current.process.returncode is None:
+        if current is not None and current.alive():
             return current.info
         port = free_port()
         gpus = ",".join(str(index) for index in devices) if devices is not None else ""
@@ -129,19 +167,31 @@ class ProcessRuntime:
         argv = substitute(spec.cmd, values)
         extra = {name: substitute([value], values)[0] for name, value in spec.env.items()}
         env = {**os.environ, **placement_env(devices), **extra}  # the model's own env wins
+        files: tuple[int, int] | None = None
+        if self._log_dir is not None:
+            try:
+                files = await asyncio.to_thread(_open_output, self._log_dir, spec.name)
+            except OSError as exc:
+                raise StartFailed(f"cannot create its output file: {exc}") from exc
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE if files is None else files[0],
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # its own process group, for a clean stop
-                preexec_fn=_die_with_parent,
+                # An adoptable engine outlives a crash: the next switchd adopts or stops it.
+                preexec_fn=_die_with_parent if files is None else None,
                 limit=_LINE_LIMIT,
             )
         except OSError as exc:
+            if files is not None:
+                os.close(files[1])
             raise StartFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+        finally:
+            if files is not None:
+                os.close(files[0])  # the engine has its own copy
         info = EngineInfo(
             model=spec.name,
             instance=str(process.pid),
@@ -150,11 +200,12 @@ class ProcessRuntime:
             pid=process.pid,
             devices=devices,
         )
-        engine = _Engine(spec, process, info)
+        engine = _Engine(spec, process, info, pid=process.pid)
+        engine.output = files[1] if files is not None else None
         # Before the pump exists, so the pump's removal always follows this write; in a
         # worker thread, like all file work here (it reads /proc and writes a file).
         engine.pid_file = await asyncio.to_thread(
-            self._write_pid_file, spec.name, process.pid, argv, info.started_at
+            self._write_pid_file, spec, process.pid, argv, info
         )
         self._engines[spec.name] = engine
         engine.pump = asyncio.create_task(self._pump(engine), name=f"engine-{spec.name}")
@@ -162,28 +213,88 @@ class ProcessRuntime:
 
     async def _pump(self, engine: _Engine) -> None:
         """Forward the output lines, then the exit, of one engine."""
-        reader = asyncio.create_task(self._read_output(engine))
-        await _wait_for_exit(engine.process)
-        code = engine.process.returncode
-        assert code is not None
-        self._kill_group(engine.process.pid, signal.SIGKILL)  # workers it left behind
-        if engine.pid_file is not None and self._engines.get(engine.spec.name) is engine:
-            _drop(engine.pid_file)  # (a newer run of the model has written its own)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reader, OUTPUT_DRAIN_SECONDS)
+        if engine.output is not None:
+            reader = asyncio.create_task(self._follow(engine, engine.output))
+        else:
+            reader = asyncio.create_task(self._read_output(engine))
+        try:
+            if engine.process is not None:
+                await _wait_for_exit(engine.process)
+                code = engine.process.returncode
+                assert code is not None
+            else:
+                assert engine.start_time is not None
+                await _wait_for_pid_exit(engine.pid, engine.start_time)
+                code = None  # not our child: its parent (init) read the status
+            engine.exited = True
+            self._kill_group(engine.pid, signal.SIGKILL)  # workers it left behind
+            if engine.pid_file is not None and self._engines.get(engine.spec.name) is engine:
+                _drop(engine.pid_file)  # (a newer run of the model has written its own)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), OUTPUT_DRAIN_SECONDS)
+        finally:
+            reader.cancel()  # switchd leaves the engine running (close with keep), or drained
+            if engine.output is not None:
+                os.close(engine.output)
+                engine.output = None
         self._tails[engine.spec.name] = tuple(engine.tail)
         if engine.killed:
             grace = f"{engine.grace_seconds:g} s"
             reason = f"stopped (killed by SIGKILL after the {grace} grace period)"
         elif engine.stopping:
             reason = "stopped"
+        elif code is None:
+            reason = "exited (its exit status went to the switchd that started it)"
         else:
             reason = _describe_exit(code)
         self._events.put(
             EngineExited(engine.spec.name, engine.info.instance, code, reason, tuple(engine.tail))
         )
 
+    def _line(self, engine: _Engine, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        engine.tail.append(line)
+        self._events.put(EngineOutput(engine.spec.name, engine.info.instance, line))
+
+    async def _follow(self, engine: _Engine, fd: int) -> None:
+        """Forward the lines of an output file until the engine has exited and all is read.
+
+        A regular file: a read never waits for the writer, so reads are tried every
+        FOLLOW_POLL_SECONDS when there is nothing new. Past LOG_FILE_LIMIT, once all is
+        read, the file is emptied (the engine appends: its next line lands at 0); a
+        line written between that last read and the truncation is lost, as with any
+        copy-truncate rotation.
+        """
+        while True:
+            if self._read_chunk(engine, fd):
+                await asyncio.sleep(0)
+                continue
+            if engine.exited:
+                if engine.pending:
+                    self._line(engine, engine.pending)  # the last line had no newline
+                    engine.pending = b""
+                return
+            if os.lseek(fd, 0, os.SEEK_CUR) >= LOG_FILE_LIMIT:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+    def _read_chunk(self, engine: _Engine, fd: int) -> bool:
+        """Forward the whole lines of the next chunk of an output file; False at its end."""
+        chunk = os.read(fd, FOLLOW_CHUNK)
+        if not chunk:
+            return False
+        *lines, pending = (engine.pending + chunk).split(b"\n")
+        for raw in lines:
+            self._line(engine, raw)
+        while len(pending) >= _LINE_LIMIT:  # an overlong line, in pieces, intact
+            self._line(engine, pending[:_LINE_LIMIT])
+            pending = pending[_LINE_LIMIT:]
+        engine.pending = pending
+        return True
+
     async def _read_output(self, engine: _Engine) -> None:
+        assert engine.process is not None
         stream = engine.process.stdout
         assert stream is not None
         while True:
@@ -195,9 +306,7 @@ class ProcessRuntime:
                 raw = exc.partial  # the last line had no newline
             if not raw:
                 return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            engine.tail.append(line)
-            self._events.put(EngineOutput(engine.spec.name, engine.info.instance, line))
+            self._line(engine, raw)
 
     async def stop(self, spec: ModelSpec, grace_seconds: float) -> None:
         engine = self._engines.get(spec.name)
@@ -210,12 +319,12 @@ class ProcessRuntime:
             del self._engines[spec.name]
             return
         # The group, even when the engine itself is gone: its workers may not be.
-        self._kill_group(engine.process.pid, signal.SIGTERM)
+        self._kill_group(engine.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(engine.pump), grace_seconds)
         except TimeoutError:
-            engine.killed = engine.process.returncode is None
-            self._kill_group(engine.process.pid, signal.SIGKILL)
+            engine.killed = engine.alive()
+            self._kill_group(engine.pid, signal.SIGKILL)
             await engine.pump  # output drained and the exit reported
         if self._engines.get(spec.name) is engine:
             del self._engines[spec.name]
@@ -226,14 +335,76 @@ class ProcessRuntime:
             os.killpg(pgid, sig)
 
     async def discover(self) -> Discovery:
-        # Nothing to adopt: engines stop with the switchd that started them (SIGTERM to
-        # the group on a clean stop, PDEATHSIG to the direct child on a crash). What a
-        # crash leaves running (a wrapper's children) is found from the pid files of
-        # the switchd before and stopped here, before any start.
-        if self._pid_dir is not None:
-            leftovers = await asyncio.to_thread(_read_pid_files, self._pid_dir)
-            await asyncio.gather(*(self._stop_orphans(*leftover) for leftover in leftovers))
-        return Discovery()
+        # From the pid files of the switchd before: the engines proven the same (with a
+        # catalog) are adopted; what else is left running (an engine that cannot be
+        # proven the same, a wrapper's children after PDEATHSIG) is stopped here,
+        # before any start.
+        if self._pid_dir is None:
+            return Discovery()
+        leftovers = await asyncio.to_thread(_read_pid_files, self._pid_dir)
+        running: list[EngineInfo] = []
+        stops = []
+        for path, record in leftovers:
+            if self._catalog is None:
+                stops.append(self._stop_orphans(path, record))
+                continue
+            spec = self._catalog.get(record.model)
+            why = await asyncio.to_thread(_unproven, record, spec)
+            if why is None and spec is not None:
+                try:
+                    running.append(await asyncio.to_thread(self._adopt, path, record, spec))
+                    continue
+                except OSError as exc:
+                    why = f"its output file cannot be followed ({exc})"
+            log.warning(
+                "not adopting the engine of %s (pid %d) left by an earlier switchd: %s;"
+                " stopping it",
+                record.model,
+                record.pgid,
+                why,
+            )
+            stops.append(self._stop_orphans(path, record))
+        await asyncio.gather(*stops)
+        for info in running:
+            engine = self._engines[info.model]
+            engine.pump = asyncio.create_task(self._pump(engine), name=f"engine-{info.model}")
+        return Discovery(running=tuple(running))
+
+    def _adopt(self, path: Path, record: _PidRecord, spec: ModelSpec) -> EngineInfo:
+        """Take over a proven engine (in a worker thread: it opens its output file)."""
+        assert record.log is not None
+        assert record.url is not None
+        fd = os.open(record.log, os.O_RDWR)  # RDWR: the follower may empty it
+        try:
+            size = os.fstat(fd).st_size
+            # Its latest lines, for failure messages; only new ones become events.
+            os.lseek(fd, max(0, size - FOLLOW_CHUNK), os.SEEK_SET)
+            recent = os.read(fd, FOLLOW_CHUNK).split(b"\n")
+            os.lseek(fd, size, os.SEEK_SET)
+        except OSError:
+            os.close(fd)
+            raise
+        info = EngineInfo(
+            model=spec.name,
+            instance=str(record.pgid),
+            url=record.url,
+            started_at=record.started_at,
+            pid=record.pgid,
+            devices=record.devices,
+        )
+        engine = _Engine(
+            spec, None, info, pid=record.pgid, start_time=record.start_time, pid_file=path
+        )
+        engine.output = fd
+        for raw in recent[1:-1] if size > FOLLOW_CHUNK else recent[:-1]:
+            engine.tail.append(raw.decode("utf-8", "replace").rstrip("\r"))
+        self._engines[spec.name] = engine
+        # This switchd owns it now: the pid file names it (a crash of ours is seen again).
+        self._write_pid_file(spec, record.pgid, record.argv, info, start_time=record.start_time)
+        log.info(
+            "adopting the engine of %s (pid %d) left by an earlier switchd", spec.name, record.pgid
+        )
+        return info
 
     async def _stop_orphans(self, path: Path, record: _PidRecord) -> None:
         """Stop what is left of one engine's group, then drop its pid file."""
@@ -271,9 +442,16 @@ class ProcessRuntime:
         _drop(path)
 
     def _write_pid_file(
-        self, model: str, pid: int, argv: Sequence[str], started_at: float
+        self,
+        spec: ModelSpec,
+        pid: int,
+        argv: Sequence[str],
+        info: EngineInfo,
+        *,
+        start_time: int | None = None,
     ) -> Path | None:
-        """Record a started engine, so a later switchd can stop what a crash leaves.
+        """Record a started (or adopted) engine, so a later switchd can adopt it or
+        stop what a crash leaves.
 
         Atomic (temp file + rename): a crash leaves the old file or the new one. No
         fsync: only a crash of the machine loses the page cache, and after that the
@@ -281,20 +459,28 @@ class ProcessRuntime:
         """
         if self._pid_dir is None:
             return None
+        model = spec.name
         stat = _read_stat(pid)
         boot_id = _boot_id()
         if stat is None or boot_id is None or self._self is None:
             return None  # already exited (its group was killed), or no /proc here
+        if start_time is not None and stat.start_time != start_time:
+            return None  # an adopted engine gone meanwhile, its pid reused
         path = self._pid_dir / (quote(model, safe="") + ".json")
-        record = {
+        record: dict[str, object] = {
             "model": model,
             "pid": pid,  # the process group id too: the engine leads its own session
             "start_time": stat.start_time,  # clock ticks since boot, /proc/<pid>/stat
             "boot_id": boot_id,
             "argv": list(argv),
-            "started_at": started_at,
+            "started_at": info.started_at,
             "switchd": {"pid": self._self.pid, "start_time": self._self.start_time},
         }
+        if self._log_dir is not None:  # what adoption needs
+            record["config"] = engine_digest(spec)
+            record["url"] = info.url
+            record["devices"] = list(info.devices) if info.devices is not None else None
+            record["log"] = str(_output_path(self._log_dir, model))
         temporary = path.with_name("." + path.name + ".tmp")
         try:
             self._pid_dir.mkdir(parents=True, exist_ok=True)
@@ -316,9 +502,20 @@ class ProcessRuntime:
         return aiter(self._events)
 
     async def engine_pids(self, info: EngineInfo) -> list[int]:
-        """Every live process of the engine's group: the engine and what it forked."""
+        """Every live process of the engine's group: the engine and what it forked.
+
+        First, what its output file holds is read: the loader asks this the moment the
+        engine answers its health path, and the lines it wrote before (the last one
+        comes just before it answers) belong to its load, which a follower polling
+        the file might not have read yet.
+        """
         if info.pid is None:
             return []
+        engine = self._engines.get(info.model)
+        if engine is not None and engine.output is not None and engine.info is info:
+            for _ in range(64):  # a bounded catch-up; the follower reads the rest
+                if not self._read_chunk(engine, engine.output):
+                    break
         members = await asyncio.to_thread(_group, info.pid)
         return [member.pid for member in members]
 
@@ -327,6 +524,22 @@ class ProcessRuntime:
         return tuple(engine.tail) if engine is not None else self._tails.get(model, ())
 
     async def close(self) -> None:
+        if self._keep:
+            # A planned restart: the engines go on serving nobody, their pid files and
+            # output files kept, until the next switchd adopts them.
+            for engine in self._engines.values():
+                if engine.pump is not None:
+                    engine.pump.cancel()
+            for engine in list(self._engines.values()):
+                if engine.pump is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await engine.pump
+            if self._engines:
+                log.info(
+                    "left %d engine(s) running for the next switchd (keep_engines_on_exit)",
+                    len(self._engines),
+                )
+            self._engines.clear()
         grace = self._stop_grace_seconds
         await asyncio.gather(*(self.stop(e.spec, grace) for e in list(self._engines.values())))
         self._events.end()
@@ -396,6 +609,13 @@ class _PidRecord:
     boot_id: str
     owner_pid: int
     owner_start_time: int
+    # What adoption proves and needs; absent from the pid file of an unadoptable engine.
+    argv: tuple[str, ...] = ()
+    config: str | None = None
+    url: str | None = None
+    devices: tuple[int, ...] | None = None
+    log: str | None = None
+    started_at: float = 0.0
 
 
 def _parse_record(raw: object) -> _PidRecord:
@@ -408,7 +628,81 @@ def _parse_record(raw: object) -> _PidRecord:
     model, boot_id = raw["model"], raw["boot_id"]
     if not isinstance(model, str) or not isinstance(boot_id, str):
         raise TypeError("model and boot_id must be strings")
-    return _PidRecord(model, *values[:2], boot_id, *values[2:])
+    argv = raw.get("argv")
+    devices = raw.get("devices")
+    started_at = raw.get("started_at")
+    return _PidRecord(
+        model,
+        *values[:2],
+        boot_id,
+        *values[2:],
+        argv=tuple(argv)
+        if isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+        else (),
+        config=_text(raw.get("config")),
+        url=_text(raw.get("url")),
+        devices=tuple(devices)
+        if isinstance(devices, list) and all(isinstance(d, int) for d in devices)
+        else None,
+        log=_text(raw.get("log")),
+        started_at=float(started_at) if isinstance(started_at, int | float) else 0.0,
+    )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _cmdline(pid: int) -> tuple[str, ...] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return tuple(word.decode("utf-8", "surrogateescape") for word in raw.split(b"\0")[:-1])
+
+
+def _unproven(record: _PidRecord, spec: ModelSpec | None) -> str | None:
+    """Why the engine of a pid file cannot be proven the one its model's config runs
+    now (blocking: it reads /proc); None when it is proven (bar its health)."""
+    if spec is None:
+        return "its model is no longer in the config"
+    if record.config is None or record.url is None or record.log is None:
+        return "its pid file does not say how to adopt it"
+    stat = _read_stat(record.pgid)
+    if stat is None or stat.state in ("Z", "X"):
+        return "it is gone"
+    if stat.start_time != record.start_time:
+        return "its pid is another process's now"
+    if _cmdline(record.pgid) != record.argv:
+        return "its command line is not the one recorded"
+    if record.config != engine_digest(spec):
+        return "its engine settings changed in the config"
+    if not Path(record.log).is_file():
+        return "its output file is gone"
+    return None
+
+
+def _output_path(directory: Path, model: str) -> Path:
+    return directory / (quote(model, safe="") + ".log")
+
+
+def _open_output(directory: Path, model: str) -> tuple[int, int]:
+    """A new output file for an engine: (its write end, appending; switchd's read end).
+
+    A new file each start (the last run's is unlinked, not truncated: a follower of
+    that run may still be reading it).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = _output_path(directory, model)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    write = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+    try:
+        read = os.open(path, os.O_RDWR)
+    except OSError:
+        os.close(write)
+        raise
+    return write, read
 
 
 def _read_pid_files(directory: Path) -> list[tuple[Path, _PidRecord]]:
@@ -514,6 +808,45 @@ async def _wait_for_exit(process: asyncio.subprocess.Process) -> None:
         await _until_returncode(process)
     else:
         await _until_returncode(process, fast_for=REAP_FAST_SECONDS)
+
+
+async def _wait_for_pid_exit(pid: int, start_time: int) -> None:
+    """Return once the process `pid` (started at `start_time`), not our child, is gone.
+
+    A pidfd works for any process: readable once it exits. Checked against /proc
+    every EXIT_CHECK_SECONDS anyway (or EXIT_POLL_SECONDS without a pidfd).
+    """
+
+    def gone() -> bool:
+        stat = _read_stat(pid)
+        return stat is None or stat.start_time != start_time or stat.state in ("Z", "X")
+
+    fd = _open_pidfd(pid)
+    if fd is None:
+        while True:
+            if gone():
+                return
+            await asyncio.sleep(EXIT_POLL_SECONDS)
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    watched = True
+    try:
+        loop.add_reader(fd, readable.set)
+    except (NotImplementedError, OSError, ValueError):
+        watched = False
+    try:
+        if gone():  # it may have exited before the pidfd was opened: then it names nobody
+            return
+        while not gone():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXIT_CHECK_SECONDS if watched else EXIT_POLL_SECONDS):
+                    await readable.wait()
+            if readable.is_set():
+                return
+    finally:
+        if watched:
+            loop.remove_reader(fd)
+        os.close(fd)
 
 
 def _open_pidfd(pid: int) -> int | None:

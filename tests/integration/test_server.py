@@ -400,20 +400,6 @@ async def test_job_events_resume_after_last_event_id_and_end_with_204(
     assert response.status_code == 204
 
 
-async def test_engines_stop_even_when_switchd_is_killed(make_server: ServerFactory) -> None:
-    server = make_server()
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        await switch_and_wait(http, "mistral-7b-v0.1")
-        pid = (await model_status(http, "mistral-7b-v0.1"))["engine"]["pid"]
-    assert server.process is not None
-    server.process.kill()  # kill -9: no shutdown code runs
-    server.process.wait(10)
-    deadline = time.monotonic() + 10
-    while not gone(pid):
-        assert time.monotonic() < deadline, f"engine {pid} outlived a killed switchd"
-        await asyncio.sleep(0.1)
-
-
 async def test_the_switch_history_lists_recent_jobs_newest_first_with_their_stages(
     client: httpx.AsyncClient,
 ) -> None:
