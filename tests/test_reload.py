@@ -157,9 +157,10 @@ async def test_a_file_that_does_not_parse_changes_nothing_and_says_why(tmp_path:
         await reloader.reload()
     assert refused.value.problem == f"{config}: is not valid YAML at line 2"
     assert applied == []
-    assert [(e.name, dict(e.data)) for e in published] == [
+    assert [(e.name, {k: v for k, v in e.data.items() if k != "ts"}) for e in published] == [
         (CONFIG_RELOADED, {"status": "error", "error": refused.value.problem})
     ]
+    assert "ts" in published[0].data  # every event says when (issue 22)
 
 
 async def test_a_file_the_validator_refuses_changes_nothing(tmp_path: Path) -> None:
