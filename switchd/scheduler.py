@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 JOB_HISTORY = 200
 IDLE_CHECK_SECONDS = 5.0  # the longest the worker sleeps with nothing to wake it
+MEMORY_WAIT_SECONDS = 0.1  # how often demand waiting for memory coming back looks again
 LOAD_FAILURES = frozenset({"engine_failed", "health_timeout"})
 
 WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outcome
@@ -227,9 +228,11 @@ class Scheduler:
         spec = self.known(name)
         if self.records[spec.name].state in (ModelState.RUNNING, ModelState.LOADING):
             return
-        plan = self._plan(spec, await self.gpu.snapshot())
-        if not plan.enough:
-            raise planning.insufficient_memory(spec, plan)
+        refused = planning.refusal(
+            self.catalog, spec, await self.gpu.snapshot(), self.settings.eviction
+        )
+        if refused is not None:
+            raise refused
 
     def request_unload(self, name: str) -> Job:
         """A job unloading `name`, or every unpinned model for `all`."""
@@ -473,7 +476,11 @@ class Scheduler:
             spec = self.records[want.name].spec
             full = self._plan(spec, snapshot)
             if not full.enough:
-                self.demand.fail(spec.name, planning.insufficient_memory(spec, full))
+                refused = planning.refusal(self.catalog, spec, snapshot, self.settings.eviction)
+                if refused is not None:
+                    self.demand.fail(spec.name, refused)
+                else:  # it fits once memory on its way back has come: look again soon
+                    next_check = min(next_check, MEMORY_WAIT_SECONDS)
                 continue
             if not full.victims:
                 return self._new_job(JobKind.SWITCH, spec.name, Cause.DEMAND), full, 0.0

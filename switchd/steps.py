@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from switchd import planner, standby, wire
+from switchd import planner, planning, standby, wire
 from switchd.catalog import Catalog, ModelRecord
 from switchd.config import Settings
 from switchd.emitter import PROGRESS_CHECKED, PROGRESS_FREED, Emitter
@@ -70,6 +70,8 @@ class Steps:
         """Make room as `plan` says, then load the target."""
         record = self.catalog.records[job.target]
         spec = record.spec
+        if not plan.enough:
+            plan = await self._room_once_released(record, plan)
         victims = [v.name for v in plan.victims]
         choices = self._put_away_choices(plan)
         if victims:
@@ -111,6 +113,19 @@ class Steps:
             )
         await self._bring_up(job, record, plan.devices)
         return job.success_body(ready=True)
+
+    async def _room_once_released(self, record: ModelRecord, plan: planner.Plan) -> planner.Plan:
+        """A target that fits only once memory on its way back has come waits for it,
+        planning again as it comes (at most the release timeout: then it is not coming)."""
+        spec, eviction = record.spec, self.settings.eviction
+        deadline = self._clock() + self.settings.memory_release_timeout_seconds
+        while not plan.enough and self._clock() < deadline:
+            snapshot = await self.gpu.snapshot()
+            if not planning.once_released(self.catalog, spec, snapshot, eviction).enough:
+                break
+            await self._inbox.pause(MEMORY_POLL_SECONDS)
+            plan = planning.plan(self.catalog, spec, await self.gpu.snapshot(), eviction)
+        return plan
 
     async def _bring_up(self, job: Job, record: ModelRecord, devices: tuple[int, ...]) -> None:
         """Wake the target if it sleeps, else (or if the wake failed: it is stopped
