@@ -125,7 +125,7 @@ class Scheduler:
         self.gpu = gpu
         self.emitter = Emitter(bus)
         self.inbox = Inbox(self.catalog, self.emitter)
-        engines = EngineStandby(http)
+        engines = EngineStandby(http, settings.engine_call_timeout_seconds)
         self.loader = Loader(
             settings,
             self.catalog,
