@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 JOB_HISTORY = 200
 IDLE_CHECK_SECONDS = 5.0  # the longest the worker sleeps with nothing to wake it
+SHUTDOWN_RETRY_SECONDS = 5  # a restarted switchd answers again within seconds
 MEMORY_WAIT_SECONDS = 0.1  # how often demand waiting for memory coming back looks again
 LOAD_FAILURES = frozenset({"engine_failed", "health_timeout"})
 
@@ -57,6 +58,16 @@ WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outco
 
 def _ignore_wait(model: str, seconds: float, outcome: str) -> None:
     pass
+
+
+def shutting_down() -> SwitchError:
+    """What a request still waiting, or a job not finished, hears when switchd stops."""
+    return SwitchError(
+        "shutting_down",
+        503,
+        "switchd is shutting down",
+        retry_after_seconds=SHUTDOWN_RETRY_SECONDS,
+    )
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._adopted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False  # the server stops: no request waits from now on
 
     @property
     def waiting(self) -> int:
@@ -187,12 +199,19 @@ class Scheduler:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        stopping = SwitchError("shutting_down", 503, "switchd is shutting down")
+        stopping = shutting_down()
         for job in self._jobs.values():
             if job.finished is None:  # the cancelled running job and the queue behind it
                 self._fail(job, stopping)
         self._queue.clear()
         self.demand.fail_all(stopping)
+
+    def stop_waiting(self) -> None:
+        """The server stops (SIGTERM): every request waiting for a load is answered now
+        (503 shutting_down, Retry-After), and none waits from now on. The server waits
+        for open requests before the lifespan ends: without this they would be cut."""
+        self._stopping = True
+        self.demand.fail_all(shutting_down())
 
     # ---- what callers ask for ---------------------------------------------------
 
@@ -298,6 +317,8 @@ class Scheduler:
     async def _wait_for(self, record: ModelRecord) -> EngineInfo:
         spec = record.spec
         retry_after = max(1, math.ceil(self.catalog.estimated_ready_seconds(record)))
+        if self._stopping:
+            raise shutting_down()
         if (remaining := record.cooldown_until - time.time()) > 0:
             raise self._cooling_down(record, remaining)
         if not self.settings.auto_switch:
