@@ -16,7 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from switchd import planner, standby, wire
+from switchd import footprint, planner, standby, wire
 from switchd.config import ModelSpec, Settings, Tier
 from switchd.events import EventBus
 from switchd.gpu import GpuLedger, GpuSnapshot
@@ -248,6 +248,20 @@ class Catalog:
             )
             for d in snapshot.devices
         }
+
+    def check_learned(self, snapshot: GpuSnapshot) -> None:
+        """Drop learned figures that no device of this host could hold, or that are
+        below a plausible share of a model's size (a damaged learned.json)."""
+        totals = {d.index: gib(d.total_bytes) for d in snapshot.devices}
+        for record in self.records.values():
+            spec = record.spec
+            devices = [d for d in (spec.gpus or totals) if d in totals] or list(totals)
+            self._stats.keep_within(
+                spec.name,
+                math.fsum(totals[d] for d in devices),
+                max(totals[d] for d in devices),
+                footprint.PLAUSIBLE_SHARE * spec.size_gb,
+            )
 
     def attach(self, record: ModelRecord, engine: EngineInfo) -> None:
         """The engine that a LOADING model's start produced."""

@@ -182,6 +182,7 @@ class Scheduler:
             budget = await standby.host_ram_budget_gb(self.settings.standby_host_ram_gb)
             self.steps.host_ram_budget_gb = budget
             log.info("level-1 sleeps may hold up to %.2f GB of host RAM", budget)
+        self.catalog.check_learned(await self.gpu.snapshot())  # a damaged learned.json
         worker = asyncio.create_task(self._work(), name="switchd-worker")
         self.catalog.owner = worker
         self._tasks = [worker, asyncio.create_task(self._watch(), name="switchd-watcher")]
