@@ -73,7 +73,7 @@ class Steps:
         if not plan.enough:
             plan = await self._room_once_released(record, plan)
         victims = [v.name for v in plan.victims]
-        choices = self._put_away_choices(plan)
+        choices = self._put_away_choices(plan, record)
         if victims:
             verdict = "; ".join(choice.reason for choice in choices)
         else:
@@ -139,8 +139,10 @@ class Steps:
             await self._unload(job, record, held, 1.0, why=why)
         await self._loader.load(job, record, devices)
 
-    def _put_away_choices(self, plan: planner.Plan) -> list[PutAway]:
-        """Which of the plan's victims sleep and which stop (switchd.standby.choose)."""
+    def _put_away_choices(self, plan: planner.Plan, target: ModelRecord) -> list[PutAway]:
+        """Which of the plan's victims sleep and which stop (switchd.standby.choose).
+        A target asleep at level 1 takes its weights back from host RAM as it wakes:
+        its charge is not the victims' to lose."""
         if not plan.victims:
             return []
         victims = [
@@ -148,7 +150,8 @@ class Steps:
             for v in plan.victims
         ]
         short = {d: plan.required_by_device[d] - plan.available_by_device[d] for d in plan.devices}
-        budget_left = self.host_ram_budget_gb - self.catalog.host_ram_in_use_gb()
+        in_use = self.catalog.host_ram_in_use_gb() - target.host_ram_gb
+        budget_left = self.host_ram_budget_gb - in_use
         return standby.choose(victims, short, budget_left)
 
     async def _stop_sleepers_if_short(
