@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from switchd import planner, planning, policy, standby, wire
+from switchd import errors, planner, planning, policy, standby, wire
 from switchd.catalog import ENGINE, HOLDING, Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
@@ -227,7 +227,7 @@ class Scheduler:
             raise SwitchError(
                 "model_not_found",
                 404,
-                f"Unknown model {name!r}; known models: {', '.join(known)}",
+                f"Unknown model {errors.echoed(name)!r}; known models: {', '.join(known)}",
                 {"available_models": known},
             )
         return spec
