@@ -131,6 +131,9 @@ class Catalog:
         gone: _Release | None = None
         if new not in HOLDING and old in HOLDING:  # what it held, before it is forgotten
             gone = self._release_of(record)
+        awake: _Release | None = None
+        if new is ModelState.SLEEPING and old is ModelState.RUNNING:
+            awake = self._release_of(record)  # what it held awake: most of it is coming back
         if old is ModelState.SLEEPING and new is ModelState.STOPPING:
             # Stopping a sleeper: it still holds its residue, not its full size.
             record.residue_by_device = self._residue_or_guess(record)
@@ -167,6 +170,8 @@ class Catalog:
                 self._ledger.engine_slept(spec.name)
             record.asleep, record.asleep_since = tier, time.time()
             self.memory_moves += 1
+            if awake is not None:
+                self._sleep_releases(record, awake)
         if old is ModelState.SLEEPING and new is ModelState.LOADING:
             if self._ledger is not None:
                 self._ledger.engine_woken(spec.name)
@@ -205,6 +210,22 @@ class Catalog:
         by_device = self.held_by_device(record, devices) if devices else None
         gb = math.fsum(by_device.values()) if by_device is not None else self.held_gb(record)
         return _Release(time.monotonic() + self._release_seconds, by_device, gb)
+
+    def _sleep_releases(self, record: ModelRecord, awake: _Release) -> None:
+        """A model fell asleep: what it held awake beyond what it keeps asleep (learned;
+        unknown: nothing counted) is on its way back until the sleep's release is seen."""
+        if awake.by_device is None:  # its devices unknown: spread over every device
+            learned = self._stats.get(record.spec.name).residue_gb
+            kept = learned if learned is not None else self.expected_gb(record.spec)
+            if awake.gb > kept:
+                self._releasing[record.spec.name] = _Release(awake.until, None, awake.gb - kept)
+            return
+        asleep = self.held_by_device(record, tuple(awake.by_device))
+        coming = {d: max(0.0, gb - asleep.get(d, 0.0)) for d, gb in awake.by_device.items()}
+        if any(coming.values()):
+            self._releasing[record.spec.name] = _Release(
+                awake.until, coming, math.fsum(coming.values())
+            )
 
     def _residue_or_guess(self, record: ModelRecord) -> dict[int, float] | None:
         """A sleeper's residue, measured or (where its devices are known) as planned."""

@@ -340,6 +340,8 @@ class Steps:
         self.catalog.transition(record, ModelState.RUNNING, ModelState.SLEEPING, tier=tier)
         record.host_ram_gb = choice.host_ram_gb
         back, verified = await self._await_release(before, held)
+        if verified:
+            self.catalog.released(spec.name)
         residue = {d: round(max(0.0, gb - gib(back[d])), 2) for d, gb in held.items()}
         record.residue_by_device = residue
         kept = round(sum(residue.values()), 2)

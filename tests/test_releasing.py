@@ -109,3 +109,27 @@ async def test_a_model_that_cannot_fit_beside_a_pinned_one_is_still_refused_at_o
             await r.scheduler.check_fits("b")
         assert refused.value.code == "insufficient_memory"
         assert refused.value.fields["total_available_gb"] == 55.59
+
+
+async def test_a_switch_during_a_slow_sleep_release_is_not_refused(tmp_path: Path) -> None:
+    # a (60 GB) is put to sleep (it keeps 1.5 GB, learned) to make room for b; while
+    # its memory comes back, a switch to c (50 GB) is checked: c fits once b goes.
+    models = {**MODELS, "a": {**MODELS["a"], "size_gb": 60, "standby": ["sleep2"]}}
+    models["a"]["load_time_seconds"] = 30
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "learned.json").write_text('{"a": {"residue_samples": [1.5]}}', encoding="utf-8")
+    runtime = FakeRuntime(adopted=adopted("a"))
+    slow = make_settings(
+        tmp_path,
+        models,
+        simulated_gpu={"total_gb": 95.59, "release_delay_seconds": 0.6, "sleep_residue_gb": 1.5},
+        memory_release_timeout_seconds=3,
+    )
+    async with rig(slow, runtime) as r:
+        first = r.scheduler.request_switch("b")
+        await until(lambda: r.scheduler.records["a"].state is ModelState.SLEEPING)
+        await r.scheduler.check_fits("c")  # was: 409, 37.09 GB would be free
+        second = r.scheduler.request_switch("c")
+        assert await outcome(first) is None
+        assert await outcome(second) is None
