@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from switchd import wire
-from switchd.access import RequestLine
+from switchd.access import RequestLine, configured_secrets
 from switchd.auth import BearerAuth
 from switchd.catalog import ENGINE
 from switchd.config import ConfigError, RuntimeKind, Settings, check_devices
@@ -288,7 +288,7 @@ def wrapped(app: ASGIApp, layers: list[Middleware]) -> ASGIApp:
 
 def middleware(settings: Settings) -> list[Middleware]:
     """Outermost first; all pure ASGI, so event streams pass through untouched."""
-    stack = [Middleware(RequestLine)]
+    stack = [Middleware(RequestLine, secrets=configured_secrets(settings))]
     if settings.cors_allow_origins:  # off unless origins are named
         stack.append(
             Middleware(

@@ -16,7 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from switchd import planner, standby, wire
+from switchd import footprint, planner, standby, wire
 from switchd.config import ModelSpec, Settings, Tier
 from switchd.events import EventBus
 from switchd.gpu import GpuLedger, GpuSnapshot
@@ -29,6 +29,15 @@ ACTIVE = (ModelState.RUNNING, ModelState.LOADING)
 # An engine runs (it may be asleep); and it holds GPU memory (asleep: its residue).
 ENGINE = (ModelState.RUNNING, ModelState.LOADING, ModelState.SLEEPING)
 HOLDING = (ModelState.RUNNING, ModelState.LOADING, ModelState.STOPPING, ModelState.SLEEPING)
+
+
+@dataclass(frozen=True)
+class _Release:
+    """An engine gone whose memory the driver may not have handed back yet."""
+
+    until: float  # time.monotonic(): past it, whatever is missing is not coming
+    by_device: dict[int, float] | None  # what it held there; None: spread over every device
+    gb: float
 
 
 class StateConflict(RuntimeError):
@@ -89,8 +98,8 @@ class Catalog:
         # Counts every engine start, stop and death: a footprint measured as "free
         # before minus free after" is only attributable if this did not move meanwhile.
         self.memory_moves = 0
-        # Engines gone whose memory may not be back yet: model -> until when (monotonic).
-        self._releasing: dict[str, float] = {}
+        # Engines gone whose memory may not be back yet, and what they held.
+        self._releasing: dict[str, _Release] = {}
         self._release_seconds = settings.memory_release_timeout_seconds
 
     def transition(
@@ -118,6 +127,16 @@ class Catalog:
         if old not in allowed:
             raise StateConflict(record.spec.name, old, allowed)
         check(MODEL_TRANSITIONS, old, new)
+        spec = record.spec
+        gone: _Release | None = None
+        if new not in HOLDING and old in HOLDING:  # what it held, before it is forgotten
+            gone = self._release_of(record)
+        awake: _Release | None = None
+        if new is ModelState.SLEEPING and old is ModelState.RUNNING:
+            awake = self._release_of(record)  # what it held awake: most of it is coming back
+        if old is ModelState.SLEEPING and new is ModelState.STOPPING:
+            # Stopping a sleeper: it still holds its residue, not its full size.
+            record.residue_by_device = self._residue_or_guess(record)
         record.state = new
         record.error = error
         if new in ENGINE:
@@ -128,8 +147,11 @@ class Catalog:
             record.engine = None
             record.devices = None
         if old is ModelState.SLEEPING:
-            record.asleep, record.host_ram_gb, record.residue_by_device = None, 0.0, None
-        spec = record.spec
+            record.asleep, record.host_ram_gb = None, 0.0
+            if new is not ModelState.STOPPING:
+                record.residue_by_device = None
+        if new not in HOLDING:
+            record.residue_by_device = None
         if new is ModelState.RUNNING:
             record.ready_at = time.time()
             record.resident_since = record.last_active = time.monotonic()
@@ -148,6 +170,8 @@ class Catalog:
                 self._ledger.engine_slept(spec.name)
             record.asleep, record.asleep_since = tier, time.time()
             self.memory_moves += 1
+            if awake is not None:
+                self._sleep_releases(record, awake)
         if old is ModelState.SLEEPING and new is ModelState.LOADING:
             if self._ledger is not None:
                 self._ledger.engine_woken(spec.name)
@@ -158,7 +182,8 @@ class Catalog:
                 self._ledger.engine_stopped(spec.name)
             record.measured_gb = record.measured_by_device = None
             self.memory_moves += 1
-            self._releasing[spec.name] = time.monotonic() + self._release_seconds
+            assert gone is not None
+            self._releasing[spec.name] = gone
         data: dict[str, Any] = {"model": spec.name, "from": old.value, "to": new.value}
         if tier is not None and new is ModelState.SLEEPING:
             data["tier"] = tier.value
@@ -192,10 +217,90 @@ class Catalog:
     def release_pending(self) -> bool:
         """Whether an engine gone lately may still be handing its memory back."""
         now = time.monotonic()
-        for model, until in list(self._releasing.items()):
-            if until <= now:
+        for model, gone in list(self._releasing.items()):
+            if gone.until <= now:
                 del self._releasing[model]
         return bool(self._releasing)
+
+    def _release_of(self, record: ModelRecord) -> _Release:
+        """What `record`'s engine holds, to be counted as coming back once it is gone."""
+        devices = record.devices or record.spec.gpus
+        by_device = self.held_by_device(record, devices) if devices else None
+        gb = math.fsum(by_device.values()) if by_device is not None else self.held_gb(record)
+        return _Release(time.monotonic() + self._release_seconds, by_device, gb)
+
+    def _sleep_releases(self, record: ModelRecord, awake: _Release) -> None:
+        """A model fell asleep: what it held awake beyond what it keeps asleep (learned;
+        unknown: nothing counted) is on its way back until the sleep's release is seen."""
+        if awake.by_device is None:  # its devices unknown: spread over every device
+            learned = self._stats.get(record.spec.name).residue_gb
+            kept = learned if learned is not None else self.expected_gb(record.spec)
+            if awake.gb > kept:
+                self._releasing[record.spec.name] = _Release(awake.until, None, awake.gb - kept)
+            return
+        asleep = self.held_by_device(record, tuple(awake.by_device))
+        coming = {d: max(0.0, gb - asleep.get(d, 0.0)) for d, gb in awake.by_device.items()}
+        if any(coming.values()):
+            self._releasing[record.spec.name] = _Release(
+                awake.until, coming, math.fsum(coming.values())
+            )
+
+    def _residue_or_guess(self, record: ModelRecord) -> dict[int, float] | None:
+        """A sleeper's residue, measured or (where its devices are known) as planned."""
+        devices = record.devices or record.spec.gpus
+        if record.residue_by_device is not None or not devices:
+            return record.residue_by_device
+        return self.held_by_device(record, devices)
+
+    def releasing_by_device(self, snapshot: GpuSnapshot) -> dict[int, float]:
+        """Per device, the memory on its way back: engines stopping now, and engines
+        gone lately whose release was not seen yet. Never more than the driver shows
+        used beyond what the engines still there hold: what is back is not coming."""
+        every = snapshot.indexes()
+        coming: dict[int, float] = dict.fromkeys(every, 0.0)
+        for record in self.records.values():
+            if record.state is ModelState.STOPPING:
+                for device, gb in self.held_by_device(record, every).items():
+                    coming[device] = coming.get(device, 0.0) + gb
+        if self.release_pending():
+            for gone in self._releasing.values():
+                spread = dict.fromkeys(every, gone.gb / max(1, len(every)))
+                for device, gb in (gone.by_device or spread).items():
+                    coming[device] = coming.get(device, 0.0) + gb
+        staying: dict[int, float] = dict.fromkeys(every, 0.0)
+        for record in self.records.values():
+            # A loading engine not yet measured may not show in the driver's figure yet:
+            # it must not hide memory that is coming.
+            counted = record.state in (ModelState.RUNNING, ModelState.SLEEPING) or (
+                record.state is ModelState.LOADING and record.measured_gb is not None
+            )
+            if counted:
+                for device, gb in self.held_by_device(record, every).items():
+                    staying[device] = staying.get(device, 0.0) + gb
+        return {
+            d.index: max(
+                0.0,
+                min(
+                    coming.get(d.index, 0.0),
+                    gib(d.total_bytes - d.free_bytes) - staying.get(d.index, 0.0),
+                ),
+            )
+            for d in snapshot.devices
+        }
+
+    def check_learned(self, snapshot: GpuSnapshot) -> None:
+        """Drop learned figures that no device of this host could hold, or that are
+        below a plausible share of a model's size (a damaged learned.json)."""
+        totals = {d.index: gib(d.total_bytes) for d in snapshot.devices}
+        for record in self.records.values():
+            spec = record.spec
+            devices = [d for d in (spec.gpus or totals) if d in totals] or list(totals)
+            self._stats.keep_within(
+                spec.name,
+                math.fsum(totals[d] for d in devices),
+                max(totals[d] for d in devices),
+                footprint.PLAUSIBLE_SHARE * spec.size_gb,
+            )
 
     def attach(self, record: ModelRecord, engine: EngineInfo) -> None:
         """The engine that a LOADING model's start produced."""
@@ -261,6 +366,8 @@ class Catalog:
         """What it holds on each of its devices: measured there, else its share of what
         it holds (tensor-parallel engines split a model evenly over their devices)."""
         devices = record.devices or record.spec.gpus or tuple(every)
+        if record.state is ModelState.STOPPING and record.residue_by_device is not None:
+            return dict(record.residue_by_device)  # a sleeper being stopped
         if record.state is ModelState.SLEEPING:
             if record.residue_by_device is not None:
                 return dict(record.residue_by_device)

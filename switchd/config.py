@@ -440,6 +440,13 @@ class Settings:
     stop_grace_seconds: float = field(
         default=10.0, metadata=key("between SIGTERM and SIGKILL when stopping an engine")
     )
+    engine_call_timeout_seconds: float = field(
+        default=30.0,
+        metadata=key(
+            "the longest an engine's sleep or is_sleeping call may take (a hung sleep stops it)",
+            minimum=0.1,
+        ),
+    )
     max_body_bytes: int = field(
         default=32 * 1024 * 1024, metadata=key("the largest request body", minimum=1)
     )

@@ -20,8 +20,15 @@ from starlette.responses import Response
 
 from switchd.jobs import SwitchError
 
+ECHOED_CHARACTERS = 200  # of what a client sent, at most, in an error's message
 INVALID_REQUEST = "invalid_request_error"  # OpenAI's `type` for the client's mistakes
 SERVER_ERROR = "server_error"  # and for switchd's or an engine's
+
+
+def echoed(text: str, limit: int = ECHOED_CHARACTERS) -> str:
+    """What a client sent, as an error may echo it: a 30 MB model name must not come
+    back in full (nor fill the log)."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def openai_body(message: str, code: str, kind: str = INVALID_REQUEST) -> dict[str, Any]:

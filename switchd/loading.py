@@ -342,9 +342,18 @@ class Loader:
             delay = first if hinted else min(cap, delay * factor)
 
     async def healthy(self, url: str) -> bool:
+        """Whether the engine answers 200 on `url` now. Any failure to get an answer is
+        "not ready yet": an engine starting may refuse or reset connections, and only
+        the health timeout or its exit fails the load."""
         try:
             response = await self._http.get(url, timeout=HEALTH_REQUEST_SECONDS)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError) as exc:
+            log.debug("health poll of %s: %r", url, exc)
+            return False
+        except AttributeError as exc:
+            # httpcore on a connection reset as it is made: "'NoneType' object has no
+            # attribute 'getpeername'" (its socket is gone before it is asked).
+            log.debug("health poll of %s: connection reset: %r", url, exc)
             return False
         return response.status_code == 200
 

@@ -3,6 +3,11 @@
 switchd.planner decides from figures alone; this gathers them (what the target
 needs, what is free on each device, what each loaded model would free) from the
 catalog and a snapshot, and words the 409 of a model that can never fit.
+
+Memory on its way back (an engine stopping, or gone lately and not yet seen
+released) is neither free nor freeable, but it is coming: `once_released` plans
+as if it were back, and `refusal` answers 409 only for a model that would not
+fit even then.
 """
 
 from __future__ import annotations
@@ -38,6 +43,34 @@ def plan(
         candidates,
         eviction,
     )
+
+
+def once_released(
+    catalog: Catalog,
+    spec: ModelSpec,
+    snapshot: GpuSnapshot,
+    eviction: EvictionPolicy,
+) -> planner.Plan:
+    """The plan as it will be once the memory on its way back has come."""
+    every = snapshot.indexes()
+    available = catalog.available_by_device(snapshot)
+    coming = catalog.releasing_by_device(snapshot)
+    totals = {d.index: gib(d.total_bytes) for d in snapshot.devices}
+    later = {d: min(totals[d], gb + coming.get(d, 0.0)) for d, gb in available.items()}
+    return planner.plan(
+        catalog.need(spec, every), later, totals, catalog.candidates(spec, every), eviction
+    )
+
+
+def refusal(
+    catalog: Catalog, spec: ModelSpec, snapshot: GpuSnapshot, eviction: EvictionPolicy
+) -> SwitchError | None:
+    """The 409 of a model that cannot fit even once everything releasable is released
+    (memory on its way back included); None when it fits now or will."""
+    if plan(catalog, spec, snapshot, eviction).enough:
+        return None
+    later = once_released(catalog, spec, snapshot, eviction)
+    return None if later.enough else insufficient_memory(spec, later)
 
 
 def insufficient_memory(spec: ModelSpec, plan: planner.Plan) -> SwitchError:

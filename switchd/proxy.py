@@ -26,7 +26,7 @@ from switchd.events import EventBus
 from switchd.jobs import SwitchError
 from switchd.limits import BodyBudget, BodyHold, BodyTimeout, next_chunk
 from switchd.metrics import Metrics
-from switchd.protocol import client_state, watch_leaving
+from switchd.protocol import client_state, watch_leaving, watch_stopping
 from switchd.runtime.base import EngineInfo
 from switchd.scheduler import Scheduler
 from switchd.upstream import Response, Upstream, UpstreamError
@@ -332,12 +332,22 @@ class _Call:
                 if name != spec.name:  # an alias: the engine knows the model by its own name
                     body = await off_loop_if(large, encode, {**data, "model": spec.name})
                 streamed = data.get("stream") is True
-                if progress.wanted(
-                    path, streamed, progress_asked, spec, context.progress_in_stream
-                ) and not context.scheduler.serves_now(spec):
-                    status = await self._forward_with_progress(spec, path, body)
-                else:
+                if context.scheduler.serves_now(spec):
                     status = await self._forward(spec, path, body)
+                else:
+                    # It will wait for a load: if the server stops meanwhile, every
+                    # waiting request is answered, not cut when the server gives up.
+                    stop_hearing = watch_stopping(self.scope, context.scheduler.stop_waiting)
+                    try:
+                        if progress.wanted(
+                            path, streamed, progress_asked, spec, context.progress_in_stream
+                        ):
+                            status = await self._forward_with_progress(spec, path, body)
+                        else:
+                            status = await self._forward(spec, path, body)
+                    finally:
+                        if stop_hearing is not None:
+                            stop_hearing()
         except ProxyError as error:
             status = error.status
             await error.response()(self.scope, self.receive, self.send)

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from switchd import planner, planning, policy, standby, wire
+from switchd import errors, planner, planning, policy, standby, wire
 from switchd.catalog import ENGINE, HOLDING, Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 JOB_HISTORY = 200
 IDLE_CHECK_SECONDS = 5.0  # the longest the worker sleeps with nothing to wake it
+SHUTDOWN_RETRY_SECONDS = 5  # a restarted switchd answers again within seconds
+MEMORY_WAIT_SECONDS = 0.1  # how often demand waiting for memory coming back looks again
 LOAD_FAILURES = frozenset({"engine_failed", "health_timeout"})
 
 WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outcome
@@ -57,6 +59,16 @@ WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outco
 
 def _ignore_wait(model: str, seconds: float, outcome: str) -> None:
     pass
+
+
+def shutting_down() -> SwitchError:
+    """What a request still waiting, or a job not finished, hears when switchd stops."""
+    return SwitchError(
+        "shutting_down",
+        503,
+        "switchd is shutting down",
+        retry_after_seconds=SHUTDOWN_RETRY_SECONDS,
+    )
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,7 @@ class Scheduler:
         self.gpu = gpu
         self.emitter = Emitter(bus)
         self.inbox = Inbox(self.catalog, self.emitter)
-        engines = EngineStandby(http)
+        engines = EngineStandby(http, settings.engine_call_timeout_seconds)
         self.loader = Loader(
             settings,
             self.catalog,
@@ -161,6 +173,7 @@ class Scheduler:
         self._respec: dict[str, tuple[ModelSpec, bool]] = {}  # changed: new spec, at once?
         self._restarting: dict[str, tuple[ModelSpec, bool]] = {}  # unloading: spec, load back?
         self._retiring: set[str] = set()  # removed from the config, unloading
+        self._stopping = False  # the server stops: no request waits from now on
 
     @property
     def waiting(self) -> int:
@@ -175,6 +188,7 @@ class Scheduler:
             budget = await standby.host_ram_budget_gb(self.settings.standby_host_ram_gb)
             self.steps.host_ram_budget_gb = budget
             log.info("level-1 sleeps may hold up to %.2f GB of host RAM", budget)
+        self.catalog.check_learned(await self.gpu.snapshot())  # a damaged learned.json
         worker = asyncio.create_task(self._work(), name="switchd-worker")
         self.catalog.owner = worker
         self._tasks = [worker, asyncio.create_task(self._watch(), name="switchd-watcher")]
@@ -189,6 +203,7 @@ class Scheduler:
     def stop(self) -> None:
         """switchd begins to stop: the worker is cancelled and every job not done ends
         now with `shutting_down`, while the streams that follow it are still open."""
+        self._stopping = True  # and no request waits from now on
         for task in self._tasks:
             task.cancel()
         self._end_jobs()
@@ -202,7 +217,7 @@ class Scheduler:
         self._end_jobs()
 
     def _end_jobs(self) -> None:
-        stopping = SwitchError("shutting_down", 503, "switchd is shutting down")
+        stopping = shutting_down()
         for job in self._jobs.values():
             if job.finished is None:  # the cancelled running job and the queue behind it
                 self._fail(job, stopping)
@@ -210,6 +225,13 @@ class Scheduler:
         self.demand.fail_all(stopping)
         while self._reloads:  # never to be applied: their callers are let go
             self._reloads.popleft()[2].cancel()
+
+    def stop_waiting(self) -> None:
+        """The server stops (SIGTERM): every request waiting for a load is answered now
+        (503 shutting_down, Retry-After), and none waits from now on. The server waits
+        for open requests before the lifespan ends: without this they would be cut."""
+        self._stopping = True
+        self.demand.fail_all(shutting_down())
 
     # ---- what callers ask for ---------------------------------------------------
 
@@ -224,7 +246,7 @@ class Scheduler:
             raise SwitchError(
                 "model_not_found",
                 404,
-                f"Unknown model {name!r}; known models: {', '.join(known)}",
+                f"Unknown model {errors.echoed(name)!r}; known models: {', '.join(known)}",
                 {"available_models": known},
             )
         return spec
@@ -245,9 +267,11 @@ class Scheduler:
         spec = self.known(name)
         if self.records[spec.name].state in (ModelState.RUNNING, ModelState.LOADING):
             return
-        plan = self._plan(spec, await self.gpu.snapshot())
-        if not plan.enough:
-            raise planning.insufficient_memory(spec, plan)
+        refused = planning.refusal(
+            self.catalog, spec, await self.gpu.snapshot(), self.settings.eviction
+        )
+        if refused is not None:
+            raise refused
 
     def request_unload(self, name: str) -> Job:
         """A job unloading `name`, or every unpinned model for `all`."""
@@ -313,6 +337,8 @@ class Scheduler:
     async def _wait_for(self, record: ModelRecord) -> EngineInfo:
         spec = record.spec
         retry_after = max(1, math.ceil(self.catalog.estimated_ready_seconds(record)))
+        if self._stopping:
+            raise shutting_down()
         if (remaining := record.cooldown_until - time.time()) > 0:
             raise self._cooling_down(record, remaining)
         if not self.settings.auto_switch:
@@ -498,7 +524,11 @@ class Scheduler:
             spec = self.records[want.name].spec
             full = self._plan(spec, snapshot)
             if not full.enough:
-                self.demand.fail(spec.name, planning.insufficient_memory(spec, full))
+                refused = planning.refusal(self.catalog, spec, snapshot, self.settings.eviction)
+                if refused is not None:
+                    self.demand.fail(spec.name, refused)
+                else:  # it fits once memory on its way back has come: look again soon
+                    next_check = min(next_check, MEMORY_WAIT_SECONDS)
                 continue
             if not full.victims:
                 return self._new_job(JobKind.SWITCH, spec.name, Cause.DEMAND), full, 0.0

@@ -45,7 +45,7 @@ DEFAULT_WAKE_SECONDS: Mapping[Tier, float] = {
 }
 UNMEASURED_WAKE_SHARE = 0.1  # of the cold load, at most, before a wake is measured
 HOST_RAM_SHARE = 0.5  # of MemAvailable at start, when standby_host_ram_gb is not set
-SLEEP_CALL_SECONDS = 120.0  # vLLM answers /sleep once the memory is released
+IS_SLEEPING_SECONDS = 5.0  # a question, not work: at most this (and the call bound)
 MEMINFO = Path("/proc/meminfo")
 
 
@@ -65,15 +65,19 @@ class EngineStandby:
     """The sleep and wake calls of vLLM (`--enable-sleep-mode`, VLLM_SERVER_DEV_MODE=1)
     and SGLang (`--enable-memory-saver`), as documented by each."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, call_seconds: float) -> None:
         self._http = http
+        # The longest a sleep (vLLM answers /sleep once the memory is released) or a
+        # question may take: past it, the engine is taken as hung and is stopped.
+        self._call_seconds = call_seconds
 
     async def sleep(self, spec: ModelSpec, url: str, tier: Tier) -> None:
+        limit = self._call_seconds
         if tier is Tier.RELEASE:
-            await self._post(spec, url, "/release_memory_occupation", json={})
+            await self._post(spec, url, "/release_memory_occupation", json={}, within_seconds=limit)
         else:
             level = 1 if tier is Tier.SLEEP1 else 2
-            await self._post(spec, url, "/sleep", params={"level": level})
+            await self._post(spec, url, "/sleep", params={"level": level}, within_seconds=limit)
 
     async def wake(self, spec: ModelSpec, url: str, tier: Tier, within_seconds: float) -> None:
         """Wake it; after a level-2 sleep, reload the discarded weights in place first
@@ -94,12 +98,14 @@ class EngineStandby:
         """vLLM's own view; None where the engine cannot say (SGLang, an error)."""
         if Tier.RELEASE in spec.standby:
             return None
+        limit = min(IS_SLEEPING_SECONDS, self._call_seconds)
         try:
-            response = await self._http.get(
-                url + "/is_sleeping", headers=_headers(spec), timeout=5.0
-            )
+            async with asyncio.timeout(limit):
+                response = await self._http.get(
+                    url + "/is_sleeping", headers=_headers(spec), timeout=limit
+                )
             answer = response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, OSError, AttributeError, TimeoutError, ValueError):
             return None
         value = answer.get("is_sleeping") if isinstance(answer, dict) else None
         return value if isinstance(value, bool) else None
@@ -125,13 +131,23 @@ class EngineStandby:
         *,
         params: Mapping[str, Any] | None = None,
         json: Any = None,
-        within_seconds: float = SLEEP_CALL_SECONDS,
+        within_seconds: float,
     ) -> None:
+        """One call, bounded as a whole: httpx's timeout bounds each read, not the call
+        (an engine trickling bytes would outlast it)."""
         try:
-            response = await self._http.post(
-                url + path, params=params, json=json, headers=_headers(spec), timeout=within_seconds
-            )
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout(within_seconds):
+                response = await self._http.post(
+                    url + path,
+                    params=params,
+                    json=json,
+                    headers=_headers(spec),
+                    timeout=within_seconds,
+                )
+        except TimeoutError as exc:
+            raise StandbyFailed(f"POST {path} timed out after {within_seconds:g} s") from exc
+        except (httpx.HTTPError, OSError, AttributeError) as exc:
+            # AttributeError: httpcore on a connection reset as it is made (getpeername).
             raise StandbyFailed(f"POST {path} failed: {exc!r}") from exc
         if response.status_code >= 300:
             raise StandbyFailed(f"POST {path} answered {response.status_code}: {_said(response)}")

@@ -7,7 +7,11 @@ recent good samples (`planned_gb`), never less: an engine that once needed 80
 GB is not squeezed into 70 because a later sample came out low.
 
 Persisted as JSON in `state_dir` so estimates survive a restart; written
-atomically (temp file + rename) in a worker thread.
+atomically (temp file + rename) in a worker thread. A damaged file costs only
+the figures it damages: every figure read back is checked (finite, positive, no
+load or wake a week long) and, once the card is known (`keep_within`), within
+what the model's devices hold and no less than a plausible share of its size;
+a bad one is dropped, with one warning per model.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 FILE_NAME = "learned.json"
 RECENT_SAMPLES = 5
 SMOOTHING = 0.5  # how far the learned footprint moves towards each new sample
+MAX_SECONDS = 7 * 24 * 3600.0  # no load or wake takes a week: a figure past it is damage
 
 
 @dataclass(frozen=True)
@@ -75,24 +81,64 @@ class LearnedStats:
     def _read(self) -> dict[str, Learned]:
         try:
             raw = json.loads(self._path.read_text(encoding="utf-8"))
-            return {
-                str(name): Learned(
-                    load_seconds=_number(entry.get("load_seconds")),
-                    footprint_gb=_number(entry.get("footprint_gb")),
-                    loads=int(entry.get("loads", 0)),
-                    samples=_numbers(entry.get("samples", [])),
-                    device_samples=_numbers(entry.get("device_samples", [])),
-                    wake_seconds=_wake_seconds(entry.get("wake_seconds")),
-                    residue_samples=_numbers(entry.get("residue_samples", [])),
-                )
-                for name, entry in raw.items()
-            }
+            learned: dict[str, Learned] = {}
+            for name, entry in raw.items():
+                dropped: list[str] = []
+                learned[str(name)] = _checked(str(name), entry, dropped)
+                self._warn(str(name), dropped)
+            return learned
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            # A damaged file costs only the estimates, never the start-up.
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+            # A damaged file costs only the estimates, never the start-up. RecursionError:
+            # `[[[[…` nested too deep for the parser.
             log.warning("ignoring unreadable %s: %s", self._path, exc)
             return {}
+
+    def keep_within(self, model: str, max_gb: float, max_device_gb: float, min_gb: float) -> None:
+        """Drop what was read of `model` that its devices could not hold (`max_gb` in
+        all, `max_device_gb` on one), or that is below a plausible share of its size
+        (`min_gb`): figures the loader would never have learned."""
+        previous = self._by_model.get(model)
+        if previous is None:
+            return
+        dropped: list[str] = []
+
+        def within(low: float, high: float) -> Callable[[float], bool]:
+            return lambda gb: low <= gb <= high
+
+        footprint = within(min_gb, max_gb)
+        footprint_gb = previous.footprint_gb
+        if footprint_gb is not None and not footprint(footprint_gb):
+            dropped.append(f"{model}.footprint_gb ({footprint_gb:g})")
+            footprint_gb = None
+        self._by_model[model] = replace(
+            previous,
+            footprint_gb=footprint_gb,
+            samples=_kept(f"{model}.samples", previous.samples, footprint, dropped),
+            device_samples=_kept(
+                f"{model}.device_samples",
+                previous.device_samples,
+                within(min_gb / 64, max_device_gb),
+                dropped,
+            ),
+            residue_samples=_kept(
+                f"{model}.residue_samples", previous.residue_samples, within(0.0, max_gb), dropped
+            ),
+        )
+        if dropped:
+            log.warning(
+                "%s: dropping figures beyond what %s's devices hold (%.2f GB) or below %.2f GB: %s",
+                self._path,
+                model,
+                max_gb,
+                min_gb,
+                ", ".join(dropped),
+            )
+
+    def _warn(self, model: str, dropped: list[str]) -> None:
+        if dropped:
+            log.warning("%s: dropping damaged figures: %s", self._path, ", ".join(dropped))
 
     async def record(
         self,
@@ -157,16 +203,109 @@ class LearnedStats:
         os.replace(temporary, self._path)
 
 
-def _wake_seconds(value: object) -> dict[str, float]:
+def _checked(model: str, entry: object, dropped: list[str]) -> Learned:
+    """One model's entry, each figure checked; what is dropped is named in `dropped`.
+    An entry that is not an object, or a count that is not a number, spoils the file
+    (as ever): what else it says cannot be trusted."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"the entry of {model} is not an object")
+
+    def seconds(seconds: float) -> bool:
+        return 0 < seconds <= MAX_SECONDS
+
+    def positive(gb: float) -> bool:
+        return gb > 0
+
+    def some(gb: float) -> bool:
+        return gb >= 0
+
+    return Learned(
+        load_seconds=_figure(f"{model}.load_seconds", entry.get("load_seconds"), seconds, dropped),
+        footprint_gb=_figure(f"{model}.footprint_gb", entry.get("footprint_gb"), positive, dropped),
+        loads=_count(f"{model}.loads", entry.get("loads", 0), dropped),
+        samples=_numbers(f"{model}.samples", entry.get("samples", []), positive, dropped),
+        device_samples=_numbers(
+            f"{model}.device_samples", entry.get("device_samples", []), positive, dropped
+        ),
+        wake_seconds=_wake_seconds(f"{model}.wake_seconds", entry.get("wake_seconds"), dropped),
+        residue_samples=_numbers(
+            f"{model}.residue_samples", entry.get("residue_samples", []), some, dropped
+        ),
+    )
+
+
+def _count(where: str, value: object, dropped: list[str]) -> int:
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 0:
+            dropped.append(f"{where} ({value!r})")
+            return 0
+        return int(value)
+    if not isinstance(value, int | str):
+        raise TypeError(f"{where} is not a count")
+    count = int(value)  # a string that is no number raises: damage
+    if count < 0:
+        dropped.append(f"{where} ({count})")
+        return 0
+    return count
+
+
+def _figure(
+    where: str, value: object, good: Callable[[float], bool], dropped: list[str]
+) -> float | None:
+    """A figure if it is a finite number that `good` accepts; a wrongly typed one is
+    dropped silently (as ever), a bad number with a word in `dropped`."""
+    number = _number(value)
+    if number is None:
+        return None
+    if not math.isfinite(number) or not good(number):
+        dropped.append(f"{where} ({number!r})")
+        return None
+    return number
+
+
+def _kept(
+    where: str, values: tuple[float, ...], good: Callable[[float], bool], dropped: list[str]
+) -> tuple[float, ...]:
+    kept = tuple(v for v in values if good(v))
+    if len(kept) != len(values):
+        bad = [v for v in values if not good(v)]
+        dropped.append(f"{where} ({', '.join(f'{v:g}' for v in bad[:3])})")
+    return kept
+
+
+def _wake_seconds(where: str, value: object, dropped: list[str]) -> dict[str, float]:
     """Per tier; a damaged entry costs only itself."""
     items = value.items() if isinstance(value, dict) else ()
-    return {str(tier): n for tier, raw in items if (n := _number(raw)) is not None}
+    wakes: dict[str, float] = {}
+    bad: list[str] = []
+    for tier, raw in items:
+        number = _number(raw)
+        if number is None:
+            continue
+        if math.isfinite(number) and 0 < number <= MAX_SECONDS:
+            wakes[str(tier)] = number
+        else:
+            bad.append(f"{tier}={number!r}")
+    if bad:
+        dropped.append(f"{where} ({', '.join(bad[:3])})")
+    return wakes
 
 
-def _numbers(values: object) -> tuple[float, ...]:
-    found = [v for v in map(_number, values if isinstance(values, list) else []) if v is not None]
+def _numbers(
+    where: str, values: object, good: Callable[[float], bool], dropped: list[str]
+) -> tuple[float, ...]:
+    numbers = [v for v in map(_number, values if isinstance(values, list) else []) if v is not None]
+    found = [v for v in numbers if math.isfinite(v) and good(v)]
+    if len(found) != len(numbers):
+        bad = [v for v in numbers if not (math.isfinite(v) and good(v))]
+        dropped.append(f"{where} ({', '.join(repr(v) for v in bad[:3])})")
     return tuple(found[-RECENT_SAMPLES:])
 
 
 def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer of 400 digits: as damaged as 1e999
+        return math.inf

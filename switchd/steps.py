@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from switchd import planner, standby, wire
+from switchd import planner, planning, standby, wire
 from switchd.catalog import Catalog, ModelRecord
 from switchd.config import Settings
 from switchd.emitter import PROGRESS_CHECKED, PROGRESS_FREED, Emitter
@@ -70,8 +70,10 @@ class Steps:
         """Make room as `plan` says, then load the target."""
         record = self.catalog.records[job.target]
         spec = record.spec
+        if not plan.enough:
+            plan = await self._room_once_released(record, plan)
         victims = [v.name for v in plan.victims]
-        choices = self._put_away_choices(plan)
+        choices = self._put_away_choices(plan, record)
         if victims:
             verdict = "; ".join(choice.reason for choice in choices)
         else:
@@ -112,6 +114,19 @@ class Steps:
         await self._bring_up(job, record, plan.devices)
         return job.success_body(ready=True)
 
+    async def _room_once_released(self, record: ModelRecord, plan: planner.Plan) -> planner.Plan:
+        """A target that fits only once memory on its way back has come waits for it,
+        planning again as it comes (at most the release timeout: then it is not coming)."""
+        spec, eviction = record.spec, self.settings.eviction
+        deadline = self._clock() + self.settings.memory_release_timeout_seconds
+        while not plan.enough and self._clock() < deadline:
+            snapshot = await self.gpu.snapshot()
+            if not planning.once_released(self.catalog, spec, snapshot, eviction).enough:
+                break
+            await self._inbox.pause(MEMORY_POLL_SECONDS)
+            plan = planning.plan(self.catalog, spec, await self.gpu.snapshot(), eviction)
+        return plan
+
     async def _bring_up(self, job: Job, record: ModelRecord, devices: tuple[int, ...]) -> None:
         """Wake the target if it sleeps, else (or if the wake failed: it is stopped
         first) start it cold."""
@@ -124,8 +139,10 @@ class Steps:
             await self._unload(job, record, held, 1.0, why=why)
         await self._loader.load(job, record, devices)
 
-    def _put_away_choices(self, plan: planner.Plan) -> list[PutAway]:
-        """Which of the plan's victims sleep and which stop (switchd.standby.choose)."""
+    def _put_away_choices(self, plan: planner.Plan, target: ModelRecord) -> list[PutAway]:
+        """Which of the plan's victims sleep and which stop (switchd.standby.choose).
+        A target asleep at level 1 takes its weights back from host RAM as it wakes:
+        its charge is not the victims' to lose."""
         if not plan.victims:
             return []
         victims = [
@@ -133,7 +150,8 @@ class Steps:
             for v in plan.victims
         ]
         short = {d: plan.required_by_device[d] - plan.available_by_device[d] for d in plan.devices}
-        budget_left = self.host_ram_budget_gb - self.catalog.host_ram_in_use_gb()
+        in_use = self.catalog.host_ram_in_use_gb() - target.host_ram_gb
+        budget_left = self.host_ram_budget_gb - in_use
         return standby.choose(victims, short, budget_left)
 
     async def _stop_sleepers_if_short(
@@ -322,6 +340,8 @@ class Steps:
         self.catalog.transition(record, ModelState.RUNNING, ModelState.SLEEPING, tier=tier)
         record.host_ram_gb = choice.host_ram_gb
         back, verified = await self._await_release(before, held)
+        if verified:
+            self.catalog.released(spec.name)
         residue = {d: round(max(0.0, gb - gib(back[d])), 2) for d, gb in held.items()}
         record.residue_by_device = residue
         kept = round(sum(residue.values()), 2)

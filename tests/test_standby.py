@@ -17,7 +17,6 @@ import pytest
 from switchd.config import ModelSpec, Tier
 from switchd.standby import (
     DEFAULT_WAKE_SECONDS,
-    SLEEP_CALL_SECONDS,
     EngineStandby,
     PutAway,
     StandbyFailed,
@@ -355,10 +354,13 @@ class FakeEngine:
         return [(s.method, s.path, s.query, s.body) for s in self.seen]
 
 
+CALL_SECONDS = 30.0  # engine_call_timeout_seconds
+
+
 @asynccontextmanager
 async def standby_for(engine: FakeEngine) -> AsyncIterator[EngineStandby]:
     async with httpx.AsyncClient(transport=httpx.MockTransport(engine.handle)) as http:
-        yield EngineStandby(http)
+        yield EngineStandby(http, CALL_SECONDS)
 
 
 def spec(**extra: Any) -> ModelSpec:
@@ -374,7 +376,7 @@ async def test_vllm_sleep_levels(tier: Tier, query: str) -> None:
     async with standby_for(engine) as standby:
         await standby.sleep(spec(), URL, tier)
     assert engine.calls == [("POST", "/sleep", query, None)]
-    assert engine.seen[0].timeout["read"] == SLEEP_CALL_SECONDS
+    assert engine.seen[0].timeout["read"] == CALL_SECONDS
 
 
 async def test_vllm_wake_from_level_1() -> None:
@@ -420,7 +422,7 @@ async def test_sglang_release_and_resume() -> None:
         ("POST", "/release_memory_occupation", "", {}),
         ("POST", "/resume_memory_occupation", "", {}),
     ]
-    assert [s.timeout["read"] for s in engine.seen] == [SLEEP_CALL_SECONDS, 9.0]
+    assert [s.timeout["read"] for s in engine.seen] == [CALL_SECONDS, 9.0]
 
 
 @pytest.mark.parametrize(

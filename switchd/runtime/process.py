@@ -724,7 +724,8 @@ def _read_pid_files(directory: Path) -> list[tuple[Path, _PidRecord]]:
             record = _parse_record(json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             continue
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            # RecursionError: `[[[[…` nested too deep for the parser; never fatal.
             log.warning("dropping the unreadable pid file %s: %r", path, exc)
             _drop(path)
             continue

@@ -159,9 +159,9 @@ async def test_a_level_2_wake_reloads_the_weights_before_answering(
 async def test_the_host_ram_budget_refuses_a_third_level_1_sleep(
     make_server: ServerFactory,
 ) -> None:
-    # Four 40 GB models, two fit at once; level 1 holds 20 GB of weights in host RAM
+    # Five 40 GB models, two fit at once; level 1 holds 20 GB of weights in host RAM
     # and the budget takes two of them.
-    models = {name: sleeper(40, weights_gb=20) for name in ("m1", "m2", "m3", "m4")}
+    models = {name: sleeper(40, weights_gb=20) for name in ("m1", "m2", "m3", "m4", "m5")}
     server = make_server(models, standby_host_ram_gb=45)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         await switch(http, "m1")
@@ -174,12 +174,19 @@ async def test_the_host_ram_budget_refuses_a_third_level_1_sleep(
             "m2",
             "sleep1",
         )
-        # m1 wakes; m3 must make room, and the budget has 5 GB left of 45.
+        # m1 wakes and takes its 20 GB back from host RAM: that is not m3's to lose,
+        # so m3 sleeps at level 1 too (the budget then holds m2's and m3's 40 of 45).
         fifth = await switch(http, "m1")
-        sleep = one(fifth, "sleep").data
-        assert (sleep["victim"], sleep["tier"]) == ("m3", "sleep2")
+        assert (one(fifth, "sleep").data["victim"], one(fifth, "sleep").data["tier"]) == (
+            "m3",
+            "sleep1",
+        )
+        # m5 is cold: the next victim cannot have level 1, 5 GB of the budget is left.
+        sixth = await switch(http, "m5")
+        sleep = one(sixth, "sleep").data
+        assert (sleep["victim"], sleep["tier"]) == ("m1", "sleep2")
         assert re.fullmatch(
-            r"sleeping m3 \(level 2\): wakes in ~[\d.]+ s instead of a [\d.]+ s load; "
+            r"sleeping m1 \(level 2\): wakes in ~[\d.]+ s instead of a [\d.]+ s load; "
             r"level 1 would need 20\.00 GB of host RAM, over budget",
             sleep["reason"],
         ), sleep["reason"]
@@ -187,13 +194,15 @@ async def test_the_host_ram_budget_refuses_a_third_level_1_sleep(
     assert {
         name: (m["status"], (m.get("sleep") or {}).get("tier")) for name, m in status.items()
     } == {
-        "m1": ("running", None),
+        "m1": ("sleeping", "sleep2"),
         "m2": ("sleeping", "sleep1"),
-        "m3": ("sleeping", "sleep2"),
+        "m3": ("sleeping", "sleep1"),
         "m4": ("running", None),
+        "m5": ("running", None),
     }
     assert status["m2"]["sleep"]["host_ram_gb"] == 20.0
-    assert status["m3"]["sleep"]["host_ram_gb"] == 0.0
+    assert status["m3"]["sleep"]["host_ram_gb"] == 20.0
+    assert status["m1"]["sleep"]["host_ram_gb"] == 0.0
 
 
 async def test_a_failed_sleep_falls_back_to_a_stop(make_server: ServerFactory) -> None:

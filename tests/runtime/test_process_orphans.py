@@ -423,3 +423,14 @@ async def test_without_a_state_dir_no_pid_file_is_written(
     finally:
         await asyncio.wait_for(runtime.close(), TIMEOUT)
     assert os.listdir(tmp_path) == []
+
+
+async def test_a_pid_file_nested_too_deep_is_dropped_not_fatal(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    await discover(tmp_path)  # was: RecursionError, and switchd did not start
+    assert os.listdir(engines) == []
+    assert sum("unreadable pid file" in r.getMessage() for r in logs.records) == 1
