@@ -63,7 +63,8 @@ async def test_a_claim_goes_on_through_clients_that_give_up_and_come_back() -> N
     first = Waiter("m", 100.0, 700.0)
     demand.add(first)
     demand.remove(first, 130.0)  # its client gave up
-    assert demand.models() == [] and demand.since("m") == 100.0
+    assert demand.models() == []
+    assert demand.since("m") == 100.0
     again = Waiter("m", 130.01, 730.0)  # and sent the same request again
     demand.add(again)
     assert demand.since("m") == 100.0
@@ -73,7 +74,8 @@ async def test_a_claim_goes_on_through_clients_that_give_up_and_come_back() -> N
     demand.remove(again, 160.5)
     assert demand.since("m") == 100.0  # one waiter left: the claim goes on
     claim = demand.claim("m", 161.0)
-    assert claim is not None and claim.given_up == 2
+    assert claim is not None
+    assert claim.given_up == 2
     assert demand.given_up["m"] == 2
 
 
