@@ -470,7 +470,8 @@ class Scheduler:
         """Which waiting model loads next, by the policy; else how long until one may."""
         now = time.monotonic()
         next_check = IDLE_CHECK_SECONDS
-        may_unload = True  # only the longest-waiting model may make others room
+        self._turn_at = {}
+        may_unload = True  # only the model first in line may make others room
         for want in self._line():
             spec = self.records[want.name].spec
             full = self._plan(spec, snapshot)
