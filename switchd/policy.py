@@ -13,7 +13,8 @@ serves in batches with a starvation bound:
 - A claim dates from when a model's demand began and continued
   (switchd/demand.py): clients that give up and send again do not restart it.
 - The hold scales with what switching costs (`hold_seconds`): making way for a
-  model costs its load (or wake), S seconds; the holder then keeps the GPU for
+  model costs the holder's stop (or sleep) and the model's load (or wake), S
+  seconds, each as last measured; the holder then keeps the GPU for
   S * (1 - p) / p for a switching share p (`max_switching_share`), so that
   while models take turns, switches take at most p of the GPU's time (each
   turn is a switch and the hold it bought), clamped between

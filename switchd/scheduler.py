@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 JOB_HISTORY = 200
 IDLE_CHECK_SECONDS = 5.0  # the longest the worker sleeps with nothing to wake it
 LOAD_FAILURES = frozenset({"engine_failed", "health_timeout"})
+PUT_AWAY = frozenset({Stage.UNLOADED.value, Stage.SLEPT.value})  # `seconds`: a stop or sleep
 
 WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outcome
 
@@ -492,8 +493,9 @@ class Scheduler:
                 record = self.records[candidate.name]
                 if candidate.pinned or record.state is ModelState.SLEEPING:
                     continue  # a sleeper serves no one: it may always make room
+                # The switch this hold buys: putting the holder away, then the load.
                 hold = policy.hold_seconds(
-                    bring_in,
+                    bring_in + (record.put_away_seconds or 0.0),
                     self.settings.max_switching_share,
                     self.settings.min_residency_seconds,
                     self.settings.max_hold_seconds,
@@ -592,6 +594,9 @@ class Scheduler:
 
     def _settle(self, job: Job) -> None:
         """After a job: learn from a failed load, and answer the target's waiters."""
+        for event in job.events:  # what making room cost, for the holds to come
+            if event.name in PUT_AWAY and (victim := self.records.get(event.data["victim"])):
+                victim.put_away_seconds = float(event.data["seconds"])
         if job.kind is not JobKind.SWITCH:
             return
         record = self.records[job.target]
