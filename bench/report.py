@@ -31,6 +31,7 @@ BENCHMARKS = [
     ("fanout", 300, 150),
     ("proxy", 900, 600),  # a first run installs LiteLLM (minutes)
     ("contention", 400, 150),
+    ("fairness", 300, 120),
 ]
 
 

@@ -100,7 +100,10 @@ function redraw(view, key, draw) {
 }
 
 // Fields the table does not show, which change at every read while requests wait.
-const NOT_IN_TABLE = new Set(["oldest_wait_seconds", "waiting", "last_used"]);
+const NOT_IN_TABLE = new Set([
+  "oldest_wait_seconds", "waiting", "last_used", "demand_age_seconds", "given_up",
+  "hold_left_seconds",
+]);
 
 function renderStatus() {
   const status = state.status;

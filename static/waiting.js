@@ -1,21 +1,25 @@
 // "Waiting": who waits for what right now, from /v1/models/status. Requests wait
-// for a model that is not serving (per model: how many, the oldest wait); explicit
-// switches wait in a FIFO queue behind the running job.
+// for a model that is not serving (per model: how many, how long its demand has
+// gone on, through clients that gave up, and the hold left before its turn);
+// explicit switches wait in a FIFO queue behind the running job.
 
 import { element, secs } from "./format.js";
 
 function waitingModels(status) {
   return Object.entries(status.models)
     .filter(([, model]) => model.waiting > 0)
-    .sort(([, a], [, b]) => (b.oldest_wait_seconds ?? 0) - (a.oldest_wait_seconds ?? 0));
+    .sort(([, a], [, b]) => (b.demand_age_seconds ?? 0) - (a.demand_age_seconds ?? 0));
 }
 
 function requestItem(name, model) {
   const item = element("li");
   item.dataset.model = name;
-  const oldest = model.oldest_wait_seconds;
-  item.append(element("strong", "", name),
-    ` ${model.waiting} waiting` + (oldest != null ? `, oldest for ${secs(oldest)} s` : ""));
+  const age = model.demand_age_seconds ?? model.oldest_wait_seconds;
+  const parts = [`${model.waiting} waiting`];
+  if (age != null) parts.push(`wanted for ${secs(age)} s`);
+  if (model.given_up) parts.push(`${model.given_up} gave up`);
+  if (model.hold_left_seconds) parts.push(`its turn in ${secs(model.hold_left_seconds)} s`);
+  item.append(element("strong", "", name), " " + parts.join(", "));
   return item;
 }
 

@@ -70,6 +70,7 @@ class ModelRecord:
     host_ram_gb: float = 0.0
     residue_by_device: dict[int, float] | None = None
     ready_cost_seconds: float | None = None  # what its last load or wake took
+    put_away_seconds: float | None = None  # what its last stop or sleep took
     devices: tuple[int, ...] | None = None  # where its engine runs (placed or found)
     last_used: float = 0.0  # epoch seconds, for status and TTL
     ready_at: float = 0.0  # epoch seconds

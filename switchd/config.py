@@ -50,6 +50,7 @@ class Key:
     doc: str  # what it means: the JSON Schema's description
     name: str = ""  # its key in the file, where that is not the field's name
     minimum: float = 0.0  # for numbers and whole numbers
+    maximum: float | None = None  # for numbers: a share, say
     custom: bool = False  # read by code of its own below; `schema` then says what it takes
     schema: Mapping[str, Any] = field(default_factory=dict)  # added to the generated schema
     flat: bool = False  # a nested dataclass whose keys sit in the parent's mapping
@@ -476,6 +477,17 @@ class Settings:
         default=60.0,
         metadata=key("the most time past its residency a model keeps the GPU while others wait"),
     )
+    # Between the two, the hold scales with what switching away and back costs, so
+    # that switching takes at most this share of the GPU's time (switchd/policy.py).
+    max_switching_share: float = field(
+        default=0.2,
+        metadata=key(
+            "the share of the GPU's time switches may take while models contend; the hold "
+            "is what keeps switching to it",
+            minimum=0.01,
+            maximum=1.0,
+        ),
+    )
     # After a failed load, requests for that model are refused (503 + Retry-After)
     # for this long, doubling per consecutive failure up to the maximum.
     load_failure_cooldown_seconds: float = field(
@@ -572,7 +584,7 @@ class _Reader:
         """Whether the file sets `name` to something (`null` counts as not)."""
         return self.data.get(name) is not None
 
-    def number(self, name: str, *, minimum: float = 0.0) -> float:
+    def number(self, name: str, *, minimum: float = 0.0, maximum: float | None = None) -> float:
         value = self.data.get(name)
         if value is None:
             raise self.error(name, "is required (a number)")
@@ -582,6 +594,8 @@ class _Reader:
             raise self.error(name, f"must be a finite number, got {value!r}")
         if value < minimum:
             raise self.error(name, f"must be >= {minimum:g}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"must be <= {maximum:g}, got {value!r}")
         return float(value)
 
     def whole(self, name: str, *, minimum: int = 0) -> int:
@@ -650,7 +664,7 @@ class _Reader:
             (inner,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
             return self.read(name, inner, meta)
         if hint is float:
-            return self.number(name, minimum=meta.minimum)
+            return self.number(name, minimum=meta.minimum, maximum=meta.maximum)
         if hint is int:
             return self.whole(name, minimum=int(meta.minimum))
         if hint is bool:

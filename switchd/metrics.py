@@ -25,6 +25,10 @@ SWITCH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
+# The scheduler's outcomes of a wait that ended with the request unserved, by its side.
+GAVE_UP = frozenset({"gone", "timeout"})
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -78,6 +82,13 @@ class Metrics:
             buckets=WAIT_BUCKETS,
             registry=r,
         )
+        self.given_up = Counter(
+            "switchd_requests_given_up",
+            "Proxied requests that gave up waiting for their model (the client left, or "
+            "request_timeout_seconds passed): demand that was not met, by model",
+            ["model"],
+            registry=r,
+        )
         self.model_state = Gauge(
             "switchd_model_state",
             "1 for the state each model is in",
@@ -120,6 +131,8 @@ class Metrics:
     def waited(self, model: str, seconds: float, outcome: str) -> None:
         """Called by the scheduler when a request stops waiting for its model."""
         self.wait_seconds.labels(model, outcome).observe(seconds)
+        if outcome in GAVE_UP:
+            self.given_up.labels(model).inc()
 
     def observe(self, event: Event) -> None:
         """Called by the event bus for every event it publishes."""

@@ -53,6 +53,7 @@ IDLE_CHECK_SECONDS = 5.0  # the longest the worker sleeps with nothing to wake i
 SHUTDOWN_RETRY_SECONDS = 5  # a restarted switchd answers again within seconds
 MEMORY_WAIT_SECONDS = 0.1  # how often demand waiting for memory coming back looks again
 LOAD_FAILURES = frozenset({"engine_failed", "health_timeout"})
+PUT_AWAY = frozenset({Stage.UNLOADED.value, Stage.SLEPT.value})  # `seconds`: a stop or sleep
 
 WaitObserver = Callable[[str, float, str], None]  # model, seconds waited, outcome
 
@@ -166,6 +167,8 @@ class Scheduler:
         self._running: Job | None = None
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._wake = asyncio.Event()
+        # When the model first in line may take the GPU, from the last decision.
+        self._turn_at: dict[str, float] = {}
         self._adopted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # Config reloads (switchd/reload.py), applied by the worker between jobs.
@@ -382,7 +385,7 @@ class Scheduler:
     def _withdraw(self, waiter: Waiter, outcome: str) -> None:
         """A waiter that stops waiting: out of the demand, and out of flight if the
         worker admitted it in the same instant."""
-        self.demand.remove(waiter)
+        self.demand.remove(waiter, time.monotonic())
         self._on_wait(waiter.model, time.monotonic() - waiter.arrived, outcome)
         if waiter.admitted:
             self._leave(self.records[waiter.model])
@@ -510,16 +513,17 @@ class Scheduler:
     def _line(self) -> list[policy.Want]:
         """The models requests wait for, in the order the policy serves them."""
         return policy.order(
-            policy.Want(model, oldest, self.records[model].spec.priority)
+            policy.Want(model, since, self.records[model].spec.priority)
             for model in self.demand.models()
-            if (oldest := self.demand.oldest(model)) is not None
+            if (since := self.demand.since(model)) is not None
         )
 
     def _decide(self, snapshot: GpuSnapshot) -> tuple[Job | None, planner.Plan | None, float]:
         """Which waiting model loads next, by the policy; else how long until one may."""
         now = time.monotonic()
         next_check = IDLE_CHECK_SECONDS
-        may_unload = True  # only the longest-waiting model may make others room
+        self._turn_at = {}
+        may_unload = True  # only the model first in line may make others room
         for want in self._line():
             spec = self.records[want.name].spec
             full = self._plan(spec, snapshot)
@@ -536,21 +540,27 @@ class Scheduler:
                 continue
             may_unload = False
             wanted = self.records[want.name]
-            hold = policy.hold_seconds(
-                self.settings.max_hold_seconds,
-                self.catalog.estimated_ready_seconds(wanted),
-                self.catalog.estimated_load_seconds(spec),
-            )
+            bring_in = self.catalog.estimated_ready_seconds(wanted)
+            start_by = self._refuse_the_late(want.name, now, bring_in)
             protected: set[str] = set()
+            turn_at = now
             for candidate in self.catalog.candidates(spec, snapshot.indexes()):
                 record = self.records[candidate.name]
                 if candidate.pinned or record.state is ModelState.SLEEPING:
                     continue  # a sleeper serves no one: it may always make room
-                holder = self._holder(record)
-                yields = policy.yields_at(holder, want.oldest, hold)
+                # The switch this hold buys: putting the holder away, then the load.
+                hold = policy.hold_seconds(
+                    bring_in + (record.put_away_seconds or 0.0),
+                    self.settings.max_switching_share,
+                    self.settings.min_residency_seconds,
+                    self.settings.max_hold_seconds,
+                )
+                yields = policy.yields_at(self._holder(record), want.since, hold, start_by)
                 if yields > now:
                     protected.add(candidate.name)
                     next_check = min(next_check, yields - now)
+                    turn_at = max(turn_at, yields)
+            self._turn_at = {want.name: turn_at}
             plan = self._plan(spec, snapshot, frozenset(protected))
             if plan.enough:
                 return self._new_job(JobKind.SWITCH, spec.name, Cause.DEMAND), plan, 0.0
@@ -561,13 +571,28 @@ class Scheduler:
     ) -> planner.Plan:
         return planning.plan(self.catalog, spec, snapshot, self.settings.eviction, protected)
 
+    def _return_seconds(self, record: ModelRecord) -> float:
+        """What bringing a holder back later costs: its last load or wake, else a load."""
+        cost = record.ready_cost_seconds
+        return cost if cost is not None else self.catalog.estimated_load_seconds(record.spec)
+
+    def _refuse_the_late(self, model: str, now: float, bring_in: float) -> float:
+        """Refuse now the waiters of `model` that even a switch started now would not
+        serve before their deadline; return when a switch must start for the rest."""
+        late = SwitchError(
+            "deadline_unreachable",
+            503,
+            f"{model} cannot be ready before this request's deadline: loading it takes "
+            f"about {bring_in:.1f} s",
+            retry_after_seconds=max(1, math.ceil(bring_in)),
+        )
+        self.demand.fail_late(model, now, now + bring_in, late)
+        earliest = self.demand.earliest_deadline(model)
+        return math.inf if earliest is None else earliest - bring_in
+
     def _holder(self, record: ModelRecord) -> policy.Holder:
         spec = record.spec
-        cost = record.ready_cost_seconds
-        residency = max(
-            self.settings.min_residency_seconds,
-            cost if cost is not None else self.catalog.estimated_load_seconds(spec),
-        )
+        residency = max(self.settings.min_residency_seconds, self._return_seconds(record))
         return policy.Holder(
             spec.name,
             record.resident_since,
@@ -632,6 +657,9 @@ class Scheduler:
 
     def _settle(self, job: Job) -> None:
         """After a job: learn from a failed load, and answer the target's waiters."""
+        for event in job.events:  # what making room cost, for the holds to come
+            if event.name in PUT_AWAY and (victim := self.records.get(event.data["victim"])):
+                victim.put_away_seconds = float(event.data["seconds"])
         if job.kind is not JobKind.SWITCH:
             return
         record = self.records[job.target]
@@ -783,6 +811,15 @@ class Scheduler:
             oldest = self.demand.oldest(name)
             body["waiting"] = self.demand.waiting(name)
             body["oldest_wait_seconds"] = round(now - oldest, 2) if oldest is not None else None
+            claim = self.demand.claim(name, now)
+            # Since when its demand has gone on, through clients that gave up.
+            body["demand_age_seconds"] = round(now - claim.since, 2) if claim else None
+            body["given_up"] = self.demand.given_up[name]
+            turn_at = self._turn_at.get(name) if body["waiting"] else None
+            # How long the holder keeps the GPU before this model gets its turn.
+            body["hold_left_seconds"] = (
+                round(max(0.0, turn_at - now), 2) if turn_at is not None else None
+            )
         current = self._running
         gpu = snapshot.as_json()
         every = snapshot.indexes()

@@ -84,7 +84,10 @@ def _type(hint: Any, meta: Key) -> dict[str, Any]:
     if hint is bool:
         return {"type": "boolean"}
     if hint is float:
-        return {"type": "number", "minimum": meta.minimum}
+        bounds = {"minimum": meta.minimum}
+        if meta.maximum is not None:
+            bounds["maximum"] = meta.maximum
+        return {"type": "number", **bounds}
     if hint is int:
         return {"type": "integer", "minimum": int(meta.minimum)}
     if hint in (str, Path):  # null leaves the default

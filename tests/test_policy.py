@@ -69,29 +69,36 @@ def test_priority_does_not_jump_a_longer_wait() -> None:
 
 
 @pytest.mark.parametrize(
-    ("case", "switch", "cold", "expected"),
+    ("case", "switch", "expected"),
     [
-        ("a wake at a twentieth of the load", 0.5, 10.0, 3.0),
-        ("a wake at half the load", 15.0, 30.0, 30.0),
-        ("a free switch", 0.0, 10.0, 0.0),
-        ("a negative estimate counts as free", -1.0, 10.0, 0.0),
-        ("a switch as slow as the cold load", 10.0, 10.0, 60.0),
-        ("a switch slower than the cold load", 12.0, 10.0, 60.0),
-        ("no cold load known", 5.0, 0.0, 60.0),
-        ("a negative cold load", 5.0, -1.0, 60.0),
-        ("nothing known at all", 0.0, 0.0, 60.0),
+        # Switching at most a fifth of the time: hold four times what a switch costs.
+        ("a cheap switch holds the floor", 0.6, 5.0),
+        ("a switch of 3 s", 3.0, 12.0),
+        ("a switch of 10 s", 10.0, 40.0),
+        ("an expensive switch holds the ceiling", 60.0, 60.0),
+        ("a free switch", 0.0, 5.0),
+        ("a negative estimate counts as free", -1.0, 5.0),
     ],
 )
 def test_the_hold_scales_with_the_cost_of_the_switch(
-    case: str, switch: float, cold: float, expected: float
+    case: str, switch: float, expected: float
 ) -> None:
-    assert hold_seconds(60.0, switch, cold) == pytest.approx(expected), case
+    assert hold_seconds(switch, 0.2, 5.0, 60.0) == pytest.approx(expected), case
 
 
-def test_a_wake_at_a_twentieth_of_the_load_holds_a_twentieth() -> None:
-    assert hold_seconds(60.0, 0.5, 10.0) == 3.0
+def test_the_share_sets_the_ratio_of_holding_to_switching() -> None:
+    assert hold_seconds(10.0, 0.5, 0.0, 600.0) == pytest.approx(10.0)
+    assert hold_seconds(10.0, 0.1, 0.0, 600.0) == pytest.approx(90.0)
+    assert hold_seconds(10.0, 1.0, 2.0, 600.0) == 2.0  # switching may take all: the floor
 
 
-def test_a_cold_switch_keeps_the_configured_hold_whatever_it_is() -> None:
-    assert hold_seconds(12.5, 30.0, 30.0) == 12.5
-    assert hold_seconds(0.0, 0.5, 10.0) == 0.0
+def test_the_ceiling_wins_where_the_bounds_cross() -> None:
+    """`min_residency 1, max_hold 0`: no batching at all."""
+    assert hold_seconds(10.0, 0.2, 1.0, 0.0) == 0.0
+
+
+def test_a_deadline_brings_the_turn_forward_but_not_before_the_residency() -> None:
+    busy = holder(in_flight=2)  # ready at 100, resident until 105
+    assert yields_at(busy, 100.0, HOLD) == pytest.approx(110.0)
+    assert yields_at(busy, 100.0, HOLD, start_by=107.0) == pytest.approx(107.0)
+    assert yields_at(busy, 100.0, HOLD, start_by=102.0) == pytest.approx(105.0)

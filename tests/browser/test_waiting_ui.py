@@ -146,7 +146,7 @@ def test_waiting_requests_and_a_queued_switch(
         # No event says a request started waiting: the page reads the status every 2 s.
         small = waiting.locator('#waiting-requests li[data-model="small"]')
         expect(small).to_contain_text(
-            re.compile(r"^small 3 waiting, oldest for [\d.]+ s$"), timeout=WAIT_MS
+            re.compile(r"^small 3 waiting, wanted for [\d.]+ s$"), timeout=WAIT_MS
         )
         expect(waiting.locator("#nothing-waits")).to_be_hidden(timeout=WAIT_MS)
         expect(page.locator("#memory-chart path.line")).to_have_count(1, timeout=WAIT_MS)
