@@ -31,6 +31,7 @@ from switchd.events import EventBus
 from switchd.fanout import Shutdown
 from switchd.gpu import GpuProbe, ledger_of, open_probe
 from switchd.limits import BodyBudget
+from switchd.llamacpp_api import ROUTES as LLAMACPP_ROUTES
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, is_engine_call
 from switchd.routes import ROUTES, Services, http_error, proxy_context
@@ -175,7 +176,7 @@ def create_app(
 
     layers = middleware(settings)
     return Switchd(
-        routes=[*ROUTES, *ui_routes(static_dir())],
+        routes=[*ROUTES, *LLAMACPP_ROUTES, *ui_routes(static_dir())],
         middleware=layers,
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,

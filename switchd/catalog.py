@@ -16,7 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from switchd import planner, standby, wire
+from switchd import metadata, planner, standby, wire
 from switchd.config import ModelSpec, Settings, Tier
 from switchd.events import EventBus
 from switchd.gpu import GpuLedger, GpuSnapshot
@@ -329,6 +329,7 @@ class Catalog:
             if record.cooldown_until > time.time()
             else None,
             "standby_tiers": [tier.value for tier in spec.standby],
+            "metadata": metadata.describe(spec, self._stats.get(spec.name)),
         }
         if record.state is ModelState.SLEEPING and record.asleep is not None:
             body["sleep"] = {

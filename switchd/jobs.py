@@ -30,9 +30,11 @@ class JobKind(StrEnum):
 
 
 class Cause(StrEnum):
-    """Why a job runs: an operator's call, requests waiting for a model, or its TTL."""
+    """Why a job runs: an operator's call, requests waiting for a model, its TTL, or a
+    client's call of llama.cpp's model-management API (`/models/load|unload`)."""
 
     EXPLICIT = "explicit"
+    API = "api"
     DEMAND = "demand"
     TTL = "ttl"
 

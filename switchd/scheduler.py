@@ -211,7 +211,7 @@ class Scheduler:
             )
         return spec
 
-    def request_switch(self, name: str) -> Job:
+    def request_switch(self, name: str, cause: Cause = Cause.EXPLICIT) -> Job:
         """The job that makes `name` run: the one already under way, or a new one.
 
         An operator's switch also clears the model's load-failure cooldown.
@@ -219,7 +219,7 @@ class Scheduler:
         spec = self.known(name)
         record = self.records[spec.name]
         record.failures, record.cooldown_until = 0, 0.0
-        return self._enqueue(JobKind.SWITCH, spec.name)
+        return self._enqueue(JobKind.SWITCH, spec.name, cause)
 
     async def check_fits(self, name: str) -> None:
         """Raise the 409 a switch to `name` would end with if it could never fit,
@@ -231,10 +231,10 @@ class Scheduler:
         if not plan.enough:
             raise planning.insufficient_memory(spec, plan)
 
-    def request_unload(self, name: str) -> Job:
+    def request_unload(self, name: str, cause: Cause = Cause.EXPLICIT) -> Job:
         """A job unloading `name`, or every unpinned model for `all`."""
         target = "all" if name == "all" else self.known(name).name
-        return self._enqueue(JobKind.UNLOAD, target)
+        return self._enqueue(JobKind.UNLOAD, target, cause)
 
     def job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -373,11 +373,11 @@ class Scheduler:
             if self.demand or record.spec.ttl_seconds > 0:
                 self._wake.set()  # others wait for it to go idle, or its TTL starts now
 
-    def _enqueue(self, kind: JobKind, target: str) -> Job:
+    def _enqueue(self, kind: JobKind, target: str, cause: Cause = Cause.EXPLICIT) -> Job:
         for job in [*([self._running] if self._running else []), *self._queue]:
             if job.kind is kind and job.target == target and job.finished is None:
                 return job
-        job = self._new_job(kind, target, Cause.EXPLICIT)
+        job = self._new_job(kind, target, cause)
         ahead = [j.target for j in ([self._running] if self._running else []) + list(self._queue)]
         if ahead:
             self.emitter.queued(job, ahead)

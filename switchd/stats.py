@@ -1,4 +1,5 @@
-"""What switchd learned about each model: load and wake times, footprint, sleep residue.
+"""What switchd learned about each model: load and wake times, footprint, sleep residue,
+and the context length its engine reported.
 
 A footprint sample is only recorded when it could be attributed to the engine
 (the loader decides; see Loader.load). The learned figure moves smoothly (half
@@ -40,6 +41,9 @@ class Learned:
     # the engine still held asleep (latest good samples, GB over all its devices).
     wake_seconds: Mapping[str, float] = field(default_factory=dict)
     residue_samples: tuple[float, ...] = ()
+    # What the engine itself said once it ran: its context length in tokens
+    # (vLLM's `max_model_len`, llama.cpp's `n_ctx`), for /v1/models while unloaded.
+    context_length: int | None = None
 
     @property
     def residue_gb(self) -> float | None:
@@ -84,6 +88,7 @@ class LearnedStats:
                     device_samples=_numbers(entry.get("device_samples", [])),
                     wake_seconds=_wake_seconds(entry.get("wake_seconds")),
                     residue_samples=_numbers(entry.get("residue_samples", [])),
+                    context_length=_whole(entry.get("context_length")),
                 )
                 for name, entry in raw.items()
             }
@@ -143,6 +148,14 @@ class LearnedStats:
         self._by_model[model] = replace(previous, residue_samples=samples)
         await self._save()
 
+    async def record_context_length(self, model: str, tokens: int) -> None:
+        """The context length its engine reported; saved only when it changed."""
+        previous = self.get(model)
+        if previous.context_length == tokens:
+            return
+        self._by_model[model] = replace(previous, context_length=tokens)
+        await self._save()
+
     async def _save(self) -> None:
         snapshot = {name: asdict(entry) for name, entry in self._by_model.items()}
         try:
@@ -166,6 +179,10 @@ def _wake_seconds(value: object) -> dict[str, float]:
 def _numbers(values: object) -> tuple[float, ...]:
     found = [v for v in map(_number, values if isinstance(values, list) else []) if v is not None]
     return tuple(found[-RECENT_SAMPLES:])
+
+
+def _whole(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _number(value: object) -> float | None:
