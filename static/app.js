@@ -478,10 +478,16 @@ $("chat-form").addEventListener("submit", async (event) => {
   state.sending = true;
   updateControls();
   const answer = addMessage("assistant", "");
+  // While its model loads, switchd tells this request's progress as reasoning lines
+  // (X-Switchd-Progress: on): the bubble shows the latest until the answer begins.
+  const progress = document.createElement("span");
+  progress.className = "progress";
+  progress.setAttribute("role", "status");
+  answer.before(progress);
   try {
     const response = await api("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", "X-Switchd-Progress": "on" },
       body: JSON.stringify({ model, messages: history, stream: true }),
     });
     if (!response.ok) {
@@ -490,8 +496,14 @@ $("chat-form").addEventListener("submit", async (event) => {
     }
     for await (const message of readEvents(response)) {
       if (message.data === "[DONE]") break;
-      const delta = JSON.parse(message.data).choices?.[0]?.delta?.content;
-      if (delta) answer.textContent += delta;
+      const chunk = JSON.parse(message.data);
+      if (chunk.error) throw new Error(chunk.error.message); // a load that failed
+      const delta = chunk.choices?.[0]?.delta || {};
+      if (delta.reasoning_content) progress.textContent = delta.reasoning_content.trim();
+      if (delta.content) {
+        progress.remove();
+        answer.textContent += delta.content;
+      }
     }
     history.push({ role: "assistant", content: answer.textContent });
   } catch (error) {
@@ -500,6 +512,7 @@ $("chat-form").addEventListener("submit", async (event) => {
     if (error instanceof Unauthorized) askForKey("Enter the API key to chat.");
     else addMessage("error", String(error.message || error));
   } finally {
+    progress.remove();
     state.sending = false;
     updateControls();
     $("message").focus();
