@@ -109,7 +109,7 @@ function renderStatus() {
     Object.entries(status.models).map(([name, model]) => [name, [model.status, model.sleep]]));
   redraw("devices", JSON.stringify([status.gpu, states]), () => renderDevices($("devices"), status));
   const shown = JSON.stringify(status.models, (key, value) => (NOT_IN_TABLE.has(key) ? undefined : value));
-  redraw("models", shown, () => renderModels($("models"), status.models));
+  redraw("models", shown, () => renderModels($("models"), status.models, status.gpu.devices.length));
   renderSelect(status.models);
   renderWaiting($("waiting"), status);
   renderQueueNote();
@@ -137,6 +137,20 @@ const refreshStatus = coalesced(async () => {
     if (error instanceof Unauthorized) askForKey("That key was refused. Enter the API key.");
   }
 });
+
+// Once a page: the samples switchd kept, so the chart does not start empty.
+let memorySeeded = false;
+async function seedMemoryChart() {
+  if (memorySeeded) return;
+  try {
+    const response = await api("/v1/gpu/history");
+    if (!response.ok) return;
+    chart.seed((await response.json()).samples);
+    memorySeeded = true;
+  } catch {
+    // An older switchd, or no key yet: the chart fills as the page reads the status.
+  }
+}
 
 const refreshHistory = coalesced(async () => {
   try {
@@ -360,6 +374,7 @@ function handleEvent(name, data) {
     onStatus(data);
     showRunningSwitch(data.switch);
     refreshHistory();
+    seedMemoryChart();
   } else if (name === "model_state") {
     refreshStatus();
   } else if (STAGE_EVENTS.has(name)) {

@@ -6,6 +6,7 @@ created at import time, and tests pass their own fakes in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -32,6 +33,8 @@ from switchd.fanout import Shutdown
 from switchd.gpu import GpuProbe, ledger_of, open_probe
 from switchd.limits import BodyBudget
 from switchd.llamacpp_api import ROUTES as LLAMACPP_ROUTES
+from switchd.memory_history import ROUTES as MEMORY_ROUTES
+from switchd.memory_history import MemoryHistory
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, is_engine_call
 from switchd.routes import ROUTES, Services, http_error, proxy_context
@@ -159,6 +162,9 @@ def create_app(
             )
             await scheduler.start()
             stack.push_async_callback(scheduler.close)
+            app.state.memory_history = memory = MemoryHistory(probe)
+            sampling = asyncio.create_task(memory.run(), name="switchd-memory-history")
+            stack.push_async_callback(_cancelled, sampling)
             bodies = BodyBudget(settings.max_buffered_body_bytes)
             shutdown = Shutdown()
             stack.callback(shutdown.close)
@@ -176,12 +182,18 @@ def create_app(
 
     layers = middleware(settings)
     return Switchd(
-        routes=[*ROUTES, *LLAMACPP_ROUTES, *ui_routes(static_dir())],
+        routes=[*ROUTES, *LLAMACPP_ROUTES, *MEMORY_ROUTES, *ui_routes(static_dir())],
         middleware=layers,
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
         engine_calls=wrapped(Proxy(proxy_context), layers),
     )
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class Switchd(Starlette):
