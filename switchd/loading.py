@@ -69,9 +69,12 @@ class Loader:
         delay the requests waiting for it), and keep it in the learned state."""
 
         async def learn() -> None:
-            tokens = await metadata.engine_context_length(self._http, spec, url)
-            if tokens is not None:
-                await self._stats.record_context_length(spec.name, tokens)
+            try:
+                tokens = await metadata.engine_context_length(self._http, spec, url)
+                if tokens is not None:
+                    await self._stats.record_context_length(spec.name, tokens)
+            except Exception as exc:  # a figure for clients: never worth more than a line
+                log.debug("no context length learned for %s: %r", spec.name, exc)
 
         task = asyncio.create_task(learn(), name=f"switchd-metadata-{spec.name}")
         self._learning.add(task)
