@@ -61,6 +61,9 @@ class Engine:
         self.wake_seconds = 0.3
         self.reload_seconds = 1.0
         self.fail_sleep = False
+        # vLLM #45520: a sleep during decode crashed the engine, yet /sleep answered 200.
+        self.crash_in_sleep = False
+        self.crashed = False
         self.fail_wake = False
         # Serialises /sleep, /wake_up and /collective_rpc; /health and /is_sleeping do
         # not take it, so they keep answering while a call spends its time.
@@ -441,6 +444,8 @@ async def embeddings(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     engine: Engine = request.app.state.engine
+    if engine.crashed:
+        return JSONResponse({"status": "error"}, status_code=500)
     if engine.loaded:
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "loading"}, status_code=503)
@@ -507,6 +512,9 @@ async def sleep(request: Request) -> Response:
             log(f"INFO It took {time.monotonic() - started:.2f} seconds to fall asleep.")
             engine.sleeping = set(SLEEP_TAGS)
             engine.sleep_level = level
+            if engine.crash_in_sleep:
+                log("ERROR EngineDeadError: the engine core died while falling asleep")
+                engine.crashed = True
             if level == 2:
                 engine.weights_loaded = False
         finally:
@@ -668,6 +676,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fail-sleep", action="store_true", help="/sleep answers 500; the engine stays awake"
     )
     sleep_mode.add_argument(
+        "--crash-in-sleep",
+        action="store_true",
+        help="/sleep answers 200, then /health answers 500 (vLLM #45520)",
+    )
+    sleep_mode.add_argument(
         "--fail-wake", action="store_true", help="/wake_up answers 500; the engine stays asleep"
     )
     return parser.parse_args(argv)
@@ -682,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.wake_seconds = args.wake_seconds
     engine.reload_seconds = args.reload_seconds
     engine.fail_sleep = args.fail_sleep
+    engine.crash_in_sleep = args.crash_in_sleep
     engine.fail_wake = args.fail_wake
     config = uvicorn.Config(
         create_app(engine),
