@@ -112,7 +112,7 @@ function renderStatus() {
     Object.entries(status.models).map(([name, model]) => [name, [model.status, model.sleep]]));
   redraw("devices", JSON.stringify([status.gpu, states]), () => renderDevices($("devices"), status));
   const shown = JSON.stringify(status.models, (key, value) => (NOT_IN_TABLE.has(key) ? undefined : value));
-  redraw("models", shown, () => renderModels($("models"), status.models));
+  redraw("models", shown, () => renderModels($("models"), status.models, status.gpu.devices.length));
   renderSelect(status.models);
   renderWaiting($("waiting"), status);
   renderQueueNote();
@@ -140,6 +140,20 @@ const refreshStatus = coalesced(async () => {
     if (error instanceof Unauthorized) askForKey("That key was refused. Enter the API key.");
   }
 });
+
+// Once a page: the samples switchd kept, so the chart does not start empty.
+let memorySeeded = false;
+async function seedMemoryChart() {
+  if (memorySeeded) return;
+  try {
+    const response = await api("/v1/gpu/history");
+    if (!response.ok) return;
+    chart.seed((await response.json()).samples);
+    memorySeeded = true;
+  } catch {
+    // An older switchd, or no key yet: the chart fills as the page reads the status.
+  }
+}
 
 const refreshHistory = coalesced(async () => {
   try {
@@ -385,6 +399,7 @@ function handleEvent(name, data) {
     onStatus(data);
     showRunningSwitch(data.switch);
     refreshHistory();
+    seedMemoryChart();
   } else if (name === "model_state") {
     refreshStatus();
   } else if (STAGE_EVENTS.has(name)) {
@@ -503,10 +518,16 @@ $("chat-form").addEventListener("submit", async (event) => {
   state.sending = true;
   updateControls();
   const answer = addMessage("assistant", "");
+  // While its model loads, switchd tells this request's progress as reasoning lines
+  // (X-Switchd-Progress: on): the bubble shows the latest until the answer begins.
+  const progress = document.createElement("span");
+  progress.className = "progress";
+  progress.setAttribute("role", "status");
+  answer.before(progress);
   try {
     const response = await api("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", "X-Switchd-Progress": "on" },
       body: JSON.stringify({ model, messages: history, stream: true }),
     });
     if (!response.ok) {
@@ -515,8 +536,14 @@ $("chat-form").addEventListener("submit", async (event) => {
     }
     for await (const message of readEvents(response)) {
       if (message.data === "[DONE]") break;
-      const delta = JSON.parse(message.data).choices?.[0]?.delta?.content;
-      if (delta) answer.textContent += delta;
+      const chunk = JSON.parse(message.data);
+      if (chunk.error) throw new Error(chunk.error.message); // a load that failed
+      const delta = chunk.choices?.[0]?.delta || {};
+      if (delta.reasoning_content) progress.textContent = delta.reasoning_content.trim();
+      if (delta.content) {
+        progress.remove();
+        answer.textContent += delta.content;
+      }
     }
     history.push({ role: "assistant", content: answer.textContent });
   } catch (error) {
@@ -525,6 +552,7 @@ $("chat-form").addEventListener("submit", async (event) => {
     if (error instanceof Unauthorized) askForKey("Enter the API key to chat.");
     else addMessage("error", String(error.message || error));
   } finally {
+    progress.remove();
     state.sending = false;
     updateControls();
     $("message").focus();

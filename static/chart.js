@@ -1,7 +1,7 @@
 // GPU memory used per device over the last 5 minutes, drawn as inline SVG (no
 // chart library: the page loads only its own files). Samples come from every
 // status the page reads: the snapshot, refreshes after model changes, and the
-// 2 s poll. Axis labels are HTML around the plot, so the plot can stretch to any
+// 2 s poll; and, once on load, switchd's own recent samples (`seed`). Axis labels are HTML around the plot, so the plot can stretch to any
 // width while the text keeps its size.
 
 import { element } from "./format.js";
@@ -41,6 +41,18 @@ export class MemoryChart {
     const grid = element("div", "chart-grid");
     grid.append(yAxis, this.plot, element("span"), xAxis);
     this.box.replaceChildren(grid, this.legend);
+  }
+
+  // switchd's recent samples (GET /v1/gpu/history): the chart starts full on a page load.
+  seed(samples, now = Date.now()) {
+    const earlier = samples.map((sample) => ({
+      t: Date.parse(sample.at),
+      devices: sample.devices.map((d) => ({ index: d.index, used: d.used_gb, total: d.total_gb })),
+    })).filter((sample) => sample.t < (this.samples[0]?.t ?? Infinity));
+    this.samples = [...earlier, ...this.samples];
+    const start = now - WINDOW_MS;
+    while (this.samples.length > 2 && this.samples[1].t <= start) this.samples.shift();
+    this.render(now);
   }
 
   add(status, now = Date.now()) {

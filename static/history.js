@@ -5,6 +5,25 @@
 import { clock, element, secs } from "./format.js";
 
 export const HISTORY_LIMIT = 20;
+export const HISTORY_SHOWN = 8; // items listed; a run of no-op switches is one item
+
+// A switch that found its model serving already: nothing put aside, nothing started.
+export function isNoop(job) {
+  return job.kind === "switch" && job.status === "succeeded" && !job.woken &&
+    !job.unloaded_models.length && !job.slept_models.length &&
+    !job.timeline.some((entry) => entry.stage === "start" || entry.stage === "wake");
+}
+
+// Runs of no-op switches to one model, as one entry (the newest) with their count.
+export function collapseNoops(jobs) {
+  const entries = [];
+  for (const job of jobs) {
+    const last = entries[entries.length - 1];
+    if (last && last.noop && isNoop(job) && last.job.target === job.target) last.count += 1;
+    else entries.push({ job, noop: isNoop(job), count: 1 });
+  }
+  return entries;
+}
 
 // What happens during each stage, for its colour. Checks and bookkeeping stages
 // (memory_check, freed, …) last milliseconds; they keep a neutral colour.
@@ -87,9 +106,24 @@ function historyItem(job, scale) {
   return item;
 }
 
+function noopItem(entry) {
+  const { job, count } = entry;
+  const item = element("li", "history-item noop");
+  item.dataset.job = job.id;
+  const head = element("p", "history-head");
+  const when = element("time", "", clock(job.created));
+  when.dateTime = job.created;
+  const text = element("span", "from-to", `${job.target} was serving already`);
+  head.append(when, " ", element("span", `cause ${job.cause}`, job.cause), " ", text);
+  if (count > 1) head.append(" ", element("span", "repeat", `×${count}`));
+  item.append(head);
+  return item;
+}
+
 export function renderHistory(list, empty, jobs) {
   const finished = jobs.filter((job) => job.status === "succeeded" || job.status === "failed");
-  const scale = Math.max(0.001, ...finished.map(totalSeconds));
-  list.replaceChildren(...finished.map((job) => historyItem(job, scale)));
+  const shown = collapseNoops(finished).slice(0, HISTORY_SHOWN);
+  const scale = Math.max(0.001, ...shown.filter((e) => !e.noop).map((e) => totalSeconds(e.job)));
+  list.replaceChildren(...shown.map((e) => (e.noop ? noopItem(e) : historyItem(e.job, scale))));
   empty.hidden = finished.length > 0;
 }

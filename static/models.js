@@ -43,7 +43,16 @@ function statusCell(cell, model) {
   if (model.error) cell.append(element("span", "status-error", model.error.split("\n")[0]));
 }
 
-function memoryCell(cell, model) {
+// Where it is (its engine's devices) or may go (its configured ones), on a host of
+// several GPUs; null where that says nothing (one GPU, or any of them).
+function placement(model, deviceCount) {
+  if (deviceCount < 2) return null;
+  const devices = model.devices || (Array.isArray(model.gpus) ? model.gpus : null);
+  if (!devices || !devices.length) return null;
+  return `${devices.length > 1 ? "GPUs" : "GPU"} ${devices.join(", ")}`;
+}
+
+function memoryCell(cell, model, deviceCount) {
   if (sleeping(model)) {
     // What it keeps on the GPU asleep; what it takes back once woken.
     cell.append(gb(model.gpu_memory_used_gb), note(`asleep; ${gb(model.size_gb)} awake`));
@@ -51,9 +60,15 @@ function memoryCell(cell, model) {
     const held = model.gpu_memory_used_gb ?? model.size_gb;
     cell.textContent = gb(model.status === "running" ? held : model.size_gb);
   }
+  const where = placement(model, deviceCount);
+  if (where) {
+    const line = note(`on ${where}`);
+    line.classList.add("devices");
+    cell.append(line);
+  }
 }
 
-export function renderModels(table, models) {
+export function renderModels(table, models, deviceCount = 1) {
   const body = table.tBodies[0];
   body.replaceChildren();
   for (const [name, model] of Object.entries(models)) {
@@ -66,7 +81,7 @@ export function renderModels(table, models) {
     });
     cells[0].textContent = name;
     statusCell(cells[1], model);
-    memoryCell(cells[2], model);
+    memoryCell(cells[2], model, deviceCount);
     cells[3].textContent = `~${model.estimated_load_time_seconds} s`;
     cells[4].textContent = String(model.in_flight);
     cells[5].textContent = model.pinned ? "pinned" : "";

@@ -37,7 +37,10 @@ from switchd.fanout import Shutdown
 from switchd.gpu import GpuProbe, ledger_of, open_probe
 from switchd.journal import Journal, first_id
 from switchd.limits import BodyBudget
+from switchd.llamacpp_api import ROUTES as LLAMACPP_ROUTES
 from switchd.logs import JobLog
+from switchd.memory_history import ROUTES as MEMORY_ROUTES
+from switchd.memory_history import MemoryHistory
 from switchd.metrics import Metrics
 from switchd.proxy import Proxy, is_engine_call
 from switchd.reload import Reloader, ReloadError
@@ -177,6 +180,9 @@ def create_app(
             )
             await scheduler.start()
             stack.push_async_callback(scheduler.close)
+            app.state.memory_history = memory = MemoryHistory(probe)
+            sampling = asyncio.create_task(memory.run(), name="switchd-memory-history")
+            stack.push_async_callback(_cancelled, sampling)
             bodies = BodyBudget(settings.max_buffered_body_bytes)
             shutdown = Shutdown()
             shutdown.on_stopping.append(scheduler.stop)
@@ -204,7 +210,7 @@ def create_app(
 
     layers = middleware(settings)
     return Switchd(
-        routes=[*ROUTES, *ui_routes(static_dir())],
+        routes=[*ROUTES, *LLAMACPP_ROUTES, *MEMORY_ROUTES, *ui_routes(static_dir())],
         middleware=layers,
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
@@ -260,6 +266,12 @@ def _on_sighup(reloader: Reloader) -> Callable[[], None]:
         loop.remove_signal_handler(signal.SIGHUP)
 
     return undo
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class Switchd(Starlette):

@@ -22,7 +22,16 @@ from switchd.errors import ErrorResponse, openai_error
 
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
-ADMIN_PATHS = frozenset({"/v1/models/switch", "/v1/models/unload", "/v1/config/reload"})
+# llama.cpp's /models/load and /models/unload (switchd.llamacpp_api) switch models too.
+ADMIN_PATHS = frozenset(
+    {
+        "/v1/models/switch",
+        "/v1/models/unload",
+        "/v1/config/reload",
+        "/models/load",
+        "/models/unload",
+    }
+)
 
 
 class Role(IntEnum):

@@ -16,7 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from switchd import footprint, planner, standby, wire
+from switchd import footprint, metadata, planner, standby, wire
 from switchd.config import ModelSpec, Settings, Tier
 from switchd.events import EventBus
 from switchd.gpu import GpuLedger, GpuSnapshot
@@ -455,6 +455,7 @@ class Catalog:
             if record.cooldown_until > time.time()
             else None,
             "standby_tiers": [tier.value for tier in spec.standby],
+            "metadata": metadata.describe(spec, self._stats.get(spec.name)),
         }
         if record.state is ModelState.SLEEPING and record.asleep is not None:
             body["sleep"] = {

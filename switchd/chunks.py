@@ -84,3 +84,23 @@ def with_id(events: bytes, chunk_id: str) -> bytes:
             ending = b"\r" if line.endswith(b"\r") else b""
             lines[index] = b"data: " + json.dumps(chunk).encode() + ending
     return b"\n".join(lines)
+
+
+def with_response_id(events: bytes, response_id: str) -> bytes:
+    """Complete Responses API events with the id of each event's `response` object
+    set to `response_id` (its lifecycle events must all name one response, or the
+    SDKs refuse the stream); every other line as it was."""
+    lines = events.split(b"\n")
+    for index, line in enumerate(lines):
+        if not line.startswith(b"data:"):
+            continue
+        try:
+            event = json.loads(line[5:].strip())
+        except ValueError:
+            continue
+        response = event.get("response") if isinstance(event, dict) else None
+        if isinstance(response, dict) and response.get("id") != response_id:
+            response["id"] = response_id
+            ending = b"\r" if line.endswith(b"\r") else b""
+            lines[index] = b"data: " + json.dumps(event).encode() + ending
+    return b"\n".join(lines)

@@ -138,6 +138,16 @@ class Tier(StrEnum):
         return self is Tier.SLEEP1
 
 
+class Capability(StrEnum):
+    """What a model can be asked for, as clients read it from `/v1/models`."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDINGS = "embeddings"
+    VISION = "vision"
+    TOOLS = "tools"
+
+
 # JSON Schema pieces shared by several keys.
 _NON_EMPTY = {"type": "string", "pattern": r"\S"}
 _WORDS = {
@@ -337,6 +347,26 @@ class ModelSpec:
         metadata=key(
             "stage and queue progress as reasoning chunks in a streamed chat answer that must "
             "wait for its load; null: as the top-level `load_progress_in_stream` says"
+        ),
+    )
+    context_length: int | None = field(
+        default=None,
+        metadata=key(
+            "its context length in tokens, listed by /v1/models while unloaded too; "
+            "null: learned from the engine once it ran (vLLM's max_model_len, llama.cpp's n_ctx)",
+            minimum=1,
+        ),
+    )
+    capabilities: tuple[Capability, ...] | None = field(
+        default=None,
+        metadata=key(
+            "what it can be asked for, listed by /v1/models; null: chat and completion",
+            custom=True,
+            schema={
+                "type": ["array", "null"],
+                "items": {"enum": [c.value for c in Capability]},
+                "uniqueItems": True,
+            },
         ),
     )
 
@@ -770,6 +800,24 @@ def _parse_standby(reader: _Reader) -> tuple[Tier, ...]:
     return tuple(sorted(tiers, key=list(Tier).index))
 
 
+def _parse_capabilities(reader: _Reader) -> tuple[Capability, ...]:
+    """`capabilities: [chat, tools, vision]`: each known, none twice."""
+    value = reader.data["capabilities"]
+    allowed = " | ".join(c.value for c in Capability)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise reader.error("capabilities", f"must be a list of ({allowed}), got {value!r}")
+    found: list[Capability] = []
+    for item in value:
+        try:
+            capability = Capability(item)
+        except ValueError:
+            raise reader.error("capabilities", f"unknown {item!r} (known: {allowed})") from None
+        if capability in found:
+            raise reader.error("capabilities", f"lists {item!r} twice")
+        found.append(capability)
+    return tuple(found)
+
+
 def _url_path(reader: _Reader, name: str) -> str | None:
     """A path on the engine (`/health`), None where the file leaves it to the default."""
     path = reader.text(name)
@@ -830,6 +878,8 @@ def _parse_model(source: str, name: str, data: object) -> ModelSpec:
     values["command"] = reader.words("command")
     if "standby" in data:
         values["standby"] = _parse_standby(reader)
+    if data.get("capabilities") is not None:
+        values["capabilities"] = _parse_capabilities(reader)
     return ModelSpec(
         name=name,
         **values,

@@ -31,9 +31,11 @@ class JobKind(StrEnum):
 
 class Cause(StrEnum):
     """Why a job runs: an operator's call, requests waiting for a model, its TTL, the
-    config's `preload` at start, or a config reload (a model removed or changed)."""
+    config's `preload` at start, a config reload (a model removed or changed), or a
+    client's call of llama.cpp's model-management API (`/models/load|unload`)."""
 
     EXPLICIT = "explicit"
+    API = "api"
     DEMAND = "demand"
     TTL = "ttl"
     PRELOAD = "preload"

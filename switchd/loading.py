@@ -8,6 +8,7 @@ become the job's `log` events, and its exit fails the load with its last lines.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -15,9 +16,9 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
-from switchd import footprint, standby, wire
+from switchd import footprint, metadata, standby, wire
 from switchd.catalog import Catalog, ModelRecord
-from switchd.config import Settings, Tier
+from switchd.config import ModelSpec, Settings, Tier
 from switchd.emitter import PROGRESS_FREED, PROGRESS_LOADING_CAP, Emitter
 from switchd.gpu import GpuProbe, GpuSnapshot
 from switchd.inbox import Inbox, Load, exit_summary
@@ -61,6 +62,23 @@ class Loader:
         self._http = http
         self._standby = standby
         self._clock = clock
+        self._learning: set[asyncio.Task[None]] = set()  # metadata asked of fresh engines
+
+    def _learn_metadata(self, spec: ModelSpec, url: str) -> None:
+        """Ask a freshly loaded engine its context length, beside the job (it must not
+        delay the requests waiting for it), and keep it in the learned state."""
+
+        async def learn() -> None:
+            try:
+                tokens = await metadata.engine_context_length(self._http, spec, url)
+                if tokens is not None:
+                    await self._stats.record_context_length(spec.name, tokens)
+            except Exception as exc:  # a figure for clients: never worth more than a line
+                log.debug("no context length learned for %s: %r", spec.name, exc)
+
+        task = asyncio.create_task(learn(), name=f"switchd-metadata-{spec.name}")
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
 
     # ---- start-up ----------------------------------------------------------------
 
@@ -194,6 +212,7 @@ class Loader:
         self.catalog.transition(record, ModelState.LOADING, ModelState.RUNNING)
         message = f"{spec.name} is ready after {load_seconds:.1f} s"
         emit(job, wire.Ready(load_seconds, record.measured_gb), message, progress=1.0)
+        self._learn_metadata(spec, info.url)
 
     async def _measure(
         self,

@@ -1,6 +1,7 @@
 """Load progress inside an OpenAI chat stream, for clients that would hear nothing.
 
-A streamed `/v1/chat/completions` whose model is not serving waits for a load:
+A streamed `/v1/chat/completions` (or `/v1/responses`: ResponsesProgress) whose
+model is not serving waits for a load:
 a minute of silence on a real box. With progress on (`load_progress_in_stream`
 for every model or per model, or per request `X-Switchd-Progress: on|off`),
 switchd answers at once and sends, before the engine's stream, chunks that chat
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +32,7 @@ from switchd.chunks import (
     error_event,
     reasoning_chunk,
     with_id,
+    with_response_id,
 )
 from switchd.config import ModelSpec
 from switchd.events import Event, Subscription
@@ -44,6 +47,7 @@ HEADER = b"x-switchd-progress"
 ON = frozenset({"on", "1", "true", "yes"})
 OFF = frozenset({"off", "0", "false", "no"})
 CHAT_PATH = "/v1/chat/completions"
+RESPONSES_PATH = "/v1/responses"
 EVERY_SECONDS = 3.0  # a line at least this often while nothing else happens
 # Job events shown; `log` lines are the engine's own chatter, `result` and `error`
 # are told by the answer itself.
@@ -86,8 +90,9 @@ def asked(scope: Scope) -> bool | None:
 
 
 def wanted(path: str, streamed: bool, header: bool | None, spec: ModelSpec, default: bool) -> bool:
-    """Whether this request gets progress if its model must load: streamed chat only."""
-    if path != CHAT_PATH or not streamed:
+    """Whether this request gets progress if its model must load: streamed chat and
+    Responses answers only."""
+    if path not in (CHAT_PATH, RESPONSES_PATH) or not streamed:
         return False
     if header is not None:
         return header
@@ -111,7 +116,8 @@ class ProgressStream:
     async def start(self) -> None:
         await self._send({"type": "http.response.start", "status": 200, "headers": sse.HEADERS})
 
-    async def say(self, text: str) -> None:
+    async def say(self, text: str, progress: float | None = None) -> None:
+        """One progress line; `progress`: the job's share done, where an event gives it."""
         elapsed = time.monotonic() - self._started
         line = f"[{elapsed:4.1f} s] {text}\n"
         chunk = reasoning_chunk(self.id, self.created, self.model, line, first=self._first)
@@ -138,16 +144,66 @@ class ProgressStream:
         try:
             async for chunk in upstream.chunks():
                 if complete := whole.feed(chunk):
-                    await self._body(with_id(complete, self.id))
+                    await self._body(self._as_own(complete))
         except (UpstreamError, OSError):
             await self._body(cut_short_event(self.model))
         await self.end()
+
+    def _as_own(self, events: bytes) -> bytes:
+        """The engine's events under this stream's id: one answer, one id."""
+        return with_id(events, self.id)
 
     async def end(self) -> None:
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _body(self, data: bytes) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+class ResponsesProgress(ProgressStream):
+    """A streamed Responses answer that must wait for a load: `response.created` and
+    `response.queued` at once (the Responses API's own events for a response not
+    started yet, status `queued`), then the progress
+    as comment lines (`: loading 42% ...`), which every parser skips and which keep the
+    connection alive, then the engine's events, their response's id set to this one's
+    (the SDKs refuse a stream whose response changes identity)."""
+
+    def __init__(self, send: Send, model: str) -> None:
+        super().__init__(send, model)
+        self.id = f"resp_{uuid.uuid4().hex}"
+
+    async def start(self) -> None:
+        await super().start()
+        response = {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": "queued",
+            "model": self.model,
+            "output": [],
+        }
+        # `response.created` first, as the SDKs require, then `response.queued`.
+        for number, kind in enumerate(("response.created", "response.queued")):
+            event = {"type": kind, "sequence_number": number, "response": response}
+            await self._body(sse.block(None, kind, json.dumps(event)))
+
+    def _as_own(self, events: bytes) -> bytes:
+        return with_response_id(events, self.id)
+
+    async def say(self, text: str, progress: float | None = None) -> None:
+        elapsed = time.monotonic() - self._started
+        done = f"loading {round(100 * progress)}% " if progress is not None else ""
+        await self._body(sse.comment(f"{done}[{elapsed:.1f} s] {text}"))
+
+    async def fail(self, message: str, code: str, kind: str = "server_error") -> None:
+        error = {"type": "error", "code": code, "message": message, "param": None}
+        await self._body(sse.block(None, "error", json.dumps(error)))
+        await self.end()
+
+
+def stream_for(path: str, send: Send, model: str) -> ProgressStream:
+    """The progress stream a waiting request of `path` gets."""
+    return ResponsesProgress(send, model) if path == RESPONSES_PATH else ProgressStream(send, model)
 
 
 def describe(standing: Standing) -> str:
@@ -244,8 +300,9 @@ async def follow(
                 if now - last_loading < every:
                     continue  # a line every few seconds is progress; every second is noise
                 last_loading = now
+            share = event.data.get("progress")
             async with stream.lock:
-                await stream.say(line)
+                await stream.say(line, share if isinstance(share, int | float) else None)
     finally:
         upcoming.cancel()
         with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):

@@ -383,7 +383,7 @@ class _Call:
         """A streamed chat answer that must wait for a load: switchd starts the stream,
         says how the load goes (switchd.progress), then relays the engine's answer."""
         scheduler = self.context.scheduler
-        stream = progress.ProgressStream(self.send, spec.name)
+        stream = progress.stream_for(path, self.send, spec.name)
         subscription = self.context.bus.subscribe()
         await stream.start()
         await stream.say(progress.describe(await scheduler.standing(spec.name)))

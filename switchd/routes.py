@@ -11,7 +11,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,6 +26,7 @@ from switchd.jobs import Job, SwitchError
 from switchd.journal import Journal
 from switchd.journal import missed_since as journal_missed_since
 from switchd.limits import BodyBudget
+from switchd.metadata import model_object
 from switchd.metrics import Metrics
 from switchd.proxy import ProxyContext
 from switchd.reload import Reloader, ReloadError
@@ -209,18 +209,6 @@ def job_stream(request: Request, job: Job, after: int) -> Response:
 
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok", "version": __version__})
-
-
-def model_object(name: str, model: dict[str, Any]) -> dict[str, Any]:
-    """A model as OpenAI's API describes one, with switchd's status and aliases."""
-    return {
-        "id": name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "switchd",
-        "status": model["status"],
-        "aliases": model["aliases"],
-    }
 
 
 async def list_models(request: Request) -> Response:

@@ -254,7 +254,7 @@ class Scheduler:
             )
         return spec
 
-    def request_switch(self, name: str) -> Job:
+    def request_switch(self, name: str, cause: Cause = Cause.EXPLICIT) -> Job:
         """The job that makes `name` run: the one already under way, or a new one.
 
         An operator's switch also clears the model's load-failure cooldown.
@@ -262,7 +262,7 @@ class Scheduler:
         spec = self.known(name)
         record = self.records[spec.name]
         record.failures, record.cooldown_until = 0, 0.0
-        return self._enqueue(JobKind.SWITCH, spec.name)
+        return self._enqueue(JobKind.SWITCH, spec.name, cause)
 
     async def check_fits(self, name: str) -> None:
         """Raise the 409 a switch to `name` would end with if it could never fit,
@@ -276,10 +276,10 @@ class Scheduler:
         if refused is not None:
             raise refused
 
-    def request_unload(self, name: str) -> Job:
+    def request_unload(self, name: str, cause: Cause = Cause.EXPLICIT) -> Job:
         """A job unloading `name`, or every unpinned model for `all`."""
         target = "all" if name == "all" else self.known(name).name
-        return self._enqueue(JobKind.UNLOAD, target)
+        return self._enqueue(JobKind.UNLOAD, target, cause)
 
     def job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)

@@ -24,6 +24,18 @@ def block(event_id: int | None, name: str, data: str) -> bytes:
     return f"{head}event: {name}\ndata: {data}\n\n".encode()
 
 
+def comment(text: str) -> bytes:
+    """A comment line (`: loading 42%`): every parser skips it, and it keeps a waiting
+    client's connection, and the proxies on its way, from timing out."""
+    return f": {' '.join(text.split())}\n\n".encode()
+
+
+def data_only(data: str) -> bytes:
+    """One event of `data` alone, as llama.cpp's `/models/sse` and OpenAI streams
+    write theirs: an EventSource hands it to `onmessage`."""
+    return f"data: {data}\n\n".encode()
+
+
 def with_retry(blocks: bytes, milliseconds: int) -> bytes:
     """`blocks` with the reconnection delay as the last field of the first block: a
     block of its own would reach httpx-sse and the like as an event with empty data."""

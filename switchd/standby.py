@@ -9,6 +9,10 @@ The choice, per victim (in the plan's order):
 
 - A tier is allowed when the model lists it, and for `sleep1` (weights kept in
   host RAM) only while the host-RAM budget has room for its weights.
+- A model whose learned residue is over MAX_RESIDUE_SHARE of what it holds
+  (pooling models keep 80-87% at vLLM's level 1) is stopped: sleeping frees
+  too little. vLLM's level 0 (pause only) frees nothing, so it can never make
+  room and is no tier here: a model that may stay simply keeps running.
 - Among allowed tiers, the one with the shortest expected wake wins; a tier that
   would wake no faster than a cold load is not worth the residue it keeps.
 - What sleeping frees is what the victim holds minus its residue (learned;
@@ -46,6 +50,11 @@ DEFAULT_WAKE_SECONDS: Mapping[Tier, float] = {
 UNMEASURED_WAKE_SHARE = 0.1  # of the cold load, at most, before a wake is measured
 HOST_RAM_SHARE = 0.5  # of MemAvailable at start, when standby_host_ram_gb is not set
 IS_SLEEPING_SECONDS = 5.0  # a question, not work: at most this (and the call bound)
+SLEEP_MODE = "wait"  # vLLM's /sleep `mode`: finish in-flight requests, never abort them
+HEALTH_AFTER_SLEEP_SECONDS = 5.0
+# A tier whose learned residue keeps more than this share of what the engine held
+# frees too little to be worth it (pooling models keep 80-87% at level 1): stop it.
+MAX_RESIDUE_SHARE = 0.5
 MEMINFO = Path("/proc/meminfo")
 
 
@@ -77,7 +86,27 @@ class EngineStandby:
             await self._post(spec, url, "/release_memory_occupation", json={}, within_seconds=limit)
         else:
             level = 1 if tier is Tier.SLEEP1 else 2
-            await self._post(spec, url, "/sleep", params={"level": level}, within_seconds=limit)
+            # Recent vLLM aborts in-flight requests on /sleep unless told to wait; an
+            # older one ignores the unknown parameter. switchd drains first anyway.
+            await self._post(
+                spec,
+                url,
+                "/sleep",
+                params={"level": level, "mode": SLEEP_MODE},
+                within_seconds=limit,
+            )
+
+    async def answers_health(self, spec: ModelSpec, url: str) -> bool:
+        """Whether the engine still answers its health path (200) after a sleep or a
+        release: a vLLM that crashed in its sleep once answered the sleep with 200
+        (vLLM #45520), and a dead engine must not be counted as a sleeper."""
+        try:
+            response = await self._http.get(
+                url + spec.health_path, headers=_headers(spec), timeout=HEALTH_AFTER_SLEEP_SECONDS
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     async def wake(self, spec: ModelSpec, url: str, tier: Tier, within_seconds: float) -> None:
         """Wake it; after a level-2 sleep, reload the discarded weights in place first
@@ -275,6 +304,14 @@ def _preferred(victim: Victim, ram_left: float) -> PutAway:
             None,
             f"stopping {victim.name}: a level-1 sleep would hold {victim.weights_gb:.2f} GB of "
             f"host RAM, {max(0.0, ram_left):.2f} GB of the standby budget is left",
+        )
+    held = math.fsum(victim.held_gb.values())
+    if victim.residue_gb is not None and held > 0 and victim.residue_gb > MAX_RESIDUE_SHARE * held:
+        return PutAway(
+            victim.name,
+            None,
+            f"stopping {victim.name}: asleep it kept {victim.residue_gb:.2f} of "
+            f"{held:.2f} GB last time; a stop frees it all",
         )
     tier = min(allowed, key=lambda t: (victim.wake_seconds[t], victim.tiers.index(t)))
     wake = victim.wake_seconds[tier]

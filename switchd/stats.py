@@ -1,4 +1,5 @@
-"""What switchd learned about each model: load and wake times, footprint, sleep residue.
+"""What switchd learned about each model: load and wake times, footprint, sleep residue,
+and the context length its engine reported.
 
 A footprint sample is only recorded when it could be attributed to the engine
 (the loader decides; see Loader.load). The learned figure moves smoothly (half
@@ -46,6 +47,9 @@ class Learned:
     # the engine still held asleep (latest good samples, GB over all its devices).
     wake_seconds: Mapping[str, float] = field(default_factory=dict)
     residue_samples: tuple[float, ...] = ()
+    # What the engine itself said once it ran: its context length in tokens
+    # (vLLM's `max_model_len`, llama.cpp's `n_ctx`), for /v1/models while unloaded.
+    context_length: int | None = None
 
     @property
     def residue_gb(self) -> float | None:
@@ -189,6 +193,14 @@ class LearnedStats:
         self._by_model[model] = replace(previous, residue_samples=samples)
         await self._save()
 
+    async def record_context_length(self, model: str, tokens: int) -> None:
+        """The context length its engine reported; saved only when it changed."""
+        previous = self.get(model)
+        if previous.context_length == tokens:
+            return
+        self._by_model[model] = replace(previous, context_length=tokens)
+        await self._save()
+
     async def _save(self) -> None:
         snapshot = {name: asdict(entry) for name, entry in self._by_model.items()}
         try:
@@ -231,6 +243,7 @@ def _checked(model: str, entry: object, dropped: list[str]) -> Learned:
         residue_samples=_numbers(
             f"{model}.residue_samples", entry.get("residue_samples", []), some, dropped
         ),
+        context_length=_whole(entry.get("context_length")),
     )
 
 
@@ -300,6 +313,15 @@ def _numbers(
         bad = [v for v in numbers if not (math.isfinite(v) and good(v))]
         dropped.append(f"{where} ({', '.join(repr(v) for v in bad[:3])})")
     return tuple(found[-RECENT_SAMPLES:])
+
+
+MAX_CONTEXT_TOKENS = 1 << 24  # far past any engine's window: a larger figure is damage
+
+
+def _whole(value: object) -> int | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    return value if 0 < value <= MAX_CONTEXT_TOKENS else None
 
 
 def _number(value: object) -> float | None:

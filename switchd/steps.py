@@ -330,13 +330,18 @@ class Steps:
         moves, releasing = self.catalog.memory_moves, self.catalog.release_pending()
         measured = record.measured_by_device is not None
         try:
-            await self._standby.sleep(spec, record.engine.url, tier)
+            url = record.engine.url
+            await self._standby.sleep(spec, url, tier)
         except StandbyFailed as exc:
             log.warning("%s did not go to sleep: %s", spec.name, exc)
             return None, f"its sleep failed ({exc})"
         self._inbox.apply()  # an exit during the call
         if record.state is not ModelState.RUNNING:
             return None, "it exited while falling asleep"
+        if not await self._standby.answers_health(spec, url):
+            # Answered the sleep, yet dead or wedged: stopped instead, not kept as a sleeper.
+            log.warning("%s stopped answering %s after its sleep", spec.name, spec.health_path)
+            return None, f"it stopped answering {spec.health_path} after its sleep"
         self.catalog.transition(record, ModelState.RUNNING, ModelState.SLEEPING, tier=tier)
         record.host_ram_gb = choice.host_ram_gb
         back, verified = await self._await_release(before, held)

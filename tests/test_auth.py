@@ -289,12 +289,17 @@ ROLE_ROUTES = [
     ("POST", "/v1/embeddings"),
     ("POST", "/v1/models/switch"),
     ("POST", "/v1/models/unload"),
+    # llama.cpp's model-management API: listing and events read, loads admin.
+    ("GET", "/models"),
+    ("GET", "/models/sse"),
+    ("POST", "/models/load"),
+    ("POST", "/models/unload"),
 ]
 # What each role may do, route by route (in ROLE_ROUTES' order).
 ALLOWED = {
-    READ: [True, True, True, True, False, False, False, False],
-    INFERENCE: [True, True, True, True, True, True, False, False],
-    ADMIN: [True] * 8,
+    READ: [True, True, True, True, False, False, False, False, True, True, False, False],
+    INFERENCE: [True, True, True, True, True, True, False, False, True, True, False, False],
+    ADMIN: [True] * 12,
 }
 
 

@@ -13,6 +13,7 @@ from switchd.chunks import (
     event_boundary,
     reasoning_chunk,
     with_id,
+    with_response_id,
 )
 
 
@@ -91,3 +92,16 @@ def test_with_id_rewrites_the_id_of_json_chunks_only() -> None:
     )
     crlf = b'data: {"id": "x"}\r\n\r\n'
     assert with_id(crlf, "ours") == b'data: {"id": "ours"}\r\n\r\n'
+
+
+def test_with_response_id_sets_the_id_of_each_events_response_only() -> None:
+    events = (
+        b'event: response.created\ndata: {"type": "response.created", '
+        b'"response": {"id": "resp_engine", "status": "in_progress"}}\n\n'
+        b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", '
+        b'"item_id": "msg_1", "delta": "hi"}\n\n: a comment\n\n'
+    )
+    rewritten = with_response_id(events, "resp_own")
+    lines = rewritten.split(b"\n")
+    assert json.loads(lines[1][6:])["response"] == {"id": "resp_own", "status": "in_progress"}
+    assert lines[3:] == events.split(b"\n")[3:]  # no response in it: untouched

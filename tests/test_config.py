@@ -12,6 +12,7 @@ import yaml
 
 from switchd.cli import main
 from switchd.config import (
+    Capability,
     ConfigError,
     EvictionPolicy,
     GpuKind,
@@ -1152,3 +1153,37 @@ def test_settings_built_in_code_get_the_files_state_dir(
     in_code = Settings(models=from_file.models)
     assert in_code.state_dir == from_file.state_dir == tmp_path / ".local" / "state" / "switchd"
     assert Settings(models={}, state_dir=Path("~/elsewhere")).state_dir == tmp_path / "elsewhere"
+
+
+# --- model metadata --------------------------------------------------------------------------
+
+
+def test_context_length_and_capabilities() -> None:
+    spec = parse(models={"m": model()}).models["m"]
+    assert (spec.context_length, spec.capabilities) == (None, None)
+    spec = parse(
+        models={"m": model(context_length=32768, capabilities=["chat", "tools", "vision"])}
+    ).models["m"]
+    assert spec.context_length == 32768
+    assert spec.capabilities == (Capability.CHAT, Capability.TOOLS, Capability.VISION)
+
+
+CAPABILITIES = "chat | completion | embeddings | vision | tools"
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "problem"),
+    [
+        (["chat", "audio"], f"unknown 'audio' (known: {CAPABILITIES})"),
+        (["chat", "chat"], "lists 'chat' twice"),
+        ("chat", f"must be a list of ({CAPABILITIES}), got 'chat'"),
+    ],
+)
+def test_bad_capabilities(capabilities: object, problem: str) -> None:
+    error = refused(models={"m": model(capabilities=capabilities)})
+    assert (error.key, error.problem) == ("models.m.capabilities", problem)
+
+
+def test_context_length_is_a_positive_whole_number() -> None:
+    assert refused(models={"m": model(context_length=0)}).key == "models.m.context_length"
+    assert refused(models={"m": model(context_length=1.5)}).key == "models.m.context_length"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from switchd.events import Event
-from switchd.sse import PING, block, with_retry
+from switchd.sse import PING, block, comment, with_retry
 
 
 def test_an_event_block_ends_its_lines_with_a_bare_newline() -> None:
@@ -24,3 +24,7 @@ def test_the_retry_hint_is_the_last_field_of_the_first_block_only() -> None:
     assert with_retry(two, 3000) == (
         b"id: 1\nevent: a\ndata: {}\nretry: 3000\n\nid: 2\nevent: b\ndata: {}\n\n"
     )
+
+
+def test_a_comment_is_one_line_every_parser_skips() -> None:
+    assert comment("loading 42%\n[1.0 s]  Loading m") == b": loading 42% [1.0 s] Loading m\n\n"

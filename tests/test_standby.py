@@ -275,12 +275,31 @@ def test_an_unknown_residue_counts_as_none_and_the_sleep_is_tried() -> None:
 
 
 def test_a_residue_is_never_more_than_what_the_victim_holds() -> None:
-    # 3 GB of residue over a victim holding 1 GB keeps at most the 1 GB.
+    # 3 GB of residue over a victim holding 1 GB: a sleep that frees nothing, stopped.
     victims = [sleep2("a", {0: 1.0}, 3.0), sleep2("b", {0: 30.0}, 0.0)]
+    assert choose(victims, {0: 30.5}, 100.0) == [
+        PutAway(
+            "a", None, "stopping a: asleep it kept 3.00 of 1.00 GB last time; a stop frees it all"
+        ),
+        sleeping("b"),
+    ]
+    # Split over two devices, 4 GB of residue is 2 on each: device 0 holds only 1 of them.
+    victims = [sleep2("a", {0: 1.0, 1: 30.0}, 4.0), sleep2("b", {0: 30.0}, 0.0)]
     assert choose(victims, {0: 30.5}, 100.0) == [
         PutAway("a", None, "stopping a: asleep it would keep 1.00 GB where memory is short"),
         sleeping("b"),
     ]
+
+
+def test_a_tier_that_keeps_over_half_of_the_footprint_loses_to_a_stop() -> None:
+    # A pooling model keeps ~85% asleep: stopped, even with room to spare.
+    assert choose([sleep2("a", {0: 20.0}, 17.0)], {0: 1.0}, 100.0) == [
+        PutAway(
+            "a", None, "stopping a: asleep it kept 17.00 of 20.00 GB last time; a stop frees it all"
+        )
+    ]
+    # Exactly half is still worth a sleep, when the rest covers what is short.
+    assert choose([sleep2("a", {0: 20.0}, 10.0)], {0: 5.0}, 100.0) == [sleeping("a")]
 
 
 def test_only_the_residue_on_the_short_devices_counts() -> None:
@@ -369,14 +388,33 @@ def spec(**extra: Any) -> ModelSpec:
 
 @pytest.mark.parametrize(
     ("tier", "query"),
-    [(Tier.SLEEP1, "level=1"), (Tier.SLEEP2, "level=2")],
+    [(Tier.SLEEP1, "level=1&mode=wait"), (Tier.SLEEP2, "level=2&mode=wait")],
 )
-async def test_vllm_sleep_levels(tier: Tier, query: str) -> None:
+async def test_vllm_sleep_levels_always_wait_for_requests_in_flight(tier: Tier, query: str) -> None:
     engine = FakeEngine()
     async with standby_for(engine) as standby:
         await standby.sleep(spec(), URL, tier)
     assert engine.calls == [("POST", "/sleep", query, None)]
     assert engine.seen[0].timeout["read"] == CALL_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [(httpx.Response(200, json={}), True), (httpx.Response(503, json={}), False)],
+)
+async def test_after_a_sleep_the_health_path_is_asked(
+    answer: httpx.Response, expected: bool
+) -> None:
+    engine = FakeEngine(lambda request: answer)
+    async with standby_for(engine) as standby:
+        assert await standby.answers_health(spec(health_path="/ping"), URL) is expected
+    assert engine.calls == [("GET", "/ping", "", None)]
+
+
+async def test_an_engine_gone_after_its_sleep_does_not_answer_health() -> None:
+    engine = FakeEngine(error=httpx.ConnectError("refused"))
+    async with standby_for(engine) as standby:
+        assert await standby.answers_health(spec(), URL) is False
 
 
 async def test_vllm_wake_from_level_1() -> None:

@@ -47,6 +47,7 @@ async def test_record_then_reload_gives_the_same_figures(tmp_path: Path) -> None
             "device_samples": [],
             "wake_seconds": {},
             "residue_samples": [],
+            "context_length": None,
         },
         "mistral": {
             "footprint_gb": 17.5,
@@ -56,6 +57,7 @@ async def test_record_then_reload_gives_the_same_figures(tmp_path: Path) -> None
             "device_samples": [],
             "wake_seconds": {},
             "residue_samples": [],
+            "context_length": None,
         },
     }
 
@@ -161,6 +163,7 @@ async def test_recording_after_a_damaged_file_replaces_it(tmp_path: Path) -> Non
             "device_samples": [],
             "wake_seconds": {},
             "residue_samples": [],
+            "context_length": None,
         }
     }
 
@@ -306,6 +309,7 @@ async def test_wakes_and_residues_persist_and_reload(tmp_path: Path) -> None:
             "device_samples": [],
             "wake_seconds": {"sleep1": 0.8, "sleep2": 2.5},
             "residue_samples": [1.75, 1.5, 1.6, 1.4, 1.45],
+            "context_length": None,
         }
     }
     # Learning goes on from the reloaded figures.
@@ -333,3 +337,18 @@ async def test_wrongly_typed_wakes_and_residues_are_dropped(tmp_path: Path) -> N
     stats = await loaded(tmp_path)
     assert stats.get("m") == Learned(wake_seconds={"sleep2": 2.0}, residue_samples=(1.5, 2.0))
     assert stats.get("n") == Learned()
+
+
+async def test_the_context_length_an_engine_reported_persists(tmp_path: Path) -> None:
+    stats = LearnedStats(tmp_path)
+    await stats.record_context_length("m", 8192)
+    await stats.record("m", 2.0, 4.0)  # a later load keeps it
+    assert (await loaded(tmp_path)).get("m").context_length == 8192
+    await stats.record_context_length("m", 32768)  # the engine runs with another now
+    assert (await loaded(tmp_path)).get("m").context_length == 32768
+
+
+async def test_a_context_length_that_is_no_count_is_dropped(tmp_path: Path) -> None:
+    for bad in (0, -5, 1.5, True, "8192"):
+        (tmp_path / FILE_NAME).write_text(json.dumps({"m": {"context_length": bad}}))
+        assert (await loaded(tmp_path)).get("m").context_length is None, bad

@@ -6,13 +6,16 @@ chat, completion, Responses API and embedding answers, streamed at a fixed token
 rate if asked.
 
 With --enable-sleep-mode it also offers vLLM's sleep-mode API (what vLLM serves with
---enable-sleep-mode and VLLM_SERVER_DEV_MODE=1): POST /sleep?level=1|2, POST /wake_up
+--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1): POST /sleep?level=1|2[&mode=abort|wait|keep]
+(each mode recorded, for tests), POST /wake_up
 (optionally ?tags=weights / ?tags=kv_cache, repeatable), GET /is_sleeping and POST
 /collective_rpc {"method": "reload_weights"}. Level 1 keeps the weights (offloaded to
 CPU RAM); level 2 discards them, so after waking, generation answers 500
 `weights_not_loaded` until reload_weights ran. While asleep /health and /v1/models still
 answer, generation answers 503 `engine_sleeping`, and open streams are ended when a sleep
 starts. Without the flag these paths answer 404, like a vLLM without dev mode.
+`/v1/models` lists `max_model_len` as vLLM does, and `GET /props` gives llama.cpp's
+`default_generation_settings.n_ctx`: the same figure (--max-model-len).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ PROMPT_ECHO_CHARS = 200
 DEFAULT_MAX_TOKENS = 64
 SLEEP_TAGS = ("weights", "kv_cache")
 SLEEP_LEVELS = (1, 2)
+SLEEP_MODES = ("abort", "wait", "keep")  # vLLM's /sleep `mode`; abort is its default
+DEFAULT_MAX_MODEL_LEN = 4096
 
 
 class Engine:
@@ -56,12 +61,17 @@ class Engine:
         self.wake_seconds = 0.3
         self.reload_seconds = 1.0
         self.fail_sleep = False
+        # vLLM #45520: a sleep during decode crashed the engine, yet /sleep answered 200.
+        self.crash_in_sleep = False
+        self.crashed = False
         self.fail_wake = False
         # Serialises /sleep, /wake_up and /collective_rpc; /health and /is_sleeping do
         # not take it, so they keep answering while a call spends its time.
         self.sleep_lock = asyncio.Lock()
         self.sleeping: set[str] = set()  # tags asleep, a subset of SLEEP_TAGS
         self.sleep_level: int | None = None  # the last sleep's level
+        self.sleep_modes: list[str] = []  # each /sleep's `mode`, as asked (tests read it)
+        self.max_model_len = DEFAULT_MAX_MODEL_LEN
         self.weights_loaded = True  # level 2 discards them until reload_weights
         self.falling_asleep = False
         # Bumped when a sleep starts: a stream begun under another value ends.
@@ -434,6 +444,8 @@ async def embeddings(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     engine: Engine = request.app.state.engine
+    if engine.crashed:
+        return JSONResponse({"status": "error"}, status_code=500)
     if engine.loaded:
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "loading"}, status_code=503)
@@ -441,8 +453,23 @@ async def health(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     engine: Engine = request.app.state.engine
-    card = {"id": engine.model, "object": "model", "created": engine.created, "owned_by": OWNER}
+    card = {
+        "id": engine.model,
+        "object": "model",
+        "created": engine.created,
+        "owned_by": OWNER,
+        "max_model_len": engine.max_model_len,  # as vLLM lists it
+    }
     return JSONResponse({"object": "list", "data": [card]})
+
+
+async def props(request: Request) -> Response:
+    """llama.cpp's `GET /props`: the context size it runs with, among much else."""
+    engine: Engine = request.app.state.engine
+    settings = {"n_ctx": engine.max_model_len, "params": {}}
+    return JSONResponse(
+        {"model_alias": engine.model, "default_generation_settings": settings, "is_sleeping": False}
+    )
 
 
 def tag_list(tags: set[str] | list[str]) -> list[str]:
@@ -458,6 +485,10 @@ async def sleep(request: Request) -> Response:
         level = 0
     if level not in SLEEP_LEVELS:
         return error(400, f"level must be 1 or 2, not {raw!r}.", "invalid_value")
+    mode = request.query_params.get("mode", "abort")
+    if mode not in SLEEP_MODES:
+        return error(400, f"mode must be abort, wait or keep, not {mode!r}.", "invalid_value")
+    engine.sleep_modes.append(mode)
     async with engine.sleep_lock:
         if not engine.loaded:
             message = f"Model {engine.model} is still loading."
@@ -466,6 +497,7 @@ async def sleep(request: Request) -> Response:
             log("WARNING Executor is already sleeping.")
             return Response(status_code=200)
         log(f"INFO Putting the engine to sleep (level {level})")
+        log(f"INFO Sleep mode: {mode}")  # which one the caller asked for, for tests to read
         started = time.monotonic()
         engine.falling_asleep = True
         engine.sleep_epoch += 1
@@ -480,6 +512,9 @@ async def sleep(request: Request) -> Response:
             log(f"INFO It took {time.monotonic() - started:.2f} seconds to fall asleep.")
             engine.sleeping = set(SLEEP_TAGS)
             engine.sleep_level = level
+            if engine.crash_in_sleep:
+                log("ERROR EngineDeadError: the engine core died while falling asleep")
+                engine.crashed = True
             if level == 2:
                 engine.weights_loaded = False
         finally:
@@ -555,6 +590,7 @@ def create_app(engine: Engine) -> Starlette:
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/props", props, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
@@ -630,6 +666,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-seconds", type=float, default=3.0)
     parser.add_argument("--tokens-per-second", type=float, default=50.0)
     parser.add_argument("--fail-after", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
     sleep_mode = parser.add_argument_group("sleep mode (vLLM's /sleep, /wake_up API)")
     sleep_mode.add_argument("--enable-sleep-mode", action="store_true")
     sleep_mode.add_argument("--sleep-seconds", type=float, default=0.2)
@@ -637,6 +674,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sleep_mode.add_argument("--reload-seconds", type=float, default=1.0)
     sleep_mode.add_argument(
         "--fail-sleep", action="store_true", help="/sleep answers 500; the engine stays awake"
+    )
+    sleep_mode.add_argument(
+        "--crash-in-sleep",
+        action="store_true",
+        help="/sleep answers 200, then /health answers 500 (vLLM #45520)",
     )
     sleep_mode.add_argument(
         "--fail-wake", action="store_true", help="/wake_up answers 500; the engine stays asleep"
@@ -648,10 +690,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engine = Engine(args.model, args.tokens_per_second)
     engine.sleep_mode = args.enable_sleep_mode
+    engine.max_model_len = args.max_model_len
     engine.sleep_seconds = args.sleep_seconds
     engine.wake_seconds = args.wake_seconds
     engine.reload_seconds = args.reload_seconds
     engine.fail_sleep = args.fail_sleep
+    engine.crash_in_sleep = args.crash_in_sleep
     engine.fail_wake = args.fail_wake
     config = uvicorn.Config(
         create_app(engine),

@@ -50,6 +50,13 @@ def test_each_card_shows_the_models_placed_on_it(browser: Browser, two_gpu_serve
         expect(bars.nth(1)).to_contain_text("mistral-7b-v0.1 24.0 GB", timeout=WAIT_MS)
         expect(bars.nth(0)).not_to_contain_text("mistral", timeout=WAIT_MS)
         expect(bars.nth(1)).not_to_contain_text("gpt-oss-20b", timeout=WAIT_MS)
+        # The models table says where each model runs, or may run.
+        devices = page.locator("#models .devices")
+        row = '#models tr[data-model="{}"] .devices'
+        expect(page.locator(row.format("gpt-oss-20b"))).to_have_text("on GPU 0", timeout=WAIT_MS)
+        expect(page.locator(row.format("mistral-7b-v0.1"))).to_have_text("on GPU 1")
+        expect(page.locator(row.format("gpt-oss-120b"))).to_have_text("on GPUs 0, 1")
+        expect(devices).to_have_count(3)
         page.screenshot(path=str(DOCS / "two-gpus.png"), full_page=True)
     finally:
         context.close()

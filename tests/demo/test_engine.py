@@ -696,3 +696,29 @@ def test_sleep_calls_are_serialised_and_health_answers_meanwhile(
         ],
     )
     assert "WARNING Executor is not sleeping." not in engine.lines()
+
+
+def test_sleep_records_the_mode_asked_and_refuses_an_unknown_one(
+    start: type[EngineProcess],
+) -> None:
+    engine = sleepy(start)
+    refused = engine.client.post("/sleep", params={"level": "1", "mode": "later"})
+    assert refused.status_code == 400
+    assert code(refused) == "invalid_value"
+    assert not is_sleeping(engine)
+    assert engine.client.post("/sleep", params={"level": "1", "mode": "wait"}).status_code == 200
+    assert is_sleeping(engine)
+    assert engine.client.post("/wake_up").status_code == 200
+    # Without a mode, vLLM aborts what is in flight: the demo says so too.
+    assert engine.client.post("/sleep", params={"level": "1"}).status_code == 200
+    modes = [line for line in engine.lines() if line.startswith("INFO Sleep mode:")]
+    assert modes == ["INFO Sleep mode: wait", "INFO Sleep mode: abort"]
+
+
+def test_models_lists_max_model_len_and_props_gives_n_ctx(start: type[EngineProcess]) -> None:
+    engine = start("--load-seconds", "0", "--max-model-len", "8192")
+    engine.wait_healthy()
+    models = engine.client.get("/v1/models").json()
+    assert models["data"][0]["max_model_len"] == 8192
+    props = engine.client.get("/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == 8192

@@ -447,8 +447,13 @@ async def test_one_model_object_answers_like_openai(server: Server) -> None:
         "object": "model",
         "created": 0,
         "owned_by": "switchd",
-        "status": "exited",
+        "status": {"value": "unloaded", "state": "exited"},
         "aliases": [],
+        "context_length": None,
+        "max_model_len": None,
+        "context_length_source": None,
+        "capabilities": ["chat", "completion"],
+        "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
     }
 
 

@@ -232,6 +232,36 @@ async def test_a_failed_sleep_falls_back_to_a_stop(make_server: ServerFactory) -
     assert status["gpu"]["used_gb"] == 24.0
 
 
+async def test_an_engine_dead_after_a_sleep_that_answered_200_is_stopped_instead(
+    make_server: ServerFactory,
+) -> None:
+    """vLLM #45520: the sleep answered 200, its health path no longer does."""
+    models = {"big": sleeper(80, "--crash-in-sleep"), "small": sleeper(24)}
+    server = make_server(models, standby_host_ram_gb=200)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        await switch(http, "big")
+        away = await switch(http, "small")
+        assert stages(away) == [
+            "memory_check",
+            "sleep",
+            "unload",
+            "unloaded",
+            "freed",
+            "start",
+            "ready",
+            "result",
+        ]
+        assert one(away, "unload").data["message"] == (
+            "Unloading big: it stopped answering /health after its sleep"
+        )
+        result = one(away, "result").data
+        assert (result["unloaded_models"], result["slept_models"]) == (["big"], [])
+        status = (await http.get("/v1/models/status")).json()
+    assert status["models"]["big"]["status"] == "exited"
+    assert status["gpu"]["used_gb"] == 24.0
+    assert learned(server)["big"]["residue_samples"] == []  # nothing slept to be measured
+
+
 async def test_a_failed_wake_falls_back_to_a_cold_start(make_server: ServerFactory) -> None:
     models = {"big": sleeper(80, "--fail-wake"), "small": sleeper(24)}
     server = make_server(models, standby_host_ram_gb=200)
