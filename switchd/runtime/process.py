@@ -377,10 +377,14 @@ class ProcessRuntime:
         fd = os.open(record.log, os.O_RDWR)  # RDWR: the follower may empty it
         try:
             size = os.fstat(fd).st_size
-            # Its latest lines, for failure messages; only new ones become events.
-            os.lseek(fd, max(0, size - FOLLOW_CHUNK), os.SEEK_SET)
-            recent = os.read(fd, FOLLOW_CHUNK).split(b"\n")
-            os.lseek(fd, size, os.SEEK_SET)
+            # Its latest whole lines, for failure messages; only new ones become events.
+            # Read up to `size` alone (the engine writes on meanwhile), and follow from
+            # just past the last whole line: one half written is read whole later.
+            start = max(0, size - FOLLOW_CHUNK)
+            head = os.pread(fd, size - start, start)
+            cut = head.rfind(b"\n") + 1
+            recent = head[:cut].split(b"\n")
+            os.lseek(fd, start + cut, os.SEEK_SET)
         except OSError:
             os.close(fd)
             raise
@@ -396,7 +400,7 @@ class ProcessRuntime:
             spec, None, info, pid=record.pgid, start_time=record.start_time, pid_file=path
         )
         engine.output = fd
-        for raw in recent[1:-1] if size > FOLLOW_CHUNK else recent[:-1]:
+        for raw in recent[1:-1] if start else recent[:-1]:
             engine.tail.append(raw.decode("utf-8", "replace").rstrip("\r"))
         self._engines[spec.name] = engine
         # This switchd owns it now: the pid file names it (a crash of ours is seen again).
