@@ -126,6 +126,16 @@ async def unload(request: Request) -> Response:
 class StatusEvent(Event):
     """A `/models/sse` event: llama.cpp's `data:`-only block, encoded once."""
 
+    def json(self) -> str:
+        """llama.cpp's shape alone: `model`, `event`, `data` (switchd's events carry their
+        `id` too; llama.cpp's clients know none)."""
+        encoded = self._json
+        if encoded is None:
+            shaped = {"model": self.data["model"], "event": self.name, **self.data}
+            encoded = json.dumps(shaped, separators=(",", ":"))
+            object.__setattr__(self, "_json", encoded)
+        return encoded
+
     def sse(self) -> bytes:
         block = self._sse
         if block is None:
