@@ -1,4 +1,4 @@
-"""`switchd serve | demo | status | switch | unload`."""
+"""`switchd serve | demo | status | switch | unload | gateway | agent`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import uvicorn
 from switchd import __version__
 from switchd.app import check_gpu, create_app
 from switchd.client import run_client
+from switchd.cluster import commands as cluster_commands
 from switchd.config import ConfigError, Settings, load_settings, parse_listen
 from switchd.gpu import GpuUnavailable
 from switchd.protocol import server_protocol, uvicorn_problem
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     unload_cmd.add_argument("model")
     commands.add_parser("config-schema", help="print the JSON Schema of switchd.yaml")
+    cluster_commands.add_commands(commands)
     return parser
 
 
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "switch", "unload"):
         url, source = client_url(args.url)
         return run_client(args.command, url, args.key, getattr(args, "model", None), source)
+    if args.command in cluster_commands.COMMANDS:
+        return cluster_commands.run(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # One line per health poll drowns what matters; keep httpx to warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
