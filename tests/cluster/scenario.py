@@ -25,12 +25,15 @@ from typing import Any
 
 import httpx
 import ray
+import ray.exceptions
 from ray.cluster_utils import Cluster
 
 from switchd.client import SseParser
 from switchd.cluster import ray_directory
 from tests.cluster.hosts import start_gateway, start_hosts, switch
 
+# Ray's Python API is partly untyped: called through Any here.
+RAY: Any = ray
 HOSTS = ("gpu0", "gpu1", "gpu2")
 HEAD = "gpu2"  # the head node's host; gpu0 (a worker node) is the one that dies
 OBJECT_STORE = 75 * 1024 * 1024
@@ -155,20 +158,20 @@ def collect_events(
 
 def main(folder: Path) -> dict[str, Any]:
     report: dict[str, Any] = {}
-    node_args = {
+    node_args: dict[str, Any] = {
         "num_cpus": 1,
         "object_store_memory": OBJECT_STORE,
         "node_ip_address": "127.0.0.1",
     }
     started = time.monotonic()
-    cluster = Cluster(
+    cluster: Any = Cluster(
         initialize_head=True,
         head_node_args={**node_args, "include_dashboard": False, "resources": {HEAD: 1}},
     )
     hosts = []
     gateways = []
     try:
-        nodes = {HEAD: cluster.head_node}
+        nodes: dict[str, Any] = {HEAD: cluster.head_node}
         for name in HOSTS:
             if name == HEAD:
                 continue
@@ -176,14 +179,14 @@ def main(folder: Path) -> dict[str, Any]:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=ray_directory.NAMESPACE, log_to_driver=False)
         report["cluster_up_seconds"] = round(time.monotonic() - started, 1)
-        report["node_ips"] = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+        report["node_ips"] = sorted({n["NodeManagerAddress"] for n in RAY.nodes()})
         servers = start_hosts(folder, len(HOSTS))
         hosts.extend(servers)
         by_name = dict(zip(HOSTS, servers, strict=True))
         for name in HOSTS:
             ray_directory.start_agent(name, by_name[name].url, node=nodes[name].node_id)
         agents = {
-            name: ray.get(ray.get_actor(ray_directory.PREFIX + name).snapshot.remote())["node"]
+            name: RAY.get(ray.get_actor(ray_directory.PREFIX + name).snapshot.remote())["node"]
             for name in HOSTS
         }
         report["agents_on_their_nodes"] = all(agents[n] == nodes[n].node_id for n in HOSTS)
@@ -245,7 +248,7 @@ def main(folder: Path) -> dict[str, Any]:
         # Ray restarts a dead agent; a restarted gateway finds every host again.
         def agent_pid() -> int:
             handle = ray.get_actor(ray_directory.PREFIX + "gpu1")
-            return int(ray.get(handle.snapshot.remote(), timeout=2)["agent_pid"])
+            return int(RAY.get(handle.snapshot.remote(), timeout=2)["agent_pid"])
 
         first_pid = agent_pid()
         os.kill(first_pid, signal.SIGKILL)
@@ -262,14 +265,14 @@ def main(folder: Path) -> dict[str, Any]:
         # A host dies mid-traffic (its switchd killed, its node removed): requests for
         # big, held by gpu0 and gpu2, go to gpu2; none is answered wrong.
         dying = by_name["gpu0"]
-        assert dying.process is not None
+        dying_pid = dying.process.pid if dying.process is not None else 0
         seen: dict[str, float] = {}
 
         async def kill_midway() -> list[dict[str, Any]]:
             run = asyncio.create_task(traffic(url, "big", 6.0, 4))
             await asyncio.sleep(2.0)
             seen["killed"] = time.monotonic()
-            os.kill(dying.process.pid, signal.SIGKILL)
+            os.kill(dying_pid, signal.SIGKILL)
             await asyncio.to_thread(cluster.remove_node, nodes["gpu0"], True)
             seen["detected"] = seen["killed"] + await asyncio.to_thread(
                 wait_for, lambda: not host_state(url, "gpu0"), 10, "gpu0 unreachable"
@@ -330,7 +333,7 @@ def main(folder: Path) -> dict[str, Any]:
         for server in hosts:
             if server.process is not None and server.process.poll() is None:
                 server.stop()
-        ray.shutdown()
+        RAY.shutdown()
         cluster.shutdown()
 
 
