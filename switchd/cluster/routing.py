@@ -59,11 +59,30 @@ def models_of(host: HostSnapshot) -> Mapping[str, Mapping[str, Any]]:
 
 
 def devices_of(host: HostSnapshot) -> dict[int, float]:
-    """Free GB per device index."""
+    """Free GB per device index, memory on its way back included.
+
+    An engine just stopped gives its memory back a moment later: the device shows
+    it used, yet no model holds it. It is coming (the host's switchd plans with it
+    and waits for it), so it counts as free here too, else a host that has just
+    unloaded would look fuller than one that must unload now.
+    """
     if host.status is None:
         return {}
     devices = (host.status.get("gpu") or {}).get("devices") or []
-    return {int(d["index"]): float(d.get("available_gb", 0.0)) for d in devices}
+    free = {int(d["index"]): float(d.get("available_gb", 0.0)) for d in devices}
+    held = dict.fromkeys(free, 0.0)
+    for model in models_of(host).values():
+        if model.get("status") in HOLDS_MEMORY:
+            theirs = devices_used(model, sorted(free))
+            for d in theirs:
+                held[d] = held.get(d, 0.0) + held_gb(model) / max(len(theirs), 1)
+    for d in devices:
+        index = int(d["index"])
+        total = float(d.get("total_gb", 0.0))
+        coming = total - free[index] - held.get(index, 0.0)
+        if coming > 0:
+            free[index] += coming
+    return free
 
 
 def devices_used(model: Mapping[str, Any], all_devices: Sequence[int]) -> list[int]:

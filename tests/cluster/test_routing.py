@@ -30,10 +30,18 @@ def host(
     *,
     age: float | None = 0.2,
     error: str | None = None,
+    total: float | None = None,
 ) -> HostSnapshot:
+    """A host whose devices' totals are what is free plus what its models hold, unless
+    `total` says otherwise (memory on its way back)."""
     frees = free if isinstance(free, list) else [free]
+    held = sum(
+        float(m["gpu_memory_used_gb"] or m["size_gb"])
+        for m in models.values()
+        if m["status"] in ("running", "loading", "sleeping")
+    ) / len(frees)
     devices = [
-        {"index": i, "name": "Simulated GPU", "available_gb": f, "total_gb": 95.59}
+        {"index": i, "name": "Simulated GPU", "available_gb": f, "total_gb": total or f + held}
         for i, f in enumerate(frees)
     ]
     status = {"models": models, "gpu": {"devices": devices}}
@@ -124,3 +132,13 @@ def test_aliases_resolve_to_the_catalog_name() -> None:
     hosts = [host("a", {"gpt-oss-20b": model("running", aliases=["20b"])})]
     assert resolve("20b", hosts) == "gpt-oss-20b"
     assert [(c.host, c.model) for c in rank("20b", hosts)] == [("a", "gpt-oss-20b")]
+
+
+def test_memory_on_its_way_back_counts_as_free() -> None:
+    # Just unloaded: nothing holds the card, yet only 15.59 GB show free for now.
+    releasing = host("a", {"m": model(size=80)}, 15.59, total=95.59)
+    full = host("b", {"m": model(size=80), "v": model("running", 80)}, 15.59)
+    assert [(c.host, c.reason) for c in rank("m", [full, releasing])] == [
+        ("a", FITS),
+        ("b", UNLOADS),
+    ]
