@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from switchd.config import ConfigError, parse_listen
+from switchd.proxy import one_line_for_cut_offs
 
 COMMANDS = ("gateway", "agent")
 NO_RAY = "switchd: the cluster needs Ray: pip install 'switchd[cluster]'"
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A host dying mid-answer is one warning line, not a traceback (as in `serve`).
+    logging.getLogger("uvicorn.error").addFilter(one_line_for_cut_offs)
     if args.command == "agent":
         return agent(args)
     return gateway(args)
