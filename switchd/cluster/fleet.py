@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from switchd.cluster.directory import HostSnapshot
-from switchd.cluster.routing import models_of, rank
+from switchd.cluster.routing import devices_used, models_of, rank
 
 # A host a request could not reach stays out of routing this long, unless its
 # directory says sooner that it is down (then until it says it is back).
 FAILED_HOLD_SECONDS = 2.0
+# A model just sent to a host counts as loading there until the host's snapshot
+# shows it (or this long has passed): the next request must not be routed by a
+# read of the hosts taken before, which would put another model in its place.
+ROUTED_HOLD_SECONDS = 5.0
+HELD = ("running", "loading", "sleeping")
 MEMORY = ("used_gb", "total_gb", "available_gb")
 
 
@@ -29,6 +34,7 @@ class Fleet:
         self._hosts: dict[str, HostSnapshot] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # host: (until, why)
         self._reachable: dict[str, bool] = {}
+        self._routed: dict[tuple[str, str], float] = {}  # (host, model): when
 
     def update(self, snapshots: Iterable[HostSnapshot]) -> list[Change]:
         """The directory's latest list; what changed in who is reachable."""
@@ -53,13 +59,53 @@ class Fleet:
             del self._reachable[name]
         return changes
 
+    def routed(self, host: str, model: str) -> None:
+        """A request for `model` went to `host`: it loads there, if it was not already."""
+        self._routed[(host, model)] = time.monotonic()
+
     def view(self) -> list[HostSnapshot]:
         now = time.monotonic()
         out = []
         for name, snapshot in sorted(self._hosts.items()):
             until, why = self._failed.get(name, (0.0, ""))
-            out.append(snapshot.down(why) if until > now and snapshot.reachable else snapshot)
+            if until > now and snapshot.reachable:
+                out.append(snapshot.down(why))
+            else:
+                out.append(self._with_routed(snapshot, now))
         return out
+
+    def _with_routed(self, snapshot: HostSnapshot, now: float) -> HostSnapshot:
+        """`snapshot`, with the models sent there since as loading, their memory taken."""
+        pending = [
+            model
+            for (host, model), at in list(self._routed.items())
+            if host == snapshot.name and now - at < ROUTED_HOLD_SECONDS
+        ]
+        models = models_of(snapshot)
+        pending = [m for m in pending if m in models and models[m].get("status") not in HELD]
+        for key in [k for k, at in self._routed.items() if now - at >= ROUTED_HOLD_SECONDS]:
+            del self._routed[key]
+        for model in [m for (h, m) in self._routed if h == snapshot.name and m not in pending]:
+            del self._routed[(snapshot.name, model)]  # the host shows it: no guess needed
+        if not pending or snapshot.status is None:
+            return snapshot
+        status = dict(snapshot.status)
+        new_models = dict(models)
+        gpu = dict(status.get("gpu") or {})
+        devices = [dict(d) for d in gpu.get("devices") or []]
+        indexes = [int(d["index"]) for d in devices]
+        for model in pending:
+            spec = dict(new_models[model])
+            spec["status"] = "loading"
+            new_models[model] = spec
+            mine = devices_used(spec, indexes)
+            share = float(spec.get("size_gb") or 0.0) / max(len(mine), 1)
+            for device in devices:
+                if int(device["index"]) in mine:
+                    device["available_gb"] = float(device.get("available_gb", 0.0)) - share
+        gpu["devices"] = devices
+        status.update(models=new_models, gpu=gpu)
+        return replace(snapshot, status=status)
 
     def get(self, name: str) -> HostSnapshot | None:
         return next((h for h in self.view() if h.name == name), None)

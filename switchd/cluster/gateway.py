@@ -180,15 +180,20 @@ async def forward(
     *,
     body: bytes,
     what: str,
+    loads: str | None = None,
 ) -> None:
     """Send the request to the first of `hosts` that answers and relay its answer;
-    a host that does not answer at all is marked down and the next one is tried."""
+    a host that does not answer at all is marked down and the next one is tried.
+    `loads`: the model the request makes its host load, if it is not there yet."""
     headers = without_hop_by_hop(scope["headers"], FORWARDED_NOT)
     target = target_of(scope, drop=("host",))
     for name in hosts[:ATTEMPTS]:
         host = gateway.fleet.get(name)
         if host is None or not host.url:
             continue
+        if loads is not None:
+            # Before the answer: a request held while its model loads answers late.
+            gateway.fleet.routed(name, loads)
         try:
             answer = await gateway.upstream.request(
                 scope["method"], host.url, target, headers, body
@@ -226,7 +231,9 @@ class OpenAIRoutes:
                     "model_not_found",
                     f"Unknown model {model!r} on every reachable host; known: {', '.join(known)}",
                 )
-            await forward(gateway, scope, send, [c.host for c in choices], body=body, what=model)
+            hosts = [c.host for c in choices]
+            name = choices[0].model
+            await forward(gateway, scope, send, hosts, body=body, what=model, loads=name)
         except ProxyError as error:
             await error.response()(scope, receive, send)
 
@@ -285,12 +292,14 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
-async def passthrough(request: Request, hosts: list[str], body: bytes, what: str) -> Response:
+async def passthrough(
+    request: Request, hosts: list[str], body: bytes, what: str, loads: str | None = None
+) -> Response:
     """Forward to the first of `hosts` that answers; the answer is sent from here."""
     gateway = gateway_of(request)
     scope, send = request.scope, request._send
     try:
-        await forward(gateway, scope, send, hosts, body=body, what=what)
+        await forward(gateway, scope, send, hosts, body=body, what=what, loads=loads)
     except ProxyError as error:
         return errors.switchd_error(error.status, error.code, error.message)
     return Sent()
@@ -333,14 +342,15 @@ async def switch(request: Request) -> Response:
             return unknown_host(host, gateway)
         if not chosen.reachable:
             return unreachable_host(host)
-        return await passthrough(request, [host], body, target)
+        return await passthrough(request, [host], body, target, loads=target)
     choices = rank(target, hosts)
     if not choices:
         known = known_models(hosts)
         return errors.switchd_error(
             404, "model_not_found", f"Unknown model {target!r}", known_models=known
         )
-    return await passthrough(request, [c.host for c in choices], body, target)
+    hosts_in_order = [c.host for c in choices]
+    return await passthrough(request, hosts_in_order, body, target, loads=choices[0].model)
 
 
 async def unload(request: Request) -> Response:
