@@ -3,6 +3,7 @@ hosts (`switchd gateway --host-url`), the same gateway code Ray's directory feed
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from switchd.cli import main
+from switchd.cluster.commands import NO_RAY
 from tests.cluster.hosts import Gateway, start_gateway, start_hosts, switch
 from tests.integration.server import Server
 
@@ -137,3 +139,10 @@ def test_a_dead_host_is_unreachable_within_seconds_and_its_models_go_elsewhere(
 
 def test_host_list_arguments_are_checked() -> None:
     assert main(["gateway", "--host-url", "a=not-a-url"]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is installed here")
+def test_without_ray_the_commands_say_what_to_install(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gateway", "--address", "auto"]) == 2
+    assert main(["agent", "--name", "a", "--url", "http://127.0.0.1:8080"]) == 2
+    assert capsys.readouterr().err == NO_RAY + "\n" + NO_RAY + "\n"
