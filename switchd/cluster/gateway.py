@@ -276,20 +276,32 @@ async def models_status(request: Request) -> Response:
     return JSONResponse(merged_status(gateway_of(request).fleet.view()))
 
 
+def model_object(name: str, model: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "owned_by": "switchd",
+        "status": model.get("status"),
+        "aliases": model.get("aliases", []),
+        "host": model["host"],
+        "loaded_on": model["loaded_on"],
+    }
+
+
 async def list_models(request: Request) -> Response:
     status = merged_status(gateway_of(request).fleet.view())
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "owned_by": "switchd",
-            "status": model.get("status"),
-            "aliases": model.get("aliases", []),
-            "host": model["host"],
-        }
-        for name, model in status["models"].items()
-    ]
+    data = [model_object(name, model) for name, model in status["models"].items()]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def one_model(request: Request) -> Response:
+    status = merged_status(gateway_of(request).fleet.view())
+    wanted = request.path_params["model"]
+    for name, model in status["models"].items():
+        if wanted == name or wanted in (model.get("aliases") or ()):
+            return JSONResponse(model_object(name, model))
+    message = f"The model {wanted!r} does not exist on any reachable host"
+    return errors.openai_error(404, "model_not_found", message)
 
 
 async def passthrough(
@@ -456,6 +468,7 @@ def create_gateway(directory: Directory, interval: float = 0.5) -> EngineCallsFi
         Route("/v1/models/status", models_status),
         Route("/v1/models/switch", switch, methods=["POST"]),
         Route("/v1/models/unload", unload, methods=["POST"]),
+        Route("/v1/models/{model:path}", one_model),
         Route("/v1/switches", list_jobs),
         Route("/v1/switches/{job}", job_route),
         Route("/v1/switches/{job}/events", job_route),

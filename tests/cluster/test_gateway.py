@@ -62,6 +62,12 @@ def test_status_names_where_each_model_is(fleet: Fleet) -> None:
     assert status["gpu"]["total_gb"] == 191.18
     health = httpx.get(f"{fleet.gateway.url}/health").json()
     assert health["hosts"] == {"reachable": 2, "total": 2}
+    listed = httpx.get(f"{fleet.gateway.url}/v1/models").json()["data"]
+    assert [(m["id"], m["host"]) for m in listed] == [("big", "a"), ("mid", "b"), ("small", "b")]
+    one = httpx.get(f"{fleet.gateway.url}/v1/models/s").json()
+    assert (one["id"], one["loaded_on"]) == ("small", ["b"])
+    missing = httpx.get(f"{fleet.gateway.url}/v1/models/nope")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "model_not_found")
 
 
 def test_requests_go_to_the_host_that_serves_their_model_alias_included(fleet: Fleet) -> None:
