@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LISTEN ?= 127.0.0.1:8080
 GPUS ?= 1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-cluster test lint bench clean
 
 # What serving needs, and nothing more: the demo needs only Python.
 $(BIN)/.installed: pyproject.toml
@@ -24,6 +24,15 @@ $(BIN)/.installed-test: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/switchd demo --listen $(LISTEN) --gpus $(GPUS)
+
+# Three simulated hosts, their agents on a one-node Ray cluster (loopback, one CPU),
+# and the gateway with the UI at $(LISTEN): `switchd gateway` on one machine.
+$(BIN)/.installed-cluster: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[cluster]'
+	touch $@
+
+demo-cluster: $(BIN)/.installed-cluster
+	$(BIN)/python -m switchd.cluster.demo --listen $(LISTEN)
 
 lint: $(BIN)/.installed-test
 	$(BIN)/ruff check switchd tests bench

@@ -20,6 +20,16 @@ function note(text) {
   return element("span", "cell-note", text);
 }
 
+// Behind `switchd gateway` (several hosts), where the model runs or sleeps, else the
+// host a request for it would go to; a single switchd's status has no `hosts`.
+function hostsNote(model) {
+  const where = [...(model.loaded_on || []), ...(model.asleep_on || []).map((h) => `${h} (asleep)`)];
+  const text = where.length ? `on ${where.join(", ")}` : `would load on ${model.host}`;
+  const badge = element("span", "host-badge", text);
+  badge.title = "The cluster's hosts where it is loaded or asleep; else where a request would load it";
+  return badge;
+}
+
 function statusCell(cell, model) {
   const badge = element("span", `status ${model.status}`, model.status);
   cell.append(badge);
@@ -41,6 +51,7 @@ function statusCell(cell, model) {
     cell.append(line);
   }
   if (model.error) cell.append(element("span", "status-error", model.error.split("\n")[0]));
+  if (model.hosts) cell.append(hostsNote(model));
 }
 
 // Where it is (its engine's devices) or may go (its configured ones), on a host of

@@ -1,4 +1,4 @@
-"""`switchd serve | demo | status | switch | unload | events`."""
+"""`switchd serve | demo | status | switch | unload | reload | events | gateway | agent`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import uvicorn
 from switchd import __version__
 from switchd.app import check_gpu, create_app
 from switchd.client import run_client
+from switchd.cluster import commands as cluster_commands
 from switchd.config import ConfigError, LogFormat, Settings, load_settings, parse_listen
 from switchd.follow import add_follow_arguments, follow_command
 from switchd.gpu import GpuUnavailable
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reload", parents=[client_parent], help="read the config file again (live, as a diff)"
     )
     commands.add_parser("config-schema", help="print the JSON Schema of switchd.yaml")
+    cluster_commands.add_commands(commands)
     return parser
 
 
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "switch", "unload", "reload"):
         url, source = client_url(args.url)
         return run_client(args.command, url, args.key, getattr(args, "model", None), source)
+    if args.command in cluster_commands.COMMANDS:
+        return cluster_commands.run(args)
     configure(args.log_level, LogFormat(args.log_format or LogFormat.TEXT))
     logging.getLogger("uvicorn.error").addFilter(one_line_for_cut_offs)
     try:
