@@ -1,10 +1,12 @@
-"""Every error answer switchd gives, in its two shapes, and the one way it is sent.
+"""Every error answer switchd gives, in its three shapes, and the one way it is sent.
 
 - OpenAI-shaped, on the routes an OpenAI client calls (the engines' and
   `GET /v1/models/{id}`) and inside their event streams, where the SDKs raise it
   as an APIError: `{"error": {"message", "type", "code"}}`.
 - switchd-shaped, on switchd's own routes, with the figures behind the error:
   `{"status": "error", "error": code, "message", ...fields}`.
+- llama.cpp-shaped, on llama.cpp's model-management routes (switchd.llamacpp_api),
+  whose clients read its HTTP status as `code`: `{"error": {"code": 404, ...}}`.
 
 `ErrorResponse` sends either as a plain ASGI answer (status, JSON, extra headers
 such as Retry-After or WWW-Authenticate), from a route as from a middleware.
@@ -37,6 +39,11 @@ def openai_body(message: str, code: str, kind: str = INVALID_REQUEST) -> dict[st
 
 def switchd_body(code: str, message: str, **fields: Any) -> dict[str, Any]:
     return {"status": "error", "error": code, "message": message, **fields}
+
+
+def llamacpp_body(status: int, message: str) -> dict[str, Any]:
+    kind = "not_found_error" if status == 404 else INVALID_REQUEST
+    return {"error": {"code": status, "message": message, "type": kind}}
 
 
 def kind_of(status: int) -> str:

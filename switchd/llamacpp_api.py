@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from switchd import metadata, sse, wire
+from switchd import errors, metadata, sse, wire
 from switchd.catalog import ModelRecord
 from switchd.errors import ErrorResponse
 from switchd.events import Event, Subscription
@@ -54,6 +54,7 @@ from switchd.routes import (
     read_capped,
     services,
 )
+from switchd.scheduler import Scheduler
 from switchd.states import Stage
 
 STATUS_EVENT = "model_status"
@@ -64,8 +65,7 @@ PROGRESS_CAP = 0.99  # elapsed over estimated: never 100% before it is ready
 
 def llama_error(status: int, message: str) -> ErrorResponse:
     """An error as llama.cpp's server answers one: its HTTP status as `code`."""
-    kind = "not_found_error" if status == 404 else "invalid_request_error"
-    return ErrorResponse(status, {"error": {"code": status, "message": message, "type": kind}})
+    return ErrorResponse(status, errors.llamacpp_body(status, message))
 
 
 async def model_named(request: Request) -> str:
@@ -85,20 +85,37 @@ def _value(record: ModelRecord) -> str:
     return metadata.status_value(record.state.value)
 
 
-async def load(request: Request) -> Response:
+class Refused(Exception):
+    """A model-management call refused, with llama.cpp's answer for it."""
+
+    def __init__(self, answer: ErrorResponse) -> None:
+        self.answer = answer
+
+
+async def asked_for(request: Request, unknown_status: int) -> tuple[Scheduler, ModelRecord]:
+    """The scheduler and the record of the body's model; Refused as llama.cpp refuses a
+    bad body (400) or an unknown model (`unknown_status`: 404 on load, 400 on unload,
+    as its server answers)."""
     try:
         name = await model_named(request)
     except BadRequest as bad:
-        return llama_error(400, str(bad))
+        raise Refused(llama_error(400, str(bad))) from None
     scheduler = services(request).scheduler
     spec = scheduler.resolve(name)
     if spec is None:
-        return llama_error(404, "model is not found")
-    if _value(scheduler.records[spec.name]) in (metadata.LOADED, metadata.LOADING):
-        return llama_error(400, "model is already running")
+        raise Refused(llama_error(unknown_status, "model is not found"))
+    return scheduler, scheduler.records[spec.name]
+
+
+async def load(request: Request) -> Response:
     try:
-        await scheduler.check_fits(spec.name)
-        scheduler.request_switch(spec.name, Cause.API)
+        scheduler, record = await asked_for(request, 404)
+        if _value(record) in (metadata.LOADED, metadata.LOADING):
+            return llama_error(400, "model is already running")
+        await scheduler.check_fits(record.spec.name)
+        scheduler.request_switch(record.spec.name, Cause.API)
+    except Refused as refused:
+        return refused.answer
     except SwitchError as error:
         return llama_error(400, error.message)
     return JSONResponse({"success": True})
@@ -106,17 +123,12 @@ async def load(request: Request) -> Response:
 
 async def unload(request: Request) -> Response:
     try:
-        name = await model_named(request)
-    except BadRequest as bad:
-        return llama_error(400, str(bad))
-    scheduler = services(request).scheduler
-    spec = scheduler.resolve(name)
-    if spec is None:
-        return llama_error(400, "model is not found")
-    if _value(scheduler.records[spec.name]) not in metadata.RUNNING_VALUES:
-        return llama_error(400, "model is not running")
-    try:
-        scheduler.request_unload(spec.name, Cause.API)
+        scheduler, record = await asked_for(request, 400)
+        if _value(record) not in metadata.RUNNING_VALUES:
+            return llama_error(400, "model is not running")
+        scheduler.request_unload(record.spec.name, Cause.API)
+    except Refused as refused:
+        return refused.answer
     except SwitchError as error:
         return llama_error(400, error.message)
     return JSONResponse({"success": True})
