@@ -32,6 +32,7 @@ BENCHMARKS = [
     ("proxy", 900, 600),  # a first run installs LiteLLM (minutes)
     ("contention", 400, 150),
     ("fairness", 300, 120),
+    ("gateway", 300, 120),
 ]
 
 
