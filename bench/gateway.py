@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from bench.server import free_port, percentile, start_switchd, stop
+from bench.server import free_port, launch, percentile, start_switchd, stop
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 SIZES = {"big": 80, "mid": 40, "small": 24}
@@ -56,31 +56,12 @@ def host(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
 def gateway(hosts: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     urls = [f"--host-url={name}={url}" for name, url in hosts.items()]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "switchd",
-            "gateway",
-            "--listen",
-            f"127.0.0.1:{port}",
-            *urls,
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).json()["hosts"]["reachable"] == len(hosts):
-                return process, url
-        except (httpx.TransportError, ValueError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the gateway did not see its hosts")
+
+    def sees_them(answer: httpx.Response) -> bool:
+        reachable: int = answer.json()["hosts"]["reachable"]
+        return reachable == len(hosts)
+
+    return launch(["gateway", "--listen", f"127.0.0.1:{port}", *urls], port, sees_them)
 
 
 def timed(http: httpx.Client, url: str, count: int) -> list[float]:

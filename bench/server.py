@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,17 @@ def start_switchd(
     }
     path = folder / "switchd.yaml"
     path.write_text(yaml.safe_dump(config))
+    return launch(["serve", "--config", str(path)], port)
+
+
+def launch(
+    arguments: list[str],
+    port: int,
+    ready: Callable[[httpx.Response], bool] = lambda answer: True,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`switchd ARGUMENTS` on `port`, once its /health answers as `ready` says."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "switchd", "serve", "--config", str(path), "--log-level", "warning"],
+        [sys.executable, "-m", "switchd", *arguments, "--log-level", "warning"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -57,12 +67,13 @@ def start_switchd(
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            httpx.get(f"{url}/health", timeout=1)
-            return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)
+            if ready(httpx.get(f"{url}/health", timeout=1)):
+                return process, url
+        except (httpx.TransportError, ValueError):
+            pass
+        time.sleep(0.05)
     process.kill()
-    raise SystemExit("switchd did not start")
+    raise SystemExit(f"switchd {arguments[0]} did not start")
 
 
 def stop(process: subprocess.Popen[bytes], grace: float = 30) -> None:
