@@ -1,10 +1,14 @@
 """The catalog: each model's record, its state changes and the figures derived from it.
 
 `transition` is the only code that changes a model's state, and only the
-scheduler's worker calls it (asserted): runtime reports and requests reach the
-state as messages to that one owner, never as a second writer. Every change
-names the states it expects (compare-and-set); finding another one raises
-StateConflict, which the caller handles on purpose.
+scheduler's tasks call it (asserted): its worker and the jobs it starts, each
+job on its own models. Runtime reports and requests reach the state as messages
+to them, never as another writer. Every change names the states it expects
+(compare-and-set); finding another one raises StateConflict, which the caller
+handles on purpose.
+
+A load started beside a running job reserves what it will take until its engine
+holds it (`reserve`): no other plan may count that memory as free meanwhile.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +34,9 @@ ACTIVE = (ModelState.RUNNING, ModelState.LOADING)
 # An engine runs (it may be asleep); and it holds GPU memory (asleep: its residue).
 ENGINE = (ModelState.RUNNING, ModelState.LOADING, ModelState.SLEEPING)
 HOLDING = (ModelState.RUNNING, ModelState.LOADING, ModelState.STOPPING, ModelState.SLEEPING)
+# A reservation counts until the engine takes its memory: a sleeper's only as it wakes.
+NOT_TAKEN = (ModelState.EXITED, ModelState.FAILED, ModelState.SLEEPING)
+TAKES_KEPT = 64  # engine starts remembered for release windows (a window sees a few)
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,13 @@ class Catalog:
         self._ledger = ledger  # the simulated card's, told of every memory move
         self._bus = bus
         self.records = {name: ModelRecord(spec) for name, spec in settings.models.items()}
-        self.owner: asyncio.Task[Any] | None = None  # the one task allowed to change states
+        # The tasks allowed to change states: the scheduler's worker and its jobs
+        # (empty: any, for a catalog used without a scheduler).
+        self.writers: set[asyncio.Task[Any]] = set()
+        # Models a job brings up beside another, and what each will take, per device.
+        self._reserved: dict[str, dict[int, float]] = {}
+        # (memory_moves after it, GB per device): engines that began taking memory.
+        self._takes: deque[tuple[int, dict[int, float]]] = deque(maxlen=TAKES_KEPT)
         # Counts every engine start, stop and death: a footprint measured as "free
         # before minus free after" is only attributable if this did not move meanwhile.
         self.memory_moves = 0
@@ -120,9 +134,7 @@ class Catalog:
         not given), `devices` where it runs (else the engine's, if it knows them);
         leaving those states drops both. `tier`: how a SLEEPING model sleeps.
         """
-        assert self.owner is None or asyncio.current_task() is self.owner, (
-            "model state changed outside the scheduler's worker"
-        )
+        self._check_writer()
         allowed = {expected} if isinstance(expected, ModelState) else set(expected)
         old = record.state
         if old not in allowed:
@@ -166,6 +178,7 @@ class Catalog:
                     spec.name, gib_to_bytes(spec.size_gb), record.devices or spec.gpus
                 )
             self.memory_moves += 1
+            self._takes.append((self.memory_moves, self._taking(record)))
         if new is ModelState.SLEEPING:  # from RUNNING, or adopted asleep
             if self._ledger is not None:
                 self._ledger.engine_slept(spec.name)
@@ -174,10 +187,14 @@ class Catalog:
             if awake is not None:
                 self._sleep_releases(record, awake)
         if old is ModelState.SLEEPING and new is ModelState.LOADING:
+            placed = record.devices or spec.gpus
+            kept = self.held_by_device(record, placed) if placed else {}
             if self._ledger is not None:
                 self._ledger.engine_woken(spec.name)
             record.measured_gb = record.measured_by_device = None  # measured again once awake
             self.memory_moves += 1
+            waking = {d: max(0.0, gb - kept.get(d, 0.0)) for d, gb in self._taking(record).items()}
+            self._takes.append((self.memory_moves, waking))
         if new not in HOLDING and old in HOLDING:
             if self._ledger is not None:
                 self._ledger.engine_stopped(spec.name)
@@ -193,15 +210,51 @@ class Catalog:
         self._bus.publish(wire.MODEL_STATE, data)
         return old
 
+    def _check_writer(self) -> None:
+        assert not self.writers or asyncio.current_task() in self.writers, (
+            "model state changed outside the scheduler's tasks"
+        )
+
+    def _taking(self, record: ModelRecord) -> dict[int, float]:
+        """What an engine that begins to load will take on each of its devices."""
+        devices = record.devices or record.spec.gpus or ()
+        if not devices:  # not placed: the planner's figure spread over its devices later
+            return {}
+        share = self.expected_gb(record.spec) / len(devices)
+        return dict.fromkeys(devices, share)
+
+    def taken_since(self, moves: int) -> dict[int, float]:
+        """Per device, what engines that began to load (or wake) after `memory_moves`
+        was `moves` were expected to take: memory a release window sees go that is
+        not the released engine's."""
+        taken: dict[int, float] = {}
+        for seq, by_device in self._takes:
+            if seq > moves:
+                for device, gb in by_device.items():
+                    taken[device] = taken.get(device, 0.0) + gb
+        return taken
+
+    def reserve(self, model: str, by_device: dict[int, float]) -> None:
+        """`model` is being brought up beside another job: what it will take on each
+        device is not free for any plan (but its own) until its engine holds it."""
+        self._reserved[model] = dict(by_device)
+
+    def unreserve(self, model: str) -> None:
+        self._reserved.pop(model, None)
+
+    def reserved(self) -> frozenset[str]:
+        """The models brought up beside another job now: none may be unloaded."""
+        return frozenset(self._reserved)
+
     def add(self, spec: ModelSpec) -> ModelRecord:
         """A model new to the catalog (a config reload), not loaded."""
-        assert self.owner is None or asyncio.current_task() is self.owner
+        self._check_writer()
         record = self.records[spec.name] = ModelRecord(spec)
         return record
 
     def remove(self, model: str) -> None:
         """A model gone from the config, once its engine is gone (a config reload)."""
-        assert self.owner is None or asyncio.current_task() is self.owner
+        self._check_writer()
         record = self.records[model]
         if record.state in HOLDING:
             raise StateConflict(model, record.state, (ModelState.EXITED, ModelState.FAILED))
@@ -305,7 +358,7 @@ class Catalog:
 
     def attach(self, record: ModelRecord, engine: EngineInfo) -> None:
         """The engine that a LOADING model's start produced."""
-        assert self.owner is None or asyncio.current_task() is self.owner
+        self._check_writer()
         if record.state is not ModelState.LOADING:
             raise StateConflict(record.spec.name, record.state, (ModelState.LOADING,))
         record.engine = engine
@@ -400,8 +453,11 @@ class Catalog:
             return planner.Need(max(0.0, per_device - kept), record.devices, len(record.devices))
         return planner.Need(per_device, spec.gpus, count)
 
-    def available_by_device(self, snapshot: GpuSnapshot) -> dict[int, float]:
-        """Per device, the smaller of the driver's free figure and total minus reservations.
+    def available_by_device(
+        self, snapshot: GpuSnapshot, for_model: str | None = None
+    ) -> dict[int, float]:
+        """Per device, the smaller of the driver's free figure and total minus reservations,
+        less what loads started beside another job will take (`for_model`'s own aside).
 
         The driver's figure lags behind an engine that is still allocating, so
         models loading and not yet measured count at their expected share.
@@ -412,21 +468,40 @@ class Catalog:
             if record.state in ACTIVE and record.measured_gb is None:
                 for device, gb in self.held_by_device(record, every).items():
                     reserved[device] = reserved.get(device, 0.0) + gb
+        coming: dict[int, float] = dict.fromkeys(every, 0.0)
+        for model, by_device in self._reserved.items():
+            starting = self.records.get(model)
+            if model != for_model and starting is not None and starting.state in NOT_TAKEN:
+                for device, gb in by_device.items():
+                    coming[device] = coming.get(device, 0.0) + gb
         return {
-            d.index: gib(max(0, min(d.free_bytes, d.total_bytes - gib_to_bytes(reserved[d.index]))))
+            d.index: max(
+                0.0,
+                gib(max(0, min(d.free_bytes, d.total_bytes - gib_to_bytes(reserved[d.index]))))
+                - coming[d.index],
+            )
             for d in snapshot.devices
         }
 
-    def available_gb(self, snapshot: GpuSnapshot, devices: Sequence[int] | None) -> float:
+    def available_gb(
+        self, snapshot: GpuSnapshot, devices: Sequence[int] | None, for_model: str | None = None
+    ) -> float:
         """Available on `devices` (None: all) together, for messages."""
-        available = self.available_by_device(snapshot)
+        available = self.available_by_device(snapshot, for_model)
         return round(sum(gb for d, gb in available.items() if devices is None or d in devices), 2)
 
-    def candidates(self, target: ModelSpec, every: Sequence[int]) -> list[planner.Candidate]:
-        """The loaded models that could be unloaded to make room for `target`."""
+    def candidates(
+        self, target: ModelSpec, every: Sequence[int], *, busy_pinned: bool = True
+    ) -> list[planner.Candidate]:
+        """The loaded models that could be unloaded to make room for `target`. One
+        brought up beside another job counts as pinned until its load is over, its
+        load not to be undone (`busy_pinned` False: as it will be after)."""
         return [
             planner.Candidate(
-                r.spec.name, self.held_by_device(r, every), r.last_used, r.spec.pinned
+                r.spec.name,
+                self.held_by_device(r, every),
+                r.last_used,
+                r.spec.pinned or (busy_pinned and r.spec.name in self._reserved),
             )
             for r in self.records.values()
             if r.spec.name != target.name and r.state in ENGINE

@@ -222,6 +222,11 @@ def show_status(client: Client, out: TextIO) -> int:
             f"switching to {switch['target']}: {switch['stage']} "
             f"{progress_bar(switch['progress'])}\n"
         )
+    for load in status.get("beside", []):
+        out.write(
+            f"loading {load['target']} beside it: {load['stage']} "
+            f"{progress_bar(load['progress'])}\n"
+        )
     return 0
 
 

@@ -3,8 +3,8 @@
 The scheduler's worker is the one owner of model state: a report is queued by
 `deliver` and applied by the worker between steps and at every wait inside one
 (`pause`), so a report can never change a state that a step has read and is
-about to act on. A report about the engine being loaded goes to that load
-(`Inbox.load`): its lines become the job's `log` events, its exit fails it.
+about to act on. A report about an engine being loaded goes to that load
+(`Inbox.loads`): its lines become the job's `log` events, its exit fails it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from switchd.units import iso_timestamp
 
 @dataclass
 class Load:
-    """The load in progress: whose job reports it, and its engine's exit if it died."""
+    """A load in progress: whose job reports it, and its engine's exit if it died."""
 
     job: Job
     record: ModelRecord
@@ -43,7 +43,9 @@ class Inbox:
         self._emitter = emitter
         self._reports: deque[RuntimeEvent] = deque()
         self._reported = asyncio.Event()
-        self.load: Load | None = None  # set by the loader while it waits for an engine
+        # Set by the loader while it waits for an engine, by model: a load runs beside
+        # the switch under way when it needs no room (switchd.scheduler).
+        self.loads: dict[str, Load] = {}
 
     def deliver(self, event: RuntimeEvent) -> None:
         """Queue a runtime report for the worker (called by the runtime's watcher)."""
@@ -51,7 +53,7 @@ class Inbox:
         self._reported.set()
 
     def apply(self) -> None:
-        """Handle every queued report: the worker calls this, no one else."""
+        """Handle every queued report: the scheduler's worker and jobs call this."""
         self._reported.clear()
         while self._reports:
             event = self._reports.popleft()
@@ -76,12 +78,12 @@ class Inbox:
         return reported
 
     def _on_output(self, event: EngineOutput) -> None:
-        load = self.load
+        load = self.loads.get(event.model)
         if load is not None and load.concerns(event.model, event.instance):
             self._emitter.emit_log(load.job, event.model, event.line)
 
     def _on_exit(self, event: EngineExited) -> None:
-        load = self.load
+        load = self.loads.get(event.model)
         if load is not None and load.concerns(event.model, event.instance):
             load.exited = event  # the load fails with the engine's last lines
             return

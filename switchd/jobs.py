@@ -84,6 +84,9 @@ class Job:
         self.woken: bool = False  # the target was woken, not started
         self.memory_info: dict[str, float] = {}
         self.estimated_load_time_seconds: float | None = None
+        # A switch's placement and victims, once its memory check decided them.
+        self.placed: tuple[int, ...] | None = None
+        self.victims: tuple[str, ...] = ()
         self.timeline: list[tuple[str, float]] = []  # (stage, seconds since created)
         self.started = asyncio.Event()  # the engine runs (or the job ended first)
         self.done = asyncio.Event()

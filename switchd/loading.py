@@ -192,7 +192,7 @@ class Loader:
             )
         job.started.set()
         loading = Load(job, record, info.instance, info.url + spec.health_path)
-        self._inbox.load = loading
+        self._inbox.loads[spec.name] = loading
         try:
             self._inbox.apply()  # the lines it printed before `start` was announced
             await self._wait_healthy(loading, started, estimate)
@@ -202,7 +202,7 @@ class Loader:
             if loading.exited is not None:
                 self._engine_died(record, loading.exited)
         finally:
-            self._inbox.load = None
+            self._inbox.loads.pop(spec.name, None)
             self._emitter.flush_logs(job)  # the count of lines held back, before `ready` or `error`
         load_seconds = round(self._clock() - started, 2)
         if before is not None:
@@ -267,7 +267,7 @@ class Loader:
         job.woken = True  # before `started`: a switch answered now tells of a wake
         job.started.set()
         loading = Load(job, record, info.instance, info.url + spec.health_path)
-        self._inbox.load = loading
+        self._inbox.loads[spec.name] = loading
         # A wake slower than a cold load is a failed wake: stop it and load it cold.
         deadline = started + min(self.settings.health_timeout_seconds, max(10.0, cold))
         failure: str | None = None
@@ -283,7 +283,7 @@ class Loader:
         except StandbyFailed as exc:
             failure = str(exc)
         finally:
-            self._inbox.load = None
+            self._inbox.loads.pop(spec.name, None)
             self._inbox.apply()
         if loading.exited is not None:
             failure = f"it {loading.exited.reason} while waking"

@@ -8,6 +8,9 @@ Memory on its way back (an engine stopping, or gone lately and not yet seen
 released) is neither free nor freeable, but it is coming: `once_released` plans
 as if it were back, and `refusal` answers 409 only for a model that would not
 fit even then.
+
+`beside` plans a load that may start while another job runs: one that needs no
+room, and takes nothing that job's target is counting on.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from switchd import planner
-from switchd.catalog import Catalog
+from switchd.catalog import NOT_TAKEN, Catalog
 from switchd.config import EvictionPolicy, ModelSpec
 from switchd.gpu import GpuSnapshot
-from switchd.jobs import SwitchError
+from switchd.jobs import Job, JobKind, SwitchError
+from switchd.states import ModelState
 from switchd.units import gib
 
 
@@ -38,9 +42,44 @@ def plan(
     ]
     return planner.plan(
         catalog.need(spec, every),
-        catalog.available_by_device(snapshot),
+        catalog.available_by_device(snapshot, spec.name),
         {d.index: gib(d.total_bytes) for d in snapshot.devices},
         candidates,
+        eviction,
+    )
+
+
+def beside(
+    catalog: Catalog,
+    spec: ModelSpec,
+    snapshot: GpuSnapshot,
+    eviction: EvictionPolicy,
+    running: Job | None,
+) -> planner.Plan:
+    """Where `spec` would load now with nothing unloaded, beside the job `running`
+    (enough: it may start at once). It must fit in what is free now, and in what
+    will be free once that job is done: what the job's target will take (where its
+    memory check placed it; until then, on every device it may go) is not free,
+    while what the job's victims hold and memory on its way back will be."""
+    every = snapshot.indexes()
+    now = catalog.available_by_device(snapshot, spec.name)
+    later = {d: gb + catalog.releasing_by_device(snapshot).get(d, 0.0) for d, gb in now.items()}
+    if running is not None and running.kind is JobKind.SWITCH:
+        target = catalog.records.get(running.target)
+        if target is not None and target.state in NOT_TAKEN:
+            need = catalog.need(target.spec, every)
+            for device in running.placed or need.fixed or every:
+                later[device] = later.get(device, 0.0) - need.per_device_gb
+        for name in running.victims:
+            victim = catalog.records.get(name)
+            if victim is not None and victim.state in (ModelState.RUNNING, ModelState.SLEEPING):
+                for device, gb in catalog.held_by_device(victim, every).items():
+                    later[device] = later.get(device, 0.0) + gb
+    return planner.plan(
+        catalog.need(spec, every),
+        {d: max(0.0, min(gb, later[d])) for d, gb in now.items()},
+        {d.index: gib(d.total_bytes) for d in snapshot.devices},
+        (),
         eviction,
     )
 
@@ -51,15 +90,15 @@ def once_released(
     snapshot: GpuSnapshot,
     eviction: EvictionPolicy,
 ) -> planner.Plan:
-    """The plan as it will be once the memory on its way back has come."""
+    """The plan as it will be once the memory on its way back has come, and the
+    loads beside another job have ended (what they load may be unloaded then)."""
     every = snapshot.indexes()
-    available = catalog.available_by_device(snapshot)
+    available = catalog.available_by_device(snapshot, spec.name)
     coming = catalog.releasing_by_device(snapshot)
     totals = {d.index: gib(d.total_bytes) for d in snapshot.devices}
     later = {d: min(totals[d], gb + coming.get(d, 0.0)) for d, gb in available.items()}
-    return planner.plan(
-        catalog.need(spec, every), later, totals, catalog.candidates(spec, every), eviction
-    )
+    candidates = catalog.candidates(spec, every, busy_pinned=False)
+    return planner.plan(catalog.need(spec, every), later, totals, candidates, eviction)
 
 
 def refusal(

@@ -217,6 +217,8 @@ def describe(standing: Standing) -> str:
         parts.append(
             f"switchd is {doing} {current.target} ({current.stage.value}, {current.progress:.0%})"
         )
+        if standing.fits_beside:
+            parts.append("it needs no room: it loads beside that now")
     elif state is not ModelState.RUNNING and standing.serving:
         serving = ", ".join(standing.serving)
         if standing.fits_beside:
@@ -227,7 +229,7 @@ def describe(standing: Standing) -> str:
         waited = standing.waited_seconds
         since = f", the first for {waited:.0f} s" if waited is not None else ""
         parts.append(f"{standing.waiting} request(s) wait for it{since}")
-    if current is None or current.target != model:
+    if current is None or (current.target != model and not standing.fits_beside):
         parts.append(_place_in_line(standing))
     verb = "waking" if state is ModelState.SLEEPING else "loading"
     parts.append(f"{verb} it takes about {standing.ready_seconds:g} s")

@@ -1,11 +1,19 @@
-"""The scheduler: demand, jobs, policy, and the one worker that owns model state.
+"""The scheduler: demand, jobs, policy, and the worker that decides which job runs.
 
-One job acts on the GPU at a time, because the GPU is one shared resource. The
-worker task is the only code that changes model states (Catalog.transition
-asserts it): it runs explicit jobs (an operator's switch or unload, FIFO),
-unloads idle models after their TTL, and turns the demand of waiting requests
-into switches by the policy of switchd/policy.py. Runtime reports reach it as
-messages (switchd.inbox), never as a second writer.
+One job makes room on the GPU at a time, because freeing memory and verifying
+that it came back is one shared measurement. The worker decides: it runs
+explicit jobs (an operator's switch or unload, FIFO), unloads idle models after
+their TTL, and turns the demand of waiting requests into switches by the policy
+of switchd/policy.py. A model that is wanted and fits beside everything (the
+running job's target and what its victims will free counted: planning.beside)
+loads at once, in a job of its own beside the running one: nothing that needs
+no room waits for a switch, nor for an engine call that hangs in it.
+
+The worker and the jobs it starts are the only code that changes model states
+(Catalog.transition asserts it); each job acts on its own models only, and a
+model loading beside is reserved, so no other job may take its memory or unload
+it. Runtime reports reach them as messages (switchd.inbox), never as another
+writer.
 
 Callers ask for outcomes: `request_switch`, `request_unload`, and
 `serving(model)`, which holds a request until its model serves and counts it
@@ -29,7 +37,7 @@ from typing import Any
 import httpx
 
 from switchd import errors, planner, planning, policy, standby, wire
-from switchd.catalog import ENGINE, HOLDING, Catalog, ModelRecord
+from switchd.catalog import ACTIVE, ENGINE, HOLDING, Catalog, ModelRecord
 from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
 from switchd.emitter import Emitter
@@ -52,6 +60,9 @@ JOB_HISTORY = 200
 IDLE_CHECK_SECONDS = 5.0  # the longest the worker sleeps with nothing to wake it
 SHUTDOWN_RETRY_SECONDS = 5  # a restarted switchd answers again within seconds
 MEMORY_WAIT_SECONDS = 0.1  # how often demand waiting for memory coming back looks again
+# How often demand that does not fit beside a running job looks again: its victims'
+# memory comes back inside the job, which tells the worker nothing.
+BESIDE_CHECK_SECONDS = 0.25
 LOAD_FAILURES = frozenset({"engine_failed", "health_timeout"})
 PUT_AWAY = frozenset({Stage.UNLOADED.value, Stage.SLEPT.value})  # `seconds`: a stop or sleep
 
@@ -91,8 +102,8 @@ class Standing:
     state: ModelState
     under_way: UnderWay | None
     serving: tuple[str, ...]  # the models serving requests now
-    # Nothing under way and it is not running: it would load at once, beside
-    # what runs, without unloading anything.
+    # Not loaded and no job acts on it: it would load at once, beside what runs
+    # and the job under way, without unloading anything (planning.beside).
     fits_beside: bool
     waiting: int  # requests waiting for it
     waited_seconds: float | None  # how long the first of them has waited
@@ -164,14 +175,16 @@ class Scheduler:
         self.demand = Demand()
         self._on_wait = on_wait
         self._queue: deque[Job] = deque()  # explicit jobs, FIFO
-        self._running: Job | None = None
+        self._running: Job | None = None  # the job that may make room
+        self._beside: dict[str, Job] = {}  # loads that need no room, by model, beside it
+        self._job_tasks: set[asyncio.Task[None]] = set()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._wake = asyncio.Event()
         # When the model first in line may take the GPU, from the last decision.
         self._turn_at: dict[str, float] = {}
         self._adopted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # Config reloads (switchd/reload.py), applied by the worker between jobs.
+        # Config reloads (switchd/reload.py), applied by the worker with no job running.
         self._reloads: deque[tuple[Diff, bool, asyncio.Future[None]]] = deque()
         self._respec: dict[str, tuple[ModelSpec, bool]] = {}  # changed: new spec, at once?
         self._restarting: dict[str, tuple[ModelSpec, bool]] = {}  # unloading: spec, load back?
@@ -193,7 +206,7 @@ class Scheduler:
             log.info("level-1 sleeps may hold up to %.2f GB of host RAM", budget)
         self.catalog.check_learned(await self.gpu.snapshot())  # a damaged learned.json
         worker = asyncio.create_task(self._work(), name="switchd-worker")
-        self.catalog.owner = worker
+        self.catalog.writers.add(worker)
         self._tasks = [worker, asyncio.create_task(self._watch(), name="switchd-watcher")]
         for task in self._tasks:
             task.add_done_callback(_report_crash)
@@ -207,14 +220,15 @@ class Scheduler:
         """switchd begins to stop: the worker is cancelled and every job not done ends
         now with `shutting_down`, while the streams that follow it are still open."""
         self._stopping = True  # and no request waits from now on
-        for task in self._tasks:
+        for task in [*self._tasks, *self._job_tasks]:
             task.cancel()
         self._end_jobs()
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._job_tasks]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._end_jobs()
@@ -293,10 +307,10 @@ class Scheduler:
         job under way, the demand, the line; switchd.progress words it for people."""
         record = self.records[model]
         fits = False
-        if self._running is None and record.state is not ModelState.RUNNING:
-            plan = self._plan(record.spec, await self.gpu.snapshot())
-            fits = plan.enough and not plan.victims
-        current = self._running
+        if self._may_load_beside(record):
+            snapshot = await self.gpu.snapshot()
+            fits = self._beside_plan(record.spec, snapshot).enough
+        current = self._beside.get(model) or self._running  # its own load, if beside
         oldest = self.demand.oldest(model)
         return Standing(
             model,
@@ -422,11 +436,12 @@ class Scheduler:
                 self._wake.set()
 
     def _enqueue(self, kind: JobKind, target: str, cause: Cause = Cause.EXPLICIT) -> Job:
-        for job in [*([self._running] if self._running else []), *self._queue]:
+        running = [*([self._running] if self._running else []), *self._beside.values()]
+        for job in [*running, *self._queue]:
             if job.kind is kind and job.target == target and job.finished is None:
                 return job
         job = self._new_job(kind, target, cause)
-        ahead = [j.target for j in ([self._running] if self._running else []) + list(self._queue)]
+        ahead = [j.target for j in running + list(self._queue)]
         if ahead:
             self.emitter.queued(job, ahead)
         self._queue.append(job)
@@ -459,22 +474,85 @@ class Scheduler:
             self._wake.clear()
             try:
                 self.inbox.apply()
-                self._apply_reloads()
+                if self._running is None and not self._beside:
+                    self._apply_reloads()
                 self._due_restarts()
                 self._admit()
-                job, plan, next_check = await self._next_job()
+                next_check = await self._start_jobs()
             except Exception:
-                # A bug in a decision must not stop the one task that owns the GPU.
+                # A bug in a decision must not stop the one task that decides.
                 log.exception("the scheduler's decision failed; trying again")
-                job, plan, next_check = None, None, 1.0
+                next_check = 1.0
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that arrives as the event is set, and close() would hang.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(next_check):
+                    await self._wake.wait()
+
+    async def _start_jobs(self) -> float:
+        """Start the next job if none runs, then the loads that may run beside it;
+        returns how long the worker may sleep before it looks again."""
+        if self._reloads:
+            return IDLE_CHECK_SECONDS  # applied once every job has ended: none starts
+        next_check = IDLE_CHECK_SECONDS
+        if self._running is None:
+            job, plan, next_check = await self._next_job()
             if job is None:
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
-                # cancellation that arrives as the event is set, and close() would hang.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(next_check):
-                        await self._wake.wait()
+                return next_check
+            self._running = job
+            self._spawn(job, plan)
+        if self.demand:
+            next_check = min(next_check, await self._start_beside())
+        return next_check
+
+    async def _start_beside(self) -> float:
+        """Each waited-for model that fits beside everything, the running job's target
+        and what its victims will free counted, loads now in a job of its own;
+        returns when to look again for those that do not fit yet."""
+        snapshot = await self.gpu.snapshot()
+        self.inbox.apply()
+        self._admit()
+        next_check = IDLE_CHECK_SECONDS
+        for want in self._line():
+            record = self.records[want.name]
+            if not self._may_load_beside(record):
                 continue
-            await self._run(job, plan)
+            plan = self._beside_plan(record.spec, snapshot)
+            if not plan.enough:
+                next_check = BESIDE_CHECK_SECONDS
+                continue
+            job = self._new_job(JobKind.SWITCH, want.name, Cause.DEMAND)
+            self.catalog.reserve(want.name, {d: plan.required_by_device[d] for d in plan.devices})
+            self._beside[want.name] = job
+            self._spawn(job, plan)
+        return next_check
+
+    def _may_load_beside(self, record: ModelRecord) -> bool:
+        """Not loaded, and no job under way or queued acts on it."""
+        loaded = record.state not in (ModelState.EXITED, ModelState.FAILED, ModelState.SLEEPING)
+        return not loaded and not self._acted_on(record.spec.name)
+
+    def _acted_on(self, model: str) -> bool:
+        """Whether a job under way (beside ones too) or queued acts on `model`."""
+        if model in self._beside:
+            return True
+        jobs = [*([self._running] if self._running else []), *self._queue]
+        return any(job.target == model or model in job.victims for job in jobs)
+
+    def _beside_plan(self, spec: ModelSpec, snapshot: GpuSnapshot) -> planner.Plan:
+        return planning.beside(self.catalog, spec, snapshot, self.settings.eviction, self._running)
+
+    def _spawn(self, job: Job, plan: planner.Plan | None) -> None:
+        task = asyncio.create_task(self._run(job, plan), name=f"switchd-job-{job.id}")
+        self.catalog.writers.add(task)  # it changes the states of its own models
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_ended)
+
+    def _job_ended(self, task: asyncio.Task[None]) -> None:
+        self.catalog.writers.discard(task)
+        self._job_tasks.discard(task)
+        self._wake.set()  # what waited for it may start
+        _report_crash(task)
 
     def _admit(self) -> None:
         """Every waiter of a serving model goes in flight on it, now."""
@@ -488,6 +566,8 @@ class Scheduler:
     async def _next_job(self) -> tuple[Job | None, planner.Plan | None, float]:
         """The next job, with its plan if decided here; else how long to sleep."""
         if self._queue:
+            if await self._waits_for_beside(self._queue[0]):
+                return None, None, IDLE_CHECK_SECONDS  # once those loads end (they wake us)
             return self._queue.popleft(), None, 0.0
         now = time.time()
         next_check = IDLE_CHECK_SECONDS
@@ -510,6 +590,18 @@ class Scheduler:
         job, plan, wait = self._decide(snapshot)
         return job, plan, min(next_check, wait)
 
+    async def _waits_for_beside(self, job: Job) -> bool:
+        """Whether `job` must wait for the loads beside to end: it acts on one of
+        them, or could not make room while they run (what they load may go after)."""
+        if not self._beside:
+            return False
+        if job.target in self._beside or job.target == "all":
+            return True
+        record = self.records.get(job.target)
+        if job.kind is not JobKind.SWITCH or record is None or record.state in ACTIVE:
+            return False
+        return not self._plan(record.spec, await self.gpu.snapshot()).enough
+
     def _line(self) -> list[policy.Want]:
         """The models requests wait for, in the order the policy serves them."""
         return policy.order(
@@ -525,6 +617,8 @@ class Scheduler:
         self._turn_at = {}
         may_unload = True  # only the model first in line may make others room
         for want in self._line():
+            if want.name in self._beside:
+                continue  # loading already
             spec = self.records[want.name].spec
             full = self._plan(spec, snapshot)
             if not full.enough:
@@ -603,7 +697,7 @@ class Scheduler:
         )
 
     async def _run(self, job: Job, plan: planner.Plan | None) -> None:
-        self._running = job
+        """Run `job` (the worker's `_running`, or a load beside it) to its end."""
         try:
             if job.kind is JobKind.SWITCH:
                 result = await self._switch(job, plan)
@@ -617,7 +711,11 @@ class Scheduler:
             log.exception("job %s failed unexpectedly", job.id)
             self._fail(job, SwitchError("internal_error", 500, f"switchd failed: {exc}"))
         finally:
-            self._running = None
+            if self._running is job:
+                self._running = None
+            elif self._beside.get(job.target) is job:
+                del self._beside[job.target]
+                self.catalog.unreserve(job.target)
             self._settle(job)
             if job.cause is Cause.RELOAD and job.kind is JobKind.UNLOAD:
                 self._unloaded_for_reload(job.target)
@@ -759,7 +857,7 @@ class Scheduler:
         """Queue the restart of each changed model that is idle (or wanted at once)."""
         for name, (spec, now) in list(self._respec.items()):
             record = self.records[name]
-            if name in self._restarting or any(job.target == name for job in self._queue):
+            if name in self._restarting or self._acted_on(name):
                 continue
             if record.state not in HOLDING:
                 record.spec = spec
@@ -845,6 +943,16 @@ class Scheduler:
                 "progress": round(current.progress, 3),
                 "queued": [job.target for job in self._queue],
             },
+            # Loads that needed no room, started beside the switch under way.
+            "beside": [
+                {
+                    "id": job.id,
+                    "target": job.target,
+                    "stage": job.stage.value,
+                    "progress": round(job.progress, 3),
+                }
+                for job in self._beside.values()
+            ],
         }
 
 

@@ -71,6 +71,8 @@ class LearnedStats:
     def __init__(self, state_dir: Path) -> None:
         self._path = state_dir / FILE_NAME
         self._by_model: dict[str, Learned] = {}
+        # One write at a time: loads beside a switch, and metadata, learn at once.
+        self._saving = asyncio.Lock()
 
     @property
     def path(self) -> Path:
@@ -202,9 +204,10 @@ class LearnedStats:
         await self._save()
 
     async def _save(self) -> None:
-        snapshot = {name: asdict(entry) for name, entry in self._by_model.items()}
         try:
-            await asyncio.to_thread(self._write, snapshot)
+            async with self._saving:  # the latest figures, taken once it is our turn
+                snapshot = {name: asdict(entry) for name, entry in self._by_model.items()}
+                await asyncio.to_thread(self._write, snapshot)
         except OSError as exc:
             log.warning("cannot save learned figures to %s: %s", self._path, exc)
 

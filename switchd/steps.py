@@ -20,7 +20,7 @@ from switchd import planner, planning, standby, wire
 from switchd.catalog import Catalog, ModelRecord
 from switchd.config import Settings
 from switchd.emitter import PROGRESS_CHECKED, PROGRESS_FREED, Emitter
-from switchd.gpu import GpuProbe
+from switchd.gpu import GpuProbe, GpuSnapshot
 from switchd.inbox import Inbox
 from switchd.jobs import Job, JobKind, SwitchError
 from switchd.loading import Loader
@@ -97,6 +97,7 @@ class Steps:
             progress=PROGRESS_CHECKED,
         )
         job.memory_info = {"required_gb": required, "available_before_gb": plan.available_gb}
+        job.placed, job.victims = plan.devices, tuple(victims)  # loads beside it count on them
         if not plan.enough:
             raise insufficient_memory(spec, plan)
         chosen = [self.catalog.records[name] for name in victims]
@@ -104,7 +105,7 @@ class Steps:
         freed += await self._stop_sleepers_if_short(job, record, chosen, plan)
         job.memory_info["freed_gb"] = round(freed, 2)
         if victims:
-            after = self.catalog.available_gb(await self.gpu.snapshot(), plan.devices)
+            after = self.catalog.available_gb(await self.gpu.snapshot(), plan.devices, spec.name)
             self._emitter.emit(
                 job,
                 wire.Freed(round(freed, 2), after),
@@ -164,7 +165,7 @@ class Steps:
         while sleepers:
             snapshot = await self.gpu.snapshot()
             every = snapshot.indexes()
-            available = self.catalog.available_by_device(snapshot)
+            available = self.catalog.available_by_device(snapshot, target.spec.name)
             need = self.catalog.need(target.spec, every).per_device_gb
             short = [d for d in plan.devices if available[d] < need]
             if not short:
@@ -279,7 +280,7 @@ class Steps:
         if record.state not in (ModelState.RUNNING, ModelState.LOADING, ModelState.SLEEPING):
             return await self._already_gone(job, record, share)
         started = self._clock()
-        before = (await self.gpu.snapshot()).free_by_device()
+        before, moves = await self.gpu.snapshot(), self.catalog.memory_moves
         # No report is applied between the check above and this change: it cannot conflict.
         self.catalog.transition(record, record.state, ModelState.STOPPING)
         try:
@@ -291,7 +292,7 @@ class Steps:
                 "unload_failed", 502, f"Could not stop {spec.name}: {exc}", {"victim": spec.name}
             ) from exc
         self.catalog.transition(record, ModelState.STOPPING, ModelState.EXITED)
-        back, verified = await self._await_release(before, held)
+        back, verified = await self._await_release(before, moves, held)
         if verified:  # else the rest may still come back while the next model loads
             self.catalog.released(spec.name)
         freed = gib(sum(back.values()))
@@ -326,7 +327,7 @@ class Steps:
             choice.reason[0].upper() + choice.reason[1:],
         )
         started = self._clock()
-        before = (await self.gpu.snapshot()).free_by_device()
+        before = await self.gpu.snapshot()
         moves, releasing = self.catalog.memory_moves, self.catalog.release_pending()
         measured = record.measured_by_device is not None
         try:
@@ -344,7 +345,7 @@ class Steps:
             return None, f"it stopped answering {spec.health_path} after its sleep"
         self.catalog.transition(record, ModelState.RUNNING, ModelState.SLEEPING, tier=tier)
         record.host_ram_gb = choice.host_ram_gb
-        back, verified = await self._await_release(before, held)
+        back, verified = await self._await_release(before, moves, held)
         if verified:
             self.catalog.released(spec.name)
         residue = {d: round(max(0.0, gb - gib(back[d])), 2) for d, gb in held.items()}
@@ -404,20 +405,45 @@ class Steps:
         return PROGRESS_CHECKED + (PROGRESS_FREED - PROGRESS_CHECKED) * share
 
     async def _await_release(
-        self, free_before: dict[int, int], held: dict[int, float]
+        self, before: GpuSnapshot, moves: int, held: dict[int, float]
     ) -> tuple[dict[int, int], bool]:
         """Poll free memory until most of what the victim held came back, on each of
-        its devices; returns the bytes seen back on each, and whether that was enough."""
+        its devices; returns the bytes seen back on each, and whether that was enough.
+        `before` was read when `memory_moves` was `moves`: what engines loading beside
+        this job took since is not the victim's and is added back (`taken_meanwhile`)."""
         wanted = {device: RELEASED_FRACTION * gib_to_bytes(gb) for device, gb in held.items()}
         deadline = self._clock() + self.settings.memory_release_timeout_seconds
+        free_before = before.free_by_device()
         while True:
-            free = (await self.gpu.snapshot()).free_by_device()
-            back = {d: max(0, free.get(d, 0) - free_before.get(d, 0)) for d in wanted}
+            now = await self.gpu.snapshot()
+            free = now.free_by_device()
+            others = taken_meanwhile(before, now, self.catalog.taken_since(moves))
+            back = {
+                d: max(0, free.get(d, 0) - free_before.get(d, 0) + others.get(d, 0)) for d in wanted
+            }
             if all(back[d] >= wanted[d] for d in wanted):
                 return back, True
             if self._clock() >= deadline:
                 return back, False
             await self._inbox.pause(MEMORY_POLL_SECONDS)
+
+
+def taken_meanwhile(
+    before: GpuSnapshot, now: GpuSnapshot, started: dict[int, float]
+) -> dict[int, int]:
+    """Per device, the bytes other engines took between two snapshots: what each process
+    grew by, where the driver names processes (NVML); else what the engines that began
+    to load meanwhile (`started`, in GB) were expected to take, as the simulated card
+    takes it at once. A released engine's own processes only shrink: never counted."""
+    if before.processes or now.processes:
+        was = {(p.pid, p.device): p.used_bytes for p in before.processes}
+        grown: dict[int, int] = {}
+        for process in now.processes:
+            more = process.used_bytes - was.get((process.pid, process.device), 0)
+            if more > 0:
+                grown[process.device] = grown.get(process.device, 0) + more
+        return grown
+    return {device: gib_to_bytes(gb) for device, gb in started.items()}
 
 
 def on_devices(devices: Sequence[int], device_count: int) -> str:

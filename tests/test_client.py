@@ -542,10 +542,11 @@ def test_show_status_prints_the_gpu_and_a_table() -> None:
     client.close()
 
 
-def test_show_status_shows_a_running_switch() -> None:
+def test_show_status_shows_a_running_switch_and_the_loads_beside_it() -> None:
     body = {
         **STATUS,
         "switch": {"id": "j1", "target": "gpt-oss-20b", "stage": "unload", "progress": 0.3},
+        "beside": [{"id": "j2", "target": "mistral-7b", "stage": "loading", "progress": 0.5}],
     }
     client = mock_client(lambda request: httpx.Response(200, json=body))
     out = io.StringIO()
@@ -553,6 +554,7 @@ def test_show_status_shows_a_running_switch() -> None:
     assert out.getvalue().splitlines() == [
         *STATUS_LINES,
         "switching to gpt-oss-20b: unload [#######.................]  30%",
+        "loading mistral-7b beside it: loading [############............]  50%",
     ]
     client.close()
 

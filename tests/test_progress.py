@@ -99,6 +99,15 @@ def standing(**changed: Any) -> Standing:
             "earlier; loading it takes about 12 s",
         ),
         (
+            standing(
+                under_way=UnderWay(JobKind.SWITCH, "t", Stage.SLEEP, 0.2),
+                line=("w", "m"),
+                fits_beside=True,
+            ),
+            "m is exited; switchd is switching to t (sleep, 20%); it needs no room: it loads "
+            "beside that now; loading it takes about 12 s",
+        ),
+        (
             standing(under_way=UnderWay(JobKind.SWITCH, "m", Stage.LOADING, 0.5)),
             "m is exited; switchd is switching to m (loading, 50%); loading it takes about 12 s",
         ),

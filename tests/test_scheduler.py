@@ -764,10 +764,10 @@ async def test_queued_jobs_say_their_position_and_what_is_ahead(tmp_path: Path) 
         assert first.result is not None
 
 
-async def test_only_the_worker_changes_model_state(tmp_path: Path) -> None:
+async def test_only_the_scheduler_s_tasks_change_model_state(tmp_path: Path) -> None:
     async with rig(make_settings(tmp_path)) as r:
         record = r.scheduler.records["gpt-oss-20b"]
-        with pytest.raises(AssertionError, match="outside the scheduler's worker"):
+        with pytest.raises(AssertionError, match="outside the scheduler's tasks"):
             r.scheduler.catalog.transition(record, ModelState.EXITED, ModelState.LOADING)
         assert record.state is ModelState.EXITED
 

@@ -1,0 +1,142 @@
+"""Loads beside the running job: a waited-for model that needs no room loads at once,
+in a job of its own, and takes nothing the running job's target counts on, nor
+what another load beside has reserved; release figures stay the victim's own."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from switchd.gpu import DeviceMemory, GpuSnapshot, ProcessMemory
+from switchd.states import ModelState
+from switchd.steps import taken_meanwhile
+from switchd.units import gib_to_bytes
+from tests.fakes import FakeRuntime, make_settings
+from tests.test_releasing import outcome, until
+from tests.test_scheduler import adopted, rig
+
+MODELS: dict[str, Any] = {
+    "big": {"cmd": "engine", "size_gb": 60, "load_time_seconds": 5},
+    "v": {"cmd": "engine", "size_gb": 60, "load_time_seconds": 1},
+    "t": {"cmd": "engine", "size_gb": 40, "load_time_seconds": 1},
+    "a": {"cmd": "engine", "size_gb": 30, "load_time_seconds": 1},
+    "b": {"cmd": "engine", "size_gb": 30, "load_time_seconds": 1},
+    "u": {"cmd": "engine", "size_gb": 5, "load_time_seconds": 1},
+}
+
+
+def slow_big() -> FakeRuntime:
+    return FakeRuntime(load_seconds={"big": 1.5, "a": 0.1, "b": 0.1, "u": 0.1})
+
+
+async def test_a_small_model_is_served_while_a_big_one_loads(tmp_path: Path) -> None:
+    runtime = slow_big()
+    async with rig(make_settings(tmp_path, MODELS), runtime) as r:
+        switch = r.scheduler.request_switch("big")
+        await until(lambda: r.scheduler.records["big"].state is ModelState.LOADING)
+        async with r.scheduler.serving("u") as engine:
+            assert engine.model == "u"
+            assert r.scheduler.records["big"].state is ModelState.LOADING  # still
+            assert switch.finished is None
+        beside = r.scheduler.recent_jobs(1)[0]
+        assert (beside.target, beside.cause.value, beside.error) == ("u", "demand", None)
+        assert await outcome(switch) is None
+        assert runtime.calls == ["start big", "start u"]
+        status = await r.scheduler.status()
+        assert status["gpu"]["used_gb"] == 65.0
+
+
+async def test_loads_beside_reserve_their_memory_from_one_another(tmp_path: Path) -> None:
+    # big (60) loads; a and b (30 each) are both wanted: 35.59 GB is left beside big,
+    # room for one of them. The other waits (it would need big's memory).
+    runtime = slow_big()
+    async with rig(make_settings(tmp_path, MODELS), runtime) as r:
+        switch = r.scheduler.request_switch("big")
+        await until(lambda: r.scheduler.records["big"].state is ModelState.LOADING)
+        wanted = {m: asyncio.create_task(r.scheduler.ensure(m)) for m in ("a", "b")}
+        await asyncio.wait_for(wanted["a"], 5)
+        status = await r.scheduler.status()
+        assert runtime.calls == ["start big", "start a"]
+        assert status["models"]["b"]["status"] == "exited"
+        assert not wanted["b"].done()
+        assert status["switch"]["target"] == "big"
+        assert await outcome(switch) is None
+        assert (await r.scheduler.status())["gpu"]["used_gb"] == 90.0
+        wanted["b"].cancel()
+        await asyncio.gather(wanted["b"], return_exceptions=True)
+
+
+async def test_status_lists_a_load_beside_and_an_operator_switch_joins_it(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime(load_seconds={"big": 1.5, "u": 1.0})
+    async with rig(make_settings(tmp_path, MODELS), runtime) as r:
+        switch = r.scheduler.request_switch("big")
+        await until(lambda: r.scheduler.records["big"].state is ModelState.LOADING)
+        waiting = asyncio.create_task(r.scheduler.ensure("u"))
+        await until(lambda: r.scheduler.records["u"].state is ModelState.LOADING)
+        beside = r.scheduler.request_switch("u")
+        status = await r.scheduler.status()
+        assert status["beside"] == [
+            {
+                "id": beside.id,
+                "target": "u",
+                "stage": "loading",
+                "progress": round(beside.progress, 3),
+            }
+        ]
+        assert status["switch"]["target"] == "big"
+        # An unload of a model loading beside waits for its load, then stops it.
+        unload = r.scheduler.request_unload("u")
+        assert await outcome(beside) is None
+        await waiting
+        assert await outcome(unload) is None
+        assert unload.result is not None
+        assert unload.result["unloaded_models"] == ["u"]
+        assert await outcome(switch) is None
+        assert runtime.calls == ["start big", "start u", "stop u"]
+
+
+async def test_a_release_measured_while_a_load_starts_beside_is_the_victim_s_own(
+    tmp_path: Path,
+) -> None:
+    # t (40) replaces v (60), whose memory takes 1 s to come back; u (5) starts
+    # meanwhile, beside: the 60 GB that came back are v's, not 55.
+    settings = make_settings(
+        tmp_path,
+        MODELS,
+        simulated_gpu={"total_gb": 95.59, "release_delay_seconds": 1.0},
+        memory_release_timeout_seconds=5,
+    )
+    runtime = FakeRuntime(adopted=adopted("v"), load_seconds={"u": 0.1})
+    async with rig(settings, runtime) as r:
+        switch = r.scheduler.request_switch("t")
+        await until(lambda: r.scheduler.records["v"].state is ModelState.EXITED)
+        await asyncio.wait_for(r.scheduler.ensure("u"), 5)
+        assert switch.finished is None  # v's memory is still on its way back
+        assert await outcome(switch) is None
+        unloaded = next(e for e in switch.events if e.name == "unloaded")
+        assert (unloaded.data["freed_gb"], unloaded.data["verified"]) == (60.0, True)
+        assert runtime.calls == ["stop v", "start u", "start t"]
+        assert (await r.scheduler.status())["gpu"]["used_gb"] == 45.0
+
+
+def card(used_gb: float, processes: tuple[ProcessMemory, ...] = ()) -> GpuSnapshot:
+    total = gib_to_bytes(80)
+    return GpuSnapshot("nvml", (DeviceMemory(0, "GPU", total, gib_to_bytes(used_gb)),), processes)
+
+
+def test_what_others_took_in_a_release_window_is_read_per_process_where_named() -> None:
+    victim_before, other_before = ProcessMemory(1, 0, gib_to_bytes(40)), ProcessMemory(2, 0, 0)
+    before = card(40, (victim_before, other_before))
+    # The victim's process shrank to nothing; a new engine (pid 3) and pid 2 grew.
+    now = card(12, (ProcessMemory(2, 0, gib_to_bytes(4)), ProcessMemory(3, 0, gib_to_bytes(8))))
+    assert taken_meanwhile(before, now, {0: 30.0}) == {0: gib_to_bytes(12)}
+
+
+def test_without_process_figures_engines_started_count_at_their_expected_share() -> None:
+    assert taken_meanwhile(card(40), card(10), {0: 5.0, 1: 2.5}) == {
+        0: gib_to_bytes(5.0),
+        1: gib_to_bytes(2.5),
+    }
