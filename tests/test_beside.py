@@ -140,3 +140,27 @@ def test_without_process_figures_engines_started_count_at_their_expected_share()
         0: gib_to_bytes(5.0),
         1: gib_to_bytes(2.5),
     }
+
+
+async def test_a_switch_that_needs_a_model_loading_beside_waits_for_its_load(
+    tmp_path: Path,
+) -> None:
+    # big (60) loads; a (30) loads beside it. whole (95) fits the 95.59 GB card only
+    # once both are gone: an operator's switch and a request for it are not told
+    # "never fits" (409) while a loads; they wait for it and are served.
+    models = {**MODELS, "whole": {"cmd": "engine", "size_gb": 95, "load_time_seconds": 1}}
+    runtime = FakeRuntime(load_seconds={"big": 1.0, "a": 0.5, "whole": 0.1})
+    async with rig(make_settings(tmp_path, models), runtime) as r:
+        first = r.scheduler.request_switch("big")
+        await until(lambda: r.scheduler.records["big"].state is ModelState.LOADING)
+        beside = asyncio.create_task(r.scheduler.ensure("a"))
+        await until(lambda: r.scheduler.records["a"].state is ModelState.LOADING)
+        await r.scheduler.check_fits("whole")  # was: 409, a counted as pinned
+        operator = r.scheduler.request_switch("whole")
+        await asyncio.wait_for(r.scheduler.ensure("whole"), 10)
+        await beside
+        assert await outcome(first) is None
+        assert await outcome(operator) is None
+        assert runtime.calls[:2] == ["start big", "start a"]
+        assert sorted(runtime.calls[2:4]) == ["stop a", "stop big"]
+        assert runtime.calls[4:] == ["start whole"]
