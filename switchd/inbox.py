@@ -1,9 +1,10 @@
-"""What the runtime reports (an engine's output line, an exit), applied by the worker.
+"""What the runtime reports (an engine's output line, an exit), applied by the scheduler.
 
-The scheduler's worker is the one owner of model state: a report is queued by
-`deliver` and applied by the worker between steps and at every wait inside one
-(`pause`), so a report can never change a state that a step has read and is
-about to act on. A report about an engine being loaded goes to that load
+Only the scheduler's tasks (its worker and the jobs it runs) change model state:
+a report is queued by `deliver` and applied by them between steps and at every
+wait inside one (`pause`), never between a step's read of a state and the
+change it makes (no await lies between), so a report can never change a state
+that a step has read and is about to act on. A report about an engine being loaded goes to that load
 (`Inbox.loads`): its lines become the job's `log` events, its exit fails it.
 """
 

@@ -1,8 +1,8 @@
 """Bringing an engine up: start, adopt or wake it, poll its health, measure it.
 
-Runs in the scheduler's worker, like the steps that make room (switchd.steps);
-model states change only through Catalog.transition. While it waits for an
-engine, the inbox routes that engine's reports here (`Inbox.load`): its lines
+Runs in a scheduler's job: the one that made room (switchd.steps), or a load
+beside it; model states change only through Catalog.transition. While it waits
+for an engine, the inbox routes that engine's reports here (`Inbox.loads`): its lines
 become the job's `log` events, and its exit fails the load with its last lines.
 """
 

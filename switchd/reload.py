@@ -7,8 +7,7 @@ such as `ttl_seconds` or `aliases` take effect at once). Top-level keys that wer
 read once at start (the listening socket, the runtime, the GPU probe, the
 state_dir, the auth and proxy layers) cannot change live: they are refused with
 the reason and keep their value; the rest of the file applies. The scheduler
-applies a diff in its worker, the one owner of model state
-(`Scheduler.reload`).
+applies a diff in its worker once no job runs (`Scheduler.reload`).
 
 Which Settings are current: the scheduler's (`Scheduler.settings`); the objects
 that read it while working (the loader, the steps, the catalog) are handed the

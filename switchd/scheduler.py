@@ -497,10 +497,11 @@ class Scheduler:
         next_check = IDLE_CHECK_SECONDS
         if self._running is None:
             job, plan, next_check = await self._next_job()
-            if job is None:
-                return next_check
-            self._running = job
-            self._spawn(job, plan)
+            if job is not None:
+                self._running = job
+                self._spawn(job, plan)
+            elif not self._beside:
+                return next_check  # nothing runs: the decision above covered demand
         if self.demand:
             next_check = min(next_check, await self._start_beside())
         return next_check

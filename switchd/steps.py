@@ -1,8 +1,8 @@
 """Making room for a switch: memory check, drain, sleep or stop, verify the release.
 
 Each step emits its stage events (switchd.emitter) and changes model states
-only through Catalog.transition. The steps run in the scheduler's worker, the
-one owner of model state; what the runtime reports reaches them through the
+only through Catalog.transition. The steps run in the scheduler's job that may
+make room (one at a time); what the runtime reports reaches them through the
 inbox (switchd.inbox), applied between steps and at every wait inside one, so a
 report can never change a state that a step has read and is about to act on.
 Once there is room, the loader (switchd.loading) brings the target up.

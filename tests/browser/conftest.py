@@ -172,9 +172,9 @@ def wait_until_idle(client: httpx.Client, within: float = 30.0) -> dict[str, Any
         response = client.get("/v1/models/status")
         assert response.status_code == 200, response.text
         status: dict[str, Any] = response.json()
-        if status["switch"] is None and status["waiting"] == 0:
+        if status["switch"] is None and status["beside"] == [] and status["waiting"] == 0:
             return status
-        assert time.monotonic() < deadline, f"still busy: {status['switch']}"
+        assert time.monotonic() < deadline, f"still busy: {status['switch']}, {status['beside']}"
         time.sleep(0.1)
 
 

@@ -79,9 +79,9 @@ def models_status(api: httpx.Client) -> dict[str, Any]:
 
 
 def wait_until_idle(api: httpx.Client, within: float = 20.0) -> None:
-    """No switch running (a previous test's may still be finishing)."""
+    """No switch running, nor a load beside one (a previous test's may still be finishing)."""
     deadline = time.monotonic() + within
-    while models_status(api)["switch"] is not None:
+    while (status := models_status(api))["switch"] is not None or status["beside"]:
         assert time.monotonic() < deadline, "a switch was still running"
         time.sleep(0.1)
 
