@@ -33,6 +33,7 @@ BENCHMARKS = [
     ("contention", 400, 150),
     ("fairness", 300, 120),
     ("gateway", 300, 120),
+    ("hung_engine", 120, 60),
 ]
 
 
