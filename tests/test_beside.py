@@ -164,3 +164,39 @@ async def test_a_switch_that_needs_a_model_loading_beside_waits_for_its_load(
         assert runtime.calls[:2] == ["start big", "start a"]
         assert sorted(runtime.calls[2:4]) == ["stop a", "stop big"]
         assert runtime.calls[4:] == ["start whole"]
+
+
+async def test_on_two_gpus_a_load_beside_keeps_off_what_the_switch_placed(
+    tmp_path: Path,
+) -> None:
+    # Two 47.79 GB GPUs. p (30, GPU 0) and q (40, GPU 1) run; the switch to s (40,
+    # GPU 0) stops p. Meanwhile r0 (10, GPU 0) fits GPU 0 now (17.79 GB free) but not
+    # beside s (7.79 GB left): it waits. r1 (5, GPU 1) loads beside at once.
+    models = {
+        "p": {"cmd": "engine", "size_gb": 30, "gpus": [0]},
+        "q": {"cmd": "engine", "size_gb": 40, "gpus": [1]},
+        "s": {"cmd": "engine", "size_gb": 40, "gpus": [0]},
+        "r0": {"cmd": "engine", "size_gb": 10, "gpus": [0]},
+        "r1": {"cmd": "engine", "size_gb": 5, "gpus": [1]},
+    }
+    settings = make_settings(
+        tmp_path,
+        models,
+        simulated_gpu={"total_gb": 47.79, "devices": 2, "release_delay_seconds": 1.0},
+        memory_release_timeout_seconds=5,
+    )
+    runtime = FakeRuntime(adopted=adopted("p", "q"), load_seconds={"s": 0.5, "r1": 0.1})
+    async with rig(settings, runtime) as r:
+        switch = r.scheduler.request_switch("s")
+        await until(lambda: r.scheduler.records["p"].state is ModelState.EXITED)
+        on_zero = asyncio.create_task(r.scheduler.ensure("r0"))
+        await asyncio.wait_for(r.scheduler.ensure("r1"), 5)
+        assert switch.finished is None  # p's memory is still coming back
+        assert not on_zero.done()
+        assert r.scheduler.records["r0"].state is ModelState.EXITED
+        assert await outcome(switch) is None
+        assert runtime.calls == ["stop p", "start r1", "start s"]
+        devices = (await r.scheduler.status())["gpu"]["devices"]
+        assert [d["models"] for d in devices] == [{"s": 40.0}, {"q": 40.0, "r1": 5.0}]
+        on_zero.cancel()
+        await asyncio.gather(on_zero, return_exceptions=True)
