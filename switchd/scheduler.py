@@ -38,6 +38,7 @@ import httpx
 
 from switchd import errors, planner, planning, policy, standby, wire
 from switchd.catalog import ACTIVE, ENGINE, HOLDING, Catalog, ModelRecord
+from switchd.changes import ConfigChanges
 from switchd.config import ModelSpec, Settings
 from switchd.demand import Demand, Waiter
 from switchd.emitter import Emitter
@@ -184,11 +185,8 @@ class Scheduler:
         self._turn_at: dict[str, float] = {}
         self._adopted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # Config reloads (switchd/reload.py), applied by the worker with no job running.
-        self._reloads: deque[tuple[Diff, bool, asyncio.Future[None]]] = deque()
-        self._respec: dict[str, tuple[ModelSpec, bool]] = {}  # changed: new spec, at once?
-        self._restarting: dict[str, tuple[ModelSpec, bool]] = {}  # unloading: spec, load back?
-        self._retiring: set[str] = set()  # removed from the config, unloading
+        # Config reloads, applied by the worker with no job running.
+        self.changes = ConfigChanges(self.catalog, self.demand, self)
         self._stopping = False  # the server stops: no request waits from now on
 
     @property
@@ -240,8 +238,7 @@ class Scheduler:
                 self._fail(job, stopping)
         self._queue.clear()
         self.demand.fail_all(stopping)
-        while self._reloads:  # never to be applied: their callers are let go
-            self._reloads.popleft()[2].cancel()
+        self.changes.cancel_pending()
 
     def stop_waiting(self) -> None:
         """The server stops (SIGTERM): every request waiting for a load is answered now
@@ -431,7 +428,7 @@ class Scheduler:
         record.last_active = time.monotonic()
         if record.in_flight == 0:
             record.idle.set()
-            if self.demand or record.spec.ttl_seconds > 0 or self._respec:
+            if self.demand or record.spec.ttl_seconds > 0 or self.changes.restarts_waiting:
                 # Others wait for it to go idle, its TTL starts now, or a restart waits.
                 self._wake.set()
 
@@ -476,7 +473,7 @@ class Scheduler:
                 self.inbox.apply()
                 if self._running is None and not self._beside:
                     self._apply_reloads()
-                self._due_restarts()
+                self.changes.queue_due_restarts()
                 self._admit()
                 next_check = await self._start_jobs()
             except Exception:
@@ -492,7 +489,7 @@ class Scheduler:
     async def _start_jobs(self) -> float:
         """Start the next job if none runs, then the loads that may run beside it;
         returns how long the worker may sleep before it looks again."""
-        if self._reloads:
+        if self.changes.pending:
             return IDLE_CHECK_SECONDS  # applied once every job has ended: none starts
         next_check = IDLE_CHECK_SECONDS
         if self._running is None:
@@ -531,14 +528,7 @@ class Scheduler:
     def _may_load_beside(self, record: ModelRecord) -> bool:
         """Not loaded, and no job under way or queued acts on it."""
         loaded = record.state not in (ModelState.EXITED, ModelState.FAILED, ModelState.SLEEPING)
-        return not loaded and not self._acted_on(record.spec.name)
-
-    def _acted_on(self, model: str) -> bool:
-        """Whether a job under way (beside ones too) or queued acts on `model`."""
-        if model in self._beside:
-            return True
-        jobs = [*([self._running] if self._running else []), *self._queue]
-        return any(job.target == model or model in job.victims for job in jobs)
+        return not loaded and not self.acted_on(record.spec.name)
 
     def _beside_plan(self, spec: ModelSpec, snapshot: GpuSnapshot) -> planner.Plan:
         return planning.beside(self.catalog, spec, snapshot, self.settings.eviction, self._running)
@@ -719,7 +709,7 @@ class Scheduler:
                 self.catalog.unreserve(job.target)
             self._settle(job)
             if job.cause is Cause.RELOAD and job.kind is JobKind.UNLOAD:
-                self._unloaded_for_reload(job.target)
+                self.changes.unloaded(job.target)
 
     async def _switch(self, job: Job, plan: planner.Plan | None) -> dict[str, Any]:
         record = self.records[job.target]
@@ -797,104 +787,38 @@ class Scheduler:
         finally:
             job.finish(None, error)  # waiters are released whatever happened above
 
-    # ---- config reloads (switchd/reload.py) --------------------------------------
+    # ---- config reloads (switchd/reload.py, switchd/changes.py) -------------------
 
     async def reload(self, change: Diff, now: bool = False) -> None:
-        """Apply a config diff in the worker (the one owner of model state); returns once
-        applied: models added and removed from new requests' view, unloads and restarts
+        """Apply a config diff in the worker, once no job runs; returns once applied:
+        models added and removed from new requests' view, unloads and restarts
         queued. `now`: restart the changed models at once, not when next idle."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._reloads.append((change, now, done))
+        done = self.changes.submit(change, now)
         self._wake.set()
         await done
 
     def _apply_reloads(self) -> None:
-        while self._reloads:
-            change, now, done = self._reloads.popleft()
-            try:
-                self._apply_reload(change, now)
-            except Exception as exc:  # a bug: said to the caller, the worker goes on
-                log.exception("applying a config reload failed")
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
+        new = self.changes.apply_pending()
+        if new is not None:
+            # The one place the current Settings change: the scheduler's, and its helpers'.
+            self.settings = self.loader.settings = self.steps.settings = new
 
-    def _apply_reload(self, change: Diff, now: bool) -> None:
-        new = change.settings
-        for name in change.added:
-            if name in self._retiring:  # removed by a reload before, still being unloaded
-                self._retiring.discard(name)
-                self._respec[name] = (new.models[name], now)
-            else:
-                self.catalog.add(new.models[name])
-        for name in change.unchanged:  # its engine is kept; switchd-only fields apply now
-            self.records[name].spec = new.models[name]
-        for name in change.changed:
-            record = self.records[name]
-            if record.state in HOLDING or name in self._restarting:
-                self._respec[name] = (new.models[name], now)
-            else:
-                record.spec = new.models[name]
-        gone = SwitchError(
-            "model_not_found", 404, "the model was removed from the config", {"removed": True}
-        )
-        for name in change.removed:
-            self._respec.pop(name, None)
-            self._restarting.pop(name, None)
-            for job in [j for j in self._queue if j.target == name and j.kind is JobKind.SWITCH]:
-                self._queue.remove(job)
-                self._fail(job, gone)
-            self.demand.fail(name, gone)
-            if self.records[name].state in HOLDING:
-                self._retiring.add(name)  # drained and unloaded, then removed
-                self._enqueue(JobKind.UNLOAD, name, Cause.RELOAD)
-            else:
-                self.catalog.remove(name)
-        # The one place the current Settings change: the scheduler's, and its helpers'.
-        self.settings = self.loader.settings = self.steps.settings = new
-        self.catalog.configure(new)
+    # What applying a config change asks of the scheduler (changes.Jobs).
 
-    def _due_restarts(self) -> None:
-        """Queue the restart of each changed model that is idle (or wanted at once)."""
-        for name, (spec, now) in list(self._respec.items()):
-            record = self.records[name]
-            if name in self._restarting or self._acted_on(name):
-                continue
-            if record.state not in HOLDING:
-                record.spec = spec
-                del self._respec[name]
-                continue
-            if record.state not in (ModelState.RUNNING, ModelState.SLEEPING):
-                continue  # loading or stopping: once it is settled
-            if not now and (record.in_flight or self.demand.waiting(name)):
-                continue
-            del self._respec[name]
-            self._restarting[name] = (spec, record.state is ModelState.RUNNING)
-            log.info("restarting %s: its engine settings changed in the config", name)
-            self._enqueue(JobKind.UNLOAD, name, Cause.RELOAD)
+    def enqueue(self, kind: JobKind, target: str, cause: Cause) -> Job:
+        return self._enqueue(kind, target, cause)
 
-    def _unloaded_for_reload(self, name: str) -> None:
-        """After a reload's unload: remove a retired model, or start a changed one anew."""
-        record = self.records.get(name)
-        if record is None:
-            return
-        if name in self._retiring:
-            if record.state not in HOLDING:
-                self._retiring.discard(name)
-                self.catalog.remove(name)
-            else:
-                self._enqueue(JobKind.UNLOAD, name, Cause.RELOAD)  # failed: again
-            return
-        restart = self._restarting.pop(name, None)
-        if restart is None:
-            return
-        spec, load_back = restart
-        if record.state in HOLDING:
-            self._respec.setdefault(name, (spec, False))  # not stopped: try again when idle
-            return
-        record.spec = spec
-        if load_back:
-            self._enqueue(JobKind.SWITCH, name, Cause.RELOAD)
+    def drop_queued_switches(self, model: str, error: SwitchError) -> None:
+        for job in [j for j in self._queue if j.target == model and j.kind is JobKind.SWITCH]:
+            self._queue.remove(job)
+            self._fail(job, error)
+
+    def acted_on(self, model: str) -> bool:
+        """Whether a job under way (beside ones too) or queued acts on `model`."""
+        if model in self._beside:
+            return True
+        jobs = [*([self._running] if self._running else []), *self._queue]
+        return any(job.target == model or model in job.victims for job in jobs)
 
     # ---- status ------------------------------------------------------------------
 
