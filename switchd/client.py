@@ -46,13 +46,18 @@ class SseParser:
         self._data: list[str] = []
 
     def feed(self, line: str) -> ServerEvent | None:
-        """One line in; the event it completes, if any."""
+        """One line in; the event it completes, if any (its data decoded as JSON)."""
+        block = self.feed_block(line)
+        return None if block is None else ServerEvent(block[0], block[1], json.loads(block[2]))
+
+    def feed_block(self, line: str) -> tuple[str, str | None, str] | None:
+        """One line in; the (event name, id, data) of the block it completes, if any."""
         if not line:
-            event = None
+            block = None
             if self._data:
-                event = ServerEvent(self._name, self._id, json.loads("\n".join(self._data)))
+                block = (self._name, self._id, "\n".join(self._data))
             self._name, self._id, self._data = "message", None, []
-            return event
+            return block
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "event":

@@ -30,6 +30,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from switchd.client import SseParser
+
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 DEDUPE_IDS = 10_000  # (id, event) pairs remembered within a run
@@ -61,17 +63,12 @@ def parse_since(text: str) -> tuple[int | None, float | None]:
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event name, data) of each SSE block."""
-    name, data = "message", list[str]()
+    """(event name, data) of each SSE block; the data is decoded later, where a block
+    that is not JSON is skipped rather than ending the follower."""
+    parser = SseParser()
     for line in lines:
-        if not line:
-            if data:
-                yield name, "\n".join(data)
-            name, data = "message", list[str]()
-        elif line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip(" "))
+        if (block := parser.feed_block(line)) is not None:
+            yield block[0], block[2]
 
 
 PRIORITIES = {"error": 3, "gap": 4, "log": 7}
