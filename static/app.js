@@ -237,13 +237,16 @@ function setProgress(fraction) {
   $("progress-text").textContent = `${percent}%`;
 }
 
+// Lines about other jobs, noted in the timeline of the job on show.
+const NOTES = new Set(["queued", "beside"]);
+
 function addTimeline(name, text) {
   const timeline = $("timeline");
   if (name === "loading") {
     // One line for the whole load, updated every second, even with "Then: …" notes
     // of jobs queued meanwhile after it.
     let last = timeline.lastElementChild;
-    while (last && last.dataset.stage === "queued") last = last.previousElementSibling;
+    while (last && NOTES.has(last.dataset.stage)) last = last.previousElementSibling;
     if (last && last.dataset.stage === "loading") {
       last.textContent = text;
       return;
@@ -271,6 +274,11 @@ function onStageEvent(name, data) {
       refreshStatus();
       return;
     }
+    if (state.job && !state.job.done) {
+      // A load that needed no room, run beside the job on show: noted, not followed.
+      noteBeside(name, data);
+      return;
+    }
     beginJob(data);
   }
   if (name === "log") {
@@ -292,6 +300,13 @@ function onStageEvent(name, data) {
     refreshStatus();
     refreshHistory();
   }
+}
+
+function noteBeside(name, data) {
+  if (name === "memory_check") addTimeline("beside", `Beside it: loading ${data.model}…`);
+  if (name === "result") addTimeline("beside", `Beside it: ${data.model} is ready.`);
+  if (name === "error") addTimeline("beside", `Beside it: ${data.model} failed: ${data.message}`);
+  if (name === "result" || name === "error") refreshStatus();
 }
 
 function showRunningSwitch(current) {

@@ -332,6 +332,35 @@ def test_a_switch_started_through_the_api_shows_live(
     )
 
 
+def test_a_load_beside_the_switch_on_show_is_noted_not_followed(
+    page: Page, ui_server: Server, api: httpx.Client
+) -> None:
+    wait_until_idle(api)
+    response = api.post("/v1/models/unload", params={"model": "all"})
+    assert response.status_code == 200, response.text
+    open_live(page, ui_server)
+    page.evaluate(RECORDER)
+
+    main, beside = "gpt-oss-20b", "mistral-7b-v0.1"  # 24 + 18 GB: they fit together
+    switch_via_api(api, main, wait_ready=False)  # returns once its engine started
+    chat = {"model": beside, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    answer = api.post("/v1/chat/completions", json=chat)  # loads beside the 2.5 s load
+    assert answer.status_code == 200, answer.text
+
+    timeline = page.locator("#timeline")
+    expect(timeline).to_contain_text(f"Beside it: loading {beside}…", timeout=WAIT_MS)
+    expect(timeline).to_contain_text(f"Beside it: {beside} is ready.", timeout=WAIT_MS)
+    expect(page.locator("#banner")).to_have_class(re.compile(r"\bdone\b"), timeout=WAIT_MS)
+    # The banner followed the switch to the end: its stages, not the other load's.
+    expect(page.locator("#stage-text")).to_contain_text(main, timeout=WAIT_MS)
+    stages = timeline.locator("li").all_inner_texts()
+    assert stages[0].startswith(f"{main} needs"), stages
+    assert sum(1 for line in stages if line.startswith("Loading ")) == 1, stages
+    assert_monotonic_to_100(progress_values(page))
+    expect(row_status(page, beside)).to_have_text("running", timeout=WAIT_MS)
+    expect(row_status(page, main)).to_have_text("running", timeout=WAIT_MS)
+
+
 # ---- 6: switchd restarts -----------------------------------------------------------
 
 
