@@ -218,7 +218,7 @@ class Catalog:
     def _taking(self, record: ModelRecord) -> dict[int, float]:
         """What an engine that begins to load will take on each of its devices."""
         devices = record.devices or record.spec.gpus or ()
-        if not devices:  # not placed: the planner's figure spread over its devices later
+        if not devices:  # where it runs is not known (an engine found at start): not counted
             return {}
         share = self.expected_gb(record.spec) / len(devices)
         return dict.fromkeys(devices, share)
@@ -241,10 +241,6 @@ class Catalog:
 
     def unreserve(self, model: str) -> None:
         self._reserved.pop(model, None)
-
-    def reserved(self) -> frozenset[str]:
-        """The models brought up beside another job now: none may be unloaded."""
-        return frozenset(self._reserved)
 
     def add(self, spec: ModelSpec) -> ModelRecord:
         """A model new to the catalog (a config reload), not loaded."""

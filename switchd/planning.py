@@ -63,7 +63,8 @@ def beside(
     while what the job's victims hold and memory on its way back will be."""
     every = snapshot.indexes()
     now = catalog.available_by_device(snapshot, spec.name)
-    later = {d: gb + catalog.releasing_by_device(snapshot).get(d, 0.0) for d, gb in now.items()}
+    coming = catalog.releasing_by_device(snapshot)
+    later = {d: gb + coming.get(d, 0.0) for d, gb in now.items()}
     if running is not None and running.kind is JobKind.SWITCH:
         target = catalog.records.get(running.target)
         if target is not None and target.state in NOT_TAKEN:
