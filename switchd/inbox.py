@@ -1,11 +1,12 @@
 """What the runtime reports (an engine's output line, an exit), applied by the scheduler.
 
 Only the scheduler's tasks (its worker and the jobs it runs) change model state:
-a report is queued by `deliver` and applied by them between steps and at every
-wait inside one (`pause`), never between a step's read of a state and the
-change it makes (no await lies between), so a report can never change a state
-that a step has read and is about to act on. A report about an engine being loaded goes to that load
-(`Inbox.loads`): its lines become the job's `log` events, its exit fails it.
+a report is queued by `deliver` and applied between steps and at every wait
+inside one (`pause`), and only by the task that owns its model (`owner_of`: the
+job acting on it, else anyone). So a report can never change a state that a
+step has read and is about to act on, whatever other jobs run meanwhile. A
+report about an engine being loaded goes to that load (`Inbox.loads`): its
+lines become the job's `log` events, its exit fails it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,8 @@ class Inbox:
         # Set by the loader while it waits for an engine, by model: a load runs beside
         # the switch under way when it needs no room (switchd.scheduler).
         self.loads: dict[str, Load] = {}
+        # The task whose reports a model's are (the job acting on it), or None: any.
+        self.owner_of: Callable[[str], asyncio.Task[Any] | None] = lambda model: None
 
     def deliver(self, event: RuntimeEvent) -> None:
         """Queue a runtime report for the worker (called by the runtime's watcher)."""
@@ -54,14 +58,21 @@ class Inbox:
         self._reported.set()
 
     def apply(self) -> None:
-        """Handle every queued report: the scheduler's worker and jobs call this."""
-        self._reported.clear()
+        """Handle every queued report this task may: those about models it acts on,
+        or that no job acts on. The rest wait for their owner's next call."""
+        self._reported.clear()  # an owner that waits was woken too: it applies its own
+        me = asyncio.current_task()
+        kept: deque[RuntimeEvent] = deque()
         while self._reports:
             event = self._reports.popleft()
-            if isinstance(event, EngineOutput):
+            owner = self.owner_of(event.model)
+            if owner is not None and owner is not me and not owner.done():
+                kept.append(event)
+            elif isinstance(event, EngineOutput):
                 self._on_output(event)
             else:
                 self._on_exit(event)
+        self._reports = kept
 
     async def pause(self, seconds: float, until: asyncio.Event | None = None) -> bool:
         """Wait up to `seconds` (or until `until` is set), applying reports as they come;

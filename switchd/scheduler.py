@@ -150,6 +150,7 @@ class Scheduler:
         self.gpu = gpu
         self.emitter = Emitter(bus)
         self.inbox = Inbox(self.catalog, self.emitter)
+        self.inbox.owner_of = self._reports_owner
         engines = EngineStandby(http, settings.engine_call_timeout_seconds)
         self.loader = Loader(
             settings,
@@ -178,7 +179,7 @@ class Scheduler:
         self._queue: deque[Job] = deque()  # explicit jobs, FIFO
         self._running: Job | None = None  # the job that may make room
         self._beside: dict[str, Job] = {}  # loads that need no room, by model, beside it
-        self._job_tasks: set[asyncio.Task[None]] = set()
+        self._job_tasks: dict[str, asyncio.Task[None]] = {}  # by job id
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._wake = asyncio.Event()
         # When the model first in line may take the GPU, from the last decision.
@@ -218,12 +219,12 @@ class Scheduler:
         """switchd begins to stop: the worker is cancelled and every job not done ends
         now with `shutting_down`, while the streams that follow it are still open."""
         self._stopping = True  # and no request waits from now on
-        for task in [*self._tasks, *self._job_tasks]:
+        for task in [*self._tasks, *self._job_tasks.values()]:
             task.cancel()
         self._end_jobs()
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *self._job_tasks]
+        tasks = [*self._tasks, *self._job_tasks.values()]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -505,18 +506,22 @@ class Scheduler:
 
     async def _start_beside(self) -> float:
         """Each waited-for model that fits beside everything, the running job's target
-        and what its victims will free counted, loads now in a job of its own;
-        returns when to look again for those that do not fit yet."""
+        and what its victims will free counted, loads now in a job of its own, unless
+        memory is on its way back where it goes; returns when to look again for those
+        that do not start yet."""
         snapshot = await self.gpu.snapshot()
         self.inbox.apply()
         self._admit()
         next_check = IDLE_CHECK_SECONDS
+        coming = self.catalog.releasing_by_device(snapshot)
         for want in self._line():
             record = self.records[want.name]
             if not self._may_load_beside(record):
                 continue
             plan = self._beside_plan(record.spec, snapshot)
-            if not plan.enough:
+            # Nor where memory is on its way back: an engine sizing itself as it starts
+            # aborts when free memory grows meanwhile (see Steps._no_engine_starting).
+            if not plan.enough or any(coming.get(d, 0.0) > 0 for d in plan.devices):
                 next_check = BESIDE_CHECK_SECONDS
                 continue
             job = self._new_job(JobKind.SWITCH, want.name, Cause.DEMAND)
@@ -534,16 +539,31 @@ class Scheduler:
         return planning.beside(self.catalog, spec, snapshot, self.settings.eviction, self._running)
 
     def _spawn(self, job: Job, plan: planner.Plan | None) -> None:
+        if plan is not None:
+            job.victims = tuple(victim.name for victim in plan.victims)  # its from the start on
         task = asyncio.create_task(self._run(job, plan), name=f"switchd-job-{job.id}")
         self.catalog.writers.add(task)  # it changes the states of its own models
-        self._job_tasks.add(task)
-        task.add_done_callback(self._job_ended)
+        self._job_tasks[job.id] = task
+        task.add_done_callback(lambda ended: self._job_ended(job, ended))
 
-    def _job_ended(self, task: asyncio.Task[None]) -> None:
+    def _job_ended(self, job: Job, task: asyncio.Task[None]) -> None:
         self.catalog.writers.discard(task)
-        self._job_tasks.discard(task)
+        self._job_tasks.pop(job.id, None)
         self._wake.set()  # what waited for it may start
         _report_crash(task)
+
+    def _reports_owner(self, model: str) -> asyncio.Task[Any] | None:
+        """The task that applies runtime reports about `model`: the job acting on it
+        (a load beside, or the running job: its target, its victims, or every model
+        for `unload all`), else None: whoever applies reports first."""
+        job = self._beside.get(model)
+        running = self._running
+        acts_on = running is not None and (
+            running.target in (model, "all") or model in running.victims
+        )
+        if job is None and acts_on:
+            job = running
+        return self._job_tasks.get(job.id) if job is not None else None
 
     def _admit(self) -> None:
         """Every waiter of a serving model goes in flight on it, now."""
@@ -742,6 +762,7 @@ class Scheduler:
             record = self.records[job.target]
             asleep = record.state is ModelState.SLEEPING
             chosen = [record] if asleep or record.state is ModelState.RUNNING else []
+        job.victims = tuple(r.spec.name for r in chosen)
         return await self.steps.unload_models(job, chosen)
 
     def _settle(self, job: Job) -> None:

@@ -245,6 +245,20 @@ class Steps:
             for record in victims:
                 record.draining = False
 
+    async def _no_engine_starting(self, victim: ModelRecord, held: dict[int, float]) -> None:
+        """Wait until no other engine is starting on the devices `victim` holds memory
+        on: an engine sizing itself as it starts (vLLM's memory profiling) aborts when
+        free memory grows meanwhile (vllm-project/vllm#56830), so memory is given back
+        only where none starts. A load beside this job ends within its health timeout."""
+        devices = set(held)
+        while any(
+            record is not victim
+            and record.state is ModelState.LOADING
+            and devices & set(record.devices or record.spec.gpus or devices)
+            for record in self.catalog.records.values()
+        ):
+            await self._inbox.pause(MEMORY_POLL_SECONDS)
+
     async def _drain(self, job: Job, record: ModelRecord) -> None:
         if not record.in_flight:
             return
@@ -276,11 +290,12 @@ class Steps:
             wire.Unload(spec.name, round(held_gb, 2)),
             f"Unloading {spec.name}" + (f": {why}" if why else ""),
         )
+        await self._no_engine_starting(record, held)
+        started = self._clock()
+        before, moves = await self.gpu.snapshot(), self.catalog.memory_moves
         self._inbox.apply()  # a victim that died while this job waited or drained
         if record.state not in (ModelState.RUNNING, ModelState.LOADING, ModelState.SLEEPING):
             return await self._already_gone(job, record, share)
-        started = self._clock()
-        before, moves = await self.gpu.snapshot(), self.catalog.memory_moves
         # No report is applied between the check above and this change: it cannot conflict.
         self.catalog.transition(record, record.state, ModelState.STOPPING)
         try:
@@ -317,6 +332,7 @@ class Steps:
         tier = choice.tier
         assert tier is not None
         await self._drain(job, record)
+        await self._no_engine_starting(record, held)
         self._inbox.apply()  # a victim that died while this job waited or drained
         if record.state is not ModelState.RUNNING or record.engine is None:
             return None, f"it is {record.state.value}"
