@@ -234,6 +234,17 @@ class Catalog:
                     taken[device] = taken.get(device, 0.0) + gb
         return taken
 
+    def engine_starting(self, devices: Collection[int], besides: ModelRecord | None = None) -> bool:
+        """Whether an engine (other than `besides`'s) is starting (loading or waking) on
+        any of `devices`; one whose devices are not known counts on every device."""
+        wanted = set(devices)
+        return any(
+            record is not besides
+            and record.state is ModelState.LOADING
+            and (not (placed := record.devices or record.spec.gpus) or wanted & set(placed))
+            for record in self.records.values()
+        )
+
     def reserve(self, model: str, by_device: dict[int, float]) -> None:
         """`model` is being brought up beside another job: what it will take on each
         device is not free for any plan (but its own) until its engine holds it."""

@@ -507,8 +507,8 @@ class Scheduler:
     async def _start_beside(self) -> float:
         """Each waited-for model that fits beside everything, the running job's target
         and what its victims will free counted, loads now in a job of its own, unless
-        memory is on its way back where it goes; returns when to look again for those
-        that do not start yet."""
+        memory moves where it goes (an engine starting, memory on its way back);
+        returns when to look again for those that do not start yet."""
         snapshot = await self.gpu.snapshot()
         self.inbox.apply()
         self._admit()
@@ -519,9 +519,13 @@ class Scheduler:
             if not self._may_load_beside(record):
                 continue
             plan = self._beside_plan(record.spec, snapshot)
-            # Nor where memory is on its way back: an engine sizing itself as it starts
-            # aborts when free memory grows meanwhile (see Steps._no_engine_starting).
-            if not plan.enough or any(coming.get(d, 0.0) > 0 for d in plan.devices):
+            # Nor where memory moves: an engine sizes its cache from free memory as it
+            # starts (see Steps._no_engine_starting), so it starts where no other
+            # engine is starting and no memory is on its way back.
+            moving = self.catalog.engine_starting(plan.devices) or any(
+                coming.get(d, 0.0) > 0 for d in plan.devices
+            )
+            if not plan.enough or moving:
                 next_check = BESIDE_CHECK_SECONDS
                 continue
             job = self._new_job(JobKind.SWITCH, want.name, Cause.DEMAND)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from switchd import planner, planning, standby, wire
@@ -130,7 +130,8 @@ class Steps:
 
     async def _bring_up(self, job: Job, record: ModelRecord, devices: tuple[int, ...]) -> None:
         """Wake the target if it sleeps, else (or if the wake failed: it is stopped
-        first) start it cold."""
+        first) start it cold; once no other engine is starting where it goes."""
+        await self._no_engine_starting(record, record.devices or devices)
         if record.state is ModelState.SLEEPING:
             failure = await self._loader.wake(job, record)
             if failure is None:
@@ -245,18 +246,15 @@ class Steps:
             for record in victims:
                 record.draining = False
 
-    async def _no_engine_starting(self, victim: ModelRecord, held: dict[int, float]) -> None:
-        """Wait until no other engine is starting on the devices `victim` holds memory
-        on: an engine sizing itself as it starts (vLLM's memory profiling) aborts when
-        free memory grows meanwhile (vllm-project/vllm#56830), so memory is given back
-        only where none starts. A load beside this job ends within its health timeout."""
-        devices = set(held)
-        while any(
-            record is not victim
-            and record.state is ModelState.LOADING
-            and devices & set(record.devices or record.spec.gpus or devices)
-            for record in self.catalog.records.values()
-        ):
+    async def _no_engine_starting(self, record: ModelRecord, devices: Iterable[int]) -> None:
+        """Wait until no engine but `record`'s is starting on `devices`, before memory
+        moves there. An engine sizes its cache from free memory as it starts: vLLM
+        aborts when free memory grows meanwhile (vllm-project/vllm#56830) and sizes it
+        short when another engine takes memory. So one engine starts at a time on a
+        device, and memory is given back only where none starts. A load beside this
+        job is up within its health timeout."""
+        devices = tuple(devices)
+        while self.catalog.engine_starting(devices, besides=record):
             await self._inbox.pause(MEMORY_POLL_SECONDS)
 
     async def _drain(self, job: Job, record: ModelRecord) -> None:

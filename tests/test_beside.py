@@ -1,6 +1,7 @@
 """Loads beside the running job: a waited-for model that needs no room loads at once,
 in a job of its own, and takes nothing the running job's target counts on, nor
-what another load beside has reserved; release figures stay the victim's own."""
+what another load beside has reserved; memory moves one way at a time on a
+device; release figures stay the victim's own."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from switchd.states import ModelState
 from switchd.steps import taken_meanwhile
 from switchd.units import gib_to_bytes
 from tests.fakes import FakeRuntime, make_settings
+from tests.test_engine_calls import HungSleep
 from tests.test_releasing import outcome, until
 from tests.test_scheduler import adopted, rig
 
@@ -32,54 +34,64 @@ def slow_big() -> FakeRuntime:
     return FakeRuntime(load_seconds={"big": 1.5, "a": 0.1, "b": 0.1, "u": 0.1})
 
 
-async def test_a_small_model_is_served_while_a_big_one_loads(tmp_path: Path) -> None:
+# v can sleep (level 2): a switch away from it asks it to.
+SLEEPY = {**MODELS, "v": {**MODELS["v"], "standby": ["sleep2"]}}
+
+
+def hung(tmp_path: Path, call_timeout: float, **load_seconds: float) -> HungSleep:
+    """v (60 GB) runs and hangs in /sleep when a switch to t (40 GB) asks it to."""
+    return HungSleep(tmp_path, SLEEPY, call_timeout, load_seconds)
+
+
+async def test_a_small_model_waits_for_an_engine_starting_on_its_device(tmp_path: Path) -> None:
+    # u (5) fits beside big (60), but does not start while big's engine starts: an
+    # engine sizes its cache from free memory as it starts.
     runtime = slow_big()
     async with rig(make_settings(tmp_path, MODELS), runtime) as r:
         switch = r.scheduler.request_switch("big")
         await until(lambda: r.scheduler.records["big"].state is ModelState.LOADING)
         async with r.scheduler.serving("u") as engine:
             assert engine.model == "u"
-            assert r.scheduler.records["big"].state is ModelState.LOADING  # still
-            assert switch.finished is None
-        beside = r.scheduler.recent_jobs(1)[0]
-        assert (beside.target, beside.cause.value, beside.error) == ("u", "demand", None)
         assert await outcome(switch) is None
+        ready = next(e for e in switch.events if e.name == "ready")
+        small = next(j for j in r.scheduler.recent_jobs(5) if j.target == "u")
+        assert small.events[0].id > ready.id
         assert runtime.calls == ["start big", "start u"]
-        status = await r.scheduler.status()
-        assert status["gpu"]["used_gb"] == 65.0
+        assert (await r.scheduler.status())["gpu"]["used_gb"] == 65.0
 
 
 async def test_loads_beside_reserve_their_memory_from_one_another(tmp_path: Path) -> None:
-    # big (60) loads; a and b (30 each) are both wanted: 35.59 GB is left beside big,
-    # room for one of them. The other waits (it would need big's memory).
-    runtime = slow_big()
-    async with rig(make_settings(tmp_path, MODELS), runtime) as r:
-        switch = r.scheduler.request_switch("big")
-        await until(lambda: r.scheduler.records["big"].state is ModelState.LOADING)
-        wanted = {m: asyncio.create_task(r.scheduler.ensure(m)) for m in ("a", "b")}
-        await asyncio.wait_for(wanted["a"], 5)
-        status = await r.scheduler.status()
-        assert runtime.calls == ["start big", "start a"]
-        assert status["models"]["b"]["status"] == "exited"
-        assert not wanted["b"].done()
-        assert status["switch"]["target"] == "big"
-        assert await outcome(switch) is None
-        assert (await r.scheduler.status())["gpu"]["used_gb"] == 90.0
-        wanted["b"].cancel()
-        await asyncio.gather(wanted["b"], return_exceptions=True)
+    # v (60) hangs in its sleep for t (40). a and b (30 each) are both wanted: 35.59
+    # GB are free now, room for one of them; the other waits for the switch.
+    card = hung(tmp_path, call_timeout=30, a=0.1, b=0.1)
+    async with card.scheduler() as scheduler:
+        switch = scheduler.request_switch("t")
+        await asyncio.wait_for(card.hung.wait(), 5)
+        wanted = {m: asyncio.create_task(scheduler.ensure(m)) for m in ("a", "b")}
+        await asyncio.wait_for(asyncio.wait(wanted.values(), return_when="FIRST_COMPLETED"), 5)
+        first = "a" if wanted["a"].done() else "b"
+        other = "b" if first == "a" else "a"
+        status = await scheduler.status()
+        assert card.runtime.calls == [f"start {first}"]
+        assert status["models"][other]["status"] == "exited"
+        assert not wanted[other].done()
+        assert switch.finished is None
+        assert status["gpu"]["used_gb"] == 90.0
+        wanted[other].cancel()
+        await asyncio.gather(wanted[other], return_exceptions=True)
 
 
 async def test_status_lists_a_load_beside_and_an_operator_switch_joins_it(
     tmp_path: Path,
 ) -> None:
-    runtime = FakeRuntime(load_seconds={"big": 1.5, "u": 1.0})
-    async with rig(make_settings(tmp_path, MODELS), runtime) as r:
-        switch = r.scheduler.request_switch("big")
-        await until(lambda: r.scheduler.records["big"].state is ModelState.LOADING)
-        waiting = asyncio.create_task(r.scheduler.ensure("u"))
-        await until(lambda: r.scheduler.records["u"].state is ModelState.LOADING)
-        beside = r.scheduler.request_switch("u")
-        status = await r.scheduler.status()
+    card = hung(tmp_path, call_timeout=2, u=1.0)
+    async with card.scheduler() as scheduler:
+        switch = scheduler.request_switch("t")
+        await asyncio.wait_for(card.hung.wait(), 5)
+        waiting = asyncio.create_task(scheduler.ensure("u"))
+        await until(lambda: scheduler.records["u"].state is ModelState.LOADING)
+        beside = scheduler.request_switch("u")
+        status = await scheduler.status()
         assert status["beside"] == [
             {
                 "id": beside.id,
@@ -88,16 +100,16 @@ async def test_status_lists_a_load_beside_and_an_operator_switch_joins_it(
                 "progress": round(beside.progress, 3),
             }
         ]
-        assert status["switch"]["target"] == "big"
+        assert status["switch"]["target"] == "t"
         # An unload of a model loading beside waits for its load, then stops it.
-        unload = r.scheduler.request_unload("u")
+        unload = scheduler.request_unload("u")
         assert await outcome(beside) is None
         await waiting
+        assert await outcome(switch) is None
         assert await outcome(unload) is None
         assert unload.result is not None
         assert unload.result["unloaded_models"] == ["u"]
-        assert await outcome(switch) is None
-        assert runtime.calls == ["start big", "start u", "stop u"]
+        assert card.runtime.calls == ["start u", "stop v", "start t", "stop u"]
 
 
 async def test_a_release_measured_while_a_load_starts_beside_is_the_victim_s_own(
@@ -105,8 +117,7 @@ async def test_a_release_measured_while_a_load_starts_beside_is_the_victim_s_own
 ) -> None:
     # t (40) replaces v (60), which falls asleep in 1 s; u (5) starts meanwhile,
     # beside. v gives back 58.5 GB (it keeps a 1.5 GB residue), not 53.5.
-    models = {**MODELS, "v": {**MODELS["v"], "standby": ["sleep2"]}}
-    settings = make_settings(tmp_path, models, standby_host_ram_gb=200)
+    settings = make_settings(tmp_path, SLEEPY, standby_host_ram_gb=200)
     runtime = FakeRuntime(adopted=adopted("v"), load_seconds={"u": 0.1})
     health = runtime.transport()
     sleeping = asyncio.Event()
@@ -158,7 +169,7 @@ async def test_a_switch_puts_no_victim_away_while_an_engine_starts_beside(
     # v is stopped only once u has started, not while it sizes itself.
     settings = make_settings(
         tmp_path,
-        {**MODELS, "v": {**MODELS["v"], "standby": ["sleep2"]}},
+        SLEEPY,
         engine_call_timeout_seconds=0.3,
         standby_host_ram_gb=200,
     )
@@ -207,25 +218,25 @@ def test_without_process_figures_engines_started_count_at_their_expected_share()
 async def test_a_switch_that_needs_a_model_loading_beside_waits_for_its_load(
     tmp_path: Path,
 ) -> None:
-    # big (60) loads; a (30) loads beside it. whole (95) fits the 95.59 GB card only
-    # once both are gone: an operator's switch and a request for it are not told
-    # "never fits" (409) while a loads; they wait for it and are served.
-    models = {**MODELS, "whole": {"cmd": "engine", "size_gb": 95, "load_time_seconds": 1}}
-    runtime = FakeRuntime(load_seconds={"big": 1.0, "a": 0.5, "whole": 0.1})
-    async with rig(make_settings(tmp_path, models), runtime) as r:
-        first = r.scheduler.request_switch("big")
-        await until(lambda: r.scheduler.records["big"].state is ModelState.LOADING)
-        beside = asyncio.create_task(r.scheduler.ensure("a"))
-        await until(lambda: r.scheduler.records["a"].state is ModelState.LOADING)
-        await r.scheduler.check_fits("whole")  # was: 409, a counted as pinned
-        operator = r.scheduler.request_switch("whole")
-        await asyncio.wait_for(r.scheduler.ensure("whole"), 10)
+    # v (60) hangs in its sleep for t (40); a (30) loads beside. whole (95) fits the
+    # 95.59 GB card only once t and a are gone too: an operator's switch to it is not
+    # told "never fits" (409) while a loads; it waits for the loads and is served.
+    models = {**SLEEPY, "whole": {"cmd": "engine", "size_gb": 95, "load_time_seconds": 1}}
+    card = HungSleep(tmp_path, models, 0.5, {"a": 1.0, "whole": 0.1})
+    async with card.scheduler() as scheduler:
+        switch = scheduler.request_switch("t")
+        await asyncio.wait_for(card.hung.wait(), 5)
+        beside = asyncio.create_task(scheduler.ensure("a"))
+        await until(lambda: scheduler.records["a"].state is ModelState.LOADING)
+        await scheduler.check_fits("whole")  # was: 409, a counted as pinned
+        operator = scheduler.request_switch("whole")
         await beside
-        assert await outcome(first) is None
+        assert await outcome(switch) is None
         assert await outcome(operator) is None
-        assert runtime.calls[:2] == ["start big", "start a"]
-        assert sorted(runtime.calls[2:4]) == ["stop a", "stop big"]
-        assert runtime.calls[4:] == ["start whole"]
+        calls = card.runtime.calls
+        assert calls[:3] == ["start a", "stop v", "start t"]
+        assert sorted(calls[3:5]) == ["stop a", "stop t"]
+        assert calls[5:] == ["start whole"]
 
 
 async def test_on_two_gpus_a_load_beside_keeps_off_what_the_switch_placed(

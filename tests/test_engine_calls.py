@@ -33,8 +33,14 @@ MODELS: dict[str, Any] = {
 class HungSleep:
     """A card with `v` (60 GB, sleep mode) running, whose engine never answers /sleep."""
 
-    def __init__(self, tmp_path: Path, models: dict[str, Any], call_timeout: float) -> None:
-        self.runtime = FakeRuntime(adopted=adopted("v"), load_seconds={"w": 0.3})
+    def __init__(
+        self,
+        tmp_path: Path,
+        models: dict[str, Any],
+        call_timeout: float,
+        load_seconds: dict[str, float] | None = None,
+    ) -> None:
+        self.runtime = FakeRuntime(adopted=adopted("v"), load_seconds=load_seconds or {})
         self.health = self.runtime.transport()
         self.hung = asyncio.Event()
         self.never = asyncio.Event()
