@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,10 @@ import pytest
 from playwright.sync_api import Locator, Page, expect
 
 from tests.browser.conftest import API_KEY, WAIT_MS, JsErrors, check_screenshot
-from tests.integration.server import Server
+from tests.integration.server import Server, engine_cmd, write_config
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "switch-in-progress.png"
+HUNG_SLEEP = ("--enable-sleep-mode", "--sleep-seconds", "600")  # a /sleep that never answers
 
 # Records, in page, every value the progress bar's `value` attribute takes and
 # whether the Message box was disabled at that moment, plus every change of the
@@ -332,33 +334,51 @@ def test_a_switch_started_through_the_api_shows_live(
     )
 
 
-def test_a_load_beside_the_switch_on_show_is_noted_not_followed(
-    page: Page, ui_server: Server, api: httpx.Client
-) -> None:
-    wait_until_idle(api)
-    response = api.post("/v1/models/unload", params={"model": "all"})
-    assert response.status_code == 200, response.text
-    open_live(page, ui_server)
-    page.evaluate(RECORDER)
+def test_a_load_beside_the_switch_on_show_is_noted_not_followed(page: Page, tmp_path: Path) -> None:
+    # v (60 GB) hangs in /sleep (given up after 3 s) during the switch to t (40 GB);
+    # u (5 GB) fits beside both and loads meanwhile, beside the switch on show.
+    models = {
+        "v": {"cmd": engine_cmd(0.3, *HUNG_SLEEP), "size_gb": 60, "standby": ["sleep2"]},
+        "t": {"cmd": engine_cmd(0.5), "size_gb": 40},
+        "u": {"cmd": engine_cmd(0.5), "size_gb": 5},
+    }
+    server = write_config(tmp_path, models, api_keys=[API_KEY], engine_call_timeout_seconds=3)
+    server.start()
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        with (
+            httpx.Client(base_url=server.url, headers=headers, timeout=30) as api,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            switch_via_api(api, "v")
+            open_live(page, server)
+            page.evaluate(RECORDER)
+            switching = pool.submit(switch_via_api, api, "t")
+            deadline = time.monotonic() + 10
+            while (models_status(api)["switch"] or {}).get("stage") != "sleep":
+                assert time.monotonic() < deadline, "the switch never reached its sleep"
+                time.sleep(0.05)
+            chat = {"model": "u", "messages": [{"role": "user", "content": "hi"}]}
+            answer = api.post("/v1/chat/completions", json=chat)
+            assert answer.status_code == 200, answer.text
+            assert models_status(api)["switch"]["stage"] == "sleep"  # still hung
+            switching.result(timeout=30)
 
-    main, beside = "gpt-oss-20b", "mistral-7b-v0.1"  # 24 + 18 GB: they fit together
-    switch_via_api(api, main, wait_ready=False)  # returns once its engine started
-    chat = {"model": beside, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    answer = api.post("/v1/chat/completions", json=chat)  # loads beside the 2.5 s load
-    assert answer.status_code == 200, answer.text
-
-    timeline = page.locator("#timeline")
-    expect(timeline).to_contain_text(f"Beside it: loading {beside}…", timeout=WAIT_MS)
-    expect(timeline).to_contain_text(f"Beside it: {beside} is ready.", timeout=WAIT_MS)
-    expect(page.locator("#banner")).to_have_class(re.compile(r"\bdone\b"), timeout=WAIT_MS)
-    # The banner followed the switch to the end: its stages, not the other load's.
-    expect(page.locator("#stage-text")).to_contain_text(main, timeout=WAIT_MS)
-    stages = timeline.locator("li").all_inner_texts()
-    assert stages[0].startswith(f"{main} needs"), stages
-    assert sum(1 for line in stages if line.startswith("Loading ")) == 1, stages
-    assert_monotonic_to_100(progress_values(page))
-    expect(row_status(page, beside)).to_have_text("running", timeout=WAIT_MS)
-    expect(row_status(page, main)).to_have_text("running", timeout=WAIT_MS)
+            timeline = page.locator("#timeline")
+            expect(timeline).to_contain_text("Beside it: loading u…", timeout=WAIT_MS)
+            expect(timeline).to_contain_text("Beside it: u is ready.", timeout=WAIT_MS)
+            banner = page.locator("#banner")
+            expect(banner).to_have_class(re.compile(r"\bdone\b"), timeout=WAIT_MS)
+            # The banner followed the switch to t to its end, not the other load.
+            expect(page.locator("#stage-text")).to_contain_text("t", timeout=WAIT_MS)
+            stages = timeline.locator("li").all_inner_texts()
+            assert stages[0].startswith("t needs"), stages
+            assert stages[-1] == "Model 't' is ready", stages
+            assert_monotonic_to_100(progress_values(page))
+            expect(row_status(page, "u")).to_have_text("running", timeout=WAIT_MS)
+            expect(row_status(page, "t")).to_have_text("running", timeout=WAIT_MS)
+    finally:
+        server.stop()
 
 
 # ---- 6: switchd restarts -----------------------------------------------------------
