@@ -9,8 +9,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from switchd.gpu import DeviceMemory, GpuSnapshot, ProcessMemory
 from switchd.states import ModelState
 from switchd.steps import taken_meanwhile
@@ -117,26 +115,17 @@ async def test_a_release_measured_while_a_load_starts_beside_is_the_victim_s_own
 ) -> None:
     # t (40) replaces v (60), which falls asleep in 1 s; u (5) starts meanwhile,
     # beside. v gives back 58.5 GB (it keeps a 1.5 GB residue), not 53.5.
-    settings = make_settings(tmp_path, SLEEPY, standby_host_ram_gb=200)
-    runtime = FakeRuntime(adopted=adopted("v"), load_seconds={"u": 0.1})
-    health = runtime.transport()
-    sleeping = asyncio.Event()
-
-    async def handle(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/sleep":
-            sleeping.set()
-            await asyncio.sleep(1.0)  # a slow sleep: the window u starts in
-        return await health.handle_async_request(request)
-
-    async with rig(settings, runtime, transport=httpx.MockTransport(handle)) as r:
-        switch = r.scheduler.request_switch("t")
-        await asyncio.wait_for(sleeping.wait(), 5)
-        await asyncio.wait_for(r.scheduler.ensure("u"), 5)
+    card = hung(tmp_path, call_timeout=30, u=0.1)
+    async with card.scheduler() as scheduler:
+        switch = scheduler.request_switch("t")
+        await asyncio.wait_for(card.hung.wait(), 5)
+        asyncio.get_running_loop().call_later(1.0, card.never.set)  # the sleep answers
+        await asyncio.wait_for(scheduler.ensure("u"), 5)
         assert switch.finished is None  # v is still falling asleep
         assert await outcome(switch) is None
         slept = next(e for e in switch.events if e.name == "slept")
         assert (slept.data["freed_gb"], slept.data["verified"]) == (58.5, True)
-        assert runtime.calls == ["start u", "start t"]
+        assert card.runtime.calls == ["start u", "start t"]
 
 
 async def test_a_load_beside_waits_while_memory_is_on_its_way_back(tmp_path: Path) -> None:
@@ -167,32 +156,17 @@ async def test_a_switch_puts_no_victim_away_while_an_engine_starts_beside(
 ) -> None:
     # v's /sleep hangs and is given up after 0.3 s; u (5) is loading beside (1 s):
     # v is stopped only once u has started, not while it sizes itself.
-    settings = make_settings(
-        tmp_path,
-        SLEEPY,
-        engine_call_timeout_seconds=0.3,
-        standby_host_ram_gb=200,
-    )
-    runtime = FakeRuntime(adopted=adopted("v"), load_seconds={"u": 1.0})
-    health = runtime.transport()
-    hung = asyncio.Event()
-
-    async def handle(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/sleep":
-            hung.set()
-            await asyncio.sleep(3600)
-        return await health.handle_async_request(request)
-
-    async with rig(settings, runtime, transport=httpx.MockTransport(handle)) as r:
-        switch = r.scheduler.request_switch("t")
-        await asyncio.wait_for(hung.wait(), 5)
-        await asyncio.wait_for(r.scheduler.ensure("u"), 5)
+    card = hung(tmp_path, call_timeout=0.3, u=1.0)
+    async with card.scheduler() as scheduler:
+        switch = scheduler.request_switch("t")
+        await asyncio.wait_for(card.hung.wait(), 5)
+        await asyncio.wait_for(scheduler.ensure("u"), 5)
         assert await outcome(switch) is None
-        beside = next(j for j in r.scheduler.recent_jobs(5) if j.target == "u")
+        beside = next(j for j in scheduler.recent_jobs(5) if j.target == "u")
         ready = next(e for e in beside.events if e.name == "ready")
         unloaded = next(e for e in switch.events if e.name == "unloaded")
         assert ready.id < unloaded.id
-        assert runtime.calls == ["start u", "stop v", "start t"]
+        assert card.runtime.calls == ["start u", "stop v", "start t"]
 
 
 def card(used_gb: float, processes: tuple[ProcessMemory, ...] = ()) -> GpuSnapshot:

@@ -39,17 +39,14 @@ class Rig:
 
 @asynccontextmanager
 async def rig(
-    settings: Settings,
-    runtime: FakeRuntime | None = None,
-    gpu: SimulatedGpu | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,  # the engines' HTTP; else the runtime's
+    settings: Settings, runtime: FakeRuntime | None = None, gpu: SimulatedGpu | None = None
 ) -> AsyncIterator[Rig]:
     runtime = runtime or FakeRuntime()
     gpu = gpu or SimulatedGpu(settings.simulated_gpu)
     bus = EventBus()
     stats = LearnedStats(settings.state_dir)
     await stats.load()
-    async with httpx.AsyncClient(transport=transport or runtime.transport()) as http:
+    async with httpx.AsyncClient(transport=runtime.transport()) as http:
         scheduler = Scheduler(
             settings, runtime=runtime, gpu=gpu, ledger=gpu, bus=bus, stats=stats, http=http
         )
