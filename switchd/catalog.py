@@ -236,14 +236,18 @@ class Catalog:
 
     def engine_starting(self, devices: Collection[int], besides: ModelRecord | None = None) -> bool:
         """Whether an engine (other than `besides`'s) is starting (loading or waking) on
-        any of `devices`; one whose devices are not known counts on every device."""
+        any of `devices`, or is about to (a load beside, reserved there); one whose
+        devices are not known counts on every device."""
         wanted = set(devices)
-        return any(
-            record is not besides
-            and record.state is ModelState.LOADING
-            and (not (placed := record.devices or record.spec.gpus) or wanted & set(placed))
-            for record in self.records.values()
-        )
+        for record in self.records.values():
+            name = record.spec.name
+            about_to = name in self._reserved and record.state in NOT_TAKEN
+            if record is besides or not (record.state is ModelState.LOADING or about_to):
+                continue
+            placed = self._reserved[name] if about_to else record.devices or record.spec.gpus
+            if not placed or wanted & set(placed):
+                return True
+        return False
 
     def reserve(self, model: str, by_device: dict[int, float]) -> None:
         """`model` is being brought up beside another job: what it will take on each

@@ -544,7 +544,8 @@ class Scheduler:
 
     def _spawn(self, job: Job, plan: planner.Plan | None) -> None:
         if plan is not None:
-            job.victims = tuple(victim.name for victim in plan.victims)  # its from the start on
+            # Known from its plan: it owns their reports from its start.
+            job.victims = tuple(victim.name for victim in plan.victims)
         task = asyncio.create_task(self._run(job, plan), name=f"switchd-job-{job.id}")
         self.catalog.writers.add(task)  # it changes the states of its own models
         self._job_tasks[job.id] = task

@@ -79,6 +79,25 @@ async def test_loads_beside_reserve_their_memory_from_one_another(tmp_path: Path
         await asyncio.gather(wanted[other], return_exceptions=True)
 
 
+async def test_two_loads_beside_on_one_device_start_one_after_the_other(
+    tmp_path: Path,
+) -> None:
+    # v (60) hangs in its sleep for t (40); u and w (5 each) both fit beside: w starts
+    # once u's engine is up, not with it.
+    models = {**SLEEPY, "w": {"cmd": "engine", "size_gb": 5, "load_time_seconds": 1}}
+    card = HungSleep(tmp_path, models, 30, {"u": 0.5, "w": 0.1})
+    async with card.scheduler() as scheduler:
+        switch = scheduler.request_switch("t")
+        await asyncio.wait_for(card.hung.wait(), 5)
+        both = [asyncio.create_task(scheduler.ensure(m)) for m in ("u", "w")]
+        await asyncio.wait_for(asyncio.gather(*both), 5)
+        assert switch.finished is None  # both while the sleep hangs
+        jobs = {j.target: j for j in scheduler.recent_jobs(5)}
+        ready = next(e for e in jobs["u"].events if e.name == "ready")
+        assert jobs["w"].events[0].id > ready.id
+        assert card.runtime.calls == ["start u", "start w"]
+
+
 async def test_status_lists_a_load_beside_and_an_operator_switch_joins_it(
     tmp_path: Path,
 ) -> None:
