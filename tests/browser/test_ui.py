@@ -335,14 +335,14 @@ def test_a_switch_started_through_the_api_shows_live(
 
 
 def test_a_load_beside_the_switch_on_show_is_noted_not_followed(page: Page, tmp_path: Path) -> None:
-    # v (60 GB) hangs in /sleep (given up after 3 s) during the switch to t (40 GB);
+    # v (60 GB) hangs in /sleep (given up after 8 s) during the switch to t (40 GB);
     # u (5 GB) fits beside both and loads meanwhile, beside the switch on show.
     models = {
         "v": {"cmd": engine_cmd(0.3, *HUNG_SLEEP), "size_gb": 60, "standby": ["sleep2"]},
         "t": {"cmd": engine_cmd(0.5), "size_gb": 40},
         "u": {"cmd": engine_cmd(0.5), "size_gb": 5},
     }
-    server = write_config(tmp_path, models, api_keys=[API_KEY], engine_call_timeout_seconds=3)
+    server = write_config(tmp_path, models, api_keys=[API_KEY], engine_call_timeout_seconds=8)
     server.start()
     headers = {"Authorization": f"Bearer {API_KEY}"}
     try:
