@@ -98,6 +98,35 @@ async def test_two_loads_beside_on_one_device_start_one_after_the_other(
         assert card.runtime.calls == ["start u", "start w"]
 
 
+async def test_engines_dying_beside_and_in_the_hung_sleep_fail_only_their_own_requests(
+    tmp_path: Path,
+) -> None:
+    # v (60) hangs in its sleep for t (40); u (5) loads beside, and several clients
+    # want it. u's engine dies mid-load, then v's dies in its hung sleep: u's waiters
+    # get a load failure, the switch ends with t loaded, and nothing is left running.
+    card = hung(tmp_path, call_timeout=30, u=5.0)
+    async with card.scheduler() as scheduler:
+        switch = scheduler.request_switch("t")
+        await asyncio.wait_for(card.hung.wait(), 5)
+        waiters = [asyncio.create_task(scheduler.ensure("u")) for _ in range(3)]
+        await until(lambda: scheduler.records["u"].state is ModelState.LOADING)
+        card.runtime.crash("u")
+        outcomes = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+        assert [getattr(o, "code", o) for o in outcomes] == ["load_failed"] * 3
+        assert switch.finished is None  # the switch still waits on v's sleep
+        card.runtime.crash("v")
+        card.never.set()  # the hung call ends as its engine does
+        assert await outcome(switch) is None
+        assert scheduler.records["t"].state is ModelState.RUNNING
+        assert {m: scheduler.records[m].state for m in ("u", "v")} == {
+            "u": ModelState.FAILED,
+            "v": ModelState.FAILED,
+        }
+        status = await scheduler.status()
+        assert status["beside"] == []
+        assert status["gpu"]["used_gb"] == 40.0
+
+
 async def test_status_lists_a_load_beside_and_an_operator_switch_joins_it(
     tmp_path: Path,
 ) -> None:
