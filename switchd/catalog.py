@@ -150,6 +150,10 @@ class Catalog:
         if old is ModelState.SLEEPING and new is ModelState.STOPPING:
             # Stopping a sleeper: it still holds its residue, not its full size.
             record.residue_by_device = self._residue_or_guess(record)
+        kept: dict[int, float] = {}
+        if old is ModelState.SLEEPING and new is ModelState.LOADING:
+            placed = record.devices or spec.gpus  # what it keeps asleep, read while it sleeps
+            kept = self.held_by_device(record, placed) if placed else {}
         record.state = new
         record.error = error
         if new in ENGINE:
@@ -187,8 +191,6 @@ class Catalog:
             if awake is not None:
                 self._sleep_releases(record, awake)
         if old is ModelState.SLEEPING and new is ModelState.LOADING:
-            placed = record.devices or spec.gpus
-            kept = self.held_by_device(record, placed) if placed else {}
             if self._ledger is not None:
                 self._ledger.engine_woken(spec.name)
             record.measured_gb = record.measured_by_device = None  # measured again once awake

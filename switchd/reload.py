@@ -27,10 +27,10 @@ from typing import Any
 
 from switchd.config import ConfigError, Settings, engine_digest, load_settings
 from switchd.events import EventBus
+from switchd.wire import CONFIG_RELOADED
 
 log = logging.getLogger(__name__)
 
-CONFIG_RELOADED = "config_reloaded"  # the event: status ok|error and the diff, or why
 
 _RESTART = "is read once at start: restart switchd to change it"
 # Top-level fields that cannot change live, and why (a field not named here may).

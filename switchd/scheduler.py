@@ -637,10 +637,10 @@ class Scheduler:
                 continue  # loading already
             spec = self.records[want.name].spec
             full = self._plan(spec, snapshot)
-            if not full.enough:
-                refused = planning.refusal(self.catalog, spec, snapshot, self.settings.eviction)
-                if refused is not None:
-                    self.demand.fail(spec.name, refused)
+            if not full.enough:  # `full` short already: what refusal() would plan first
+                later = planning.once_released(self.catalog, spec, snapshot, self.settings.eviction)
+                if not later.enough:
+                    self.demand.fail(spec.name, planning.insufficient_memory(spec, later))
                 else:  # it fits once memory on its way back has come: look again soon
                     next_check = min(next_check, MEMORY_WAIT_SECONDS)
                 continue

@@ -104,7 +104,7 @@ class EngineStandby:
             response = await self._http.get(
                 url + spec.health_path, headers=_headers(spec), timeout=HEALTH_AFTER_SLEEP_SECONDS
             )
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError, AttributeError):  # as Loader.healthy: a reset
             return False
         return response.status_code == 200
 

@@ -20,12 +20,13 @@ SNAPSHOT = "snapshot"  # the status body and `reason` (connect | gap), first on 
 GAP = "gap"  # asked, oldest: a resume that could not be served, just before its snapshot
 MODEL_STATE = "model_state"  # model, from, to[, error]
 LOG = "log"  # line, source[, skipped]: an engine output line while it loads, or a count
+CONFIG_RELOADED = "config_reloaded"  # status ok|error and the diff, or why (switchd.reload)
 RESULT = "result"  # the JSON-mode answer, last on success
 ERROR = "error"  # error, message and that error's fields, last on failure
 
 COMMON_FIELDS = ("job", "kind", "cause", "seq", "stage", "model", "progress", "ts", "message")
 JOB_END = frozenset({RESULT, ERROR})
-NOT_STAGES = frozenset({LOG, MODEL_STATE, SNAPSHOT, GAP})
+NOT_STAGES = frozenset({LOG, MODEL_STATE, SNAPSHOT, GAP, CONFIG_RELOADED})
 
 
 @dataclass(frozen=True)

@@ -202,3 +202,13 @@ def test_sleepers_are_candidates_and_charge_host_ram(sleepers: Catalog) -> None:
     assert sleepers.host_ram_in_use_gb() == 12.5
     victim = sleepers.standby_victim(record, {0: 1.0, 1: 1.0})
     assert victim.tiers == ()  # asleep already: only a stop frees more
+
+
+def test_a_wake_is_taken_as_what_it_adds_to_the_residue(sleepers: Catalog) -> None:
+    # A release window beside a wake adds back what the wake took: its full share on
+    # each device less what it kept asleep there, not nothing.
+    record = sleepers.records["tp"]
+    put_to_sleep(record, {0: 1.0, 1: 2.5})
+    moves = sleepers.memory_moves
+    sleepers.transition(record, ModelState.SLEEPING, ModelState.LOADING)
+    assert sleepers.taken_since(moves) == {0: 19.0, 1: 17.5}

@@ -14,8 +14,9 @@ import yaml
 from switchd.config import ConfigError, Settings, engine_digest, load_settings
 from switchd.events import Event, EventBus
 from switchd.jobs import Cause, JobKind, SwitchError
-from switchd.reload import CONFIG_RELOADED, Diff, Reloader, ReloadError, diff
+from switchd.reload import Diff, Reloader, ReloadError, diff
 from switchd.states import ModelState
+from switchd.wire import CONFIG_RELOADED
 from tests.fakes import make_settings
 from tests.test_scheduler import finish, rig
 

@@ -67,11 +67,6 @@ class HostAgent:
             # Its process, to tell a restarted agent (Ray's max_restarts) from the first.
             return {**self._beat.snapshot(self._node).as_dict(), "agent_pid": os.getpid()}
 
-    def refresh(self) -> dict[str, Any]:
-        """Read now (after a request to the host failed, say), then the snapshot."""
-        self._read()
-        return self.snapshot()
-
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=READ_TIMEOUT_SECONDS + 1)

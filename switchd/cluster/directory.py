@@ -4,8 +4,7 @@ The interface is small on purpose, so that another engine (Kubernetes, a
 static list) can stand in for Ray without the gateway changing:
 
 - `hosts()`: every host's latest snapshot, reachable or not;
-- `watch(interval)`: those lists, one every `interval` seconds;
-- `call(host, method)`: ask one host's agent something (`snapshot`, `refresh`).
+- `watch(interval)`: those lists, one every `interval` seconds.
 
 A snapshot is what a host's switchd said at its last good read of
 `/v1/models/status` (models and states, memory per device, learned sizes and
@@ -81,8 +80,6 @@ class Directory(Protocol):
 
     def watch(self, interval: float = POLL_SECONDS) -> AsyncIterator[list[HostSnapshot]]: ...
 
-    async def call(self, host: str, method: str) -> Any: ...
-
     async def close(self) -> None: ...
 
 
@@ -147,12 +144,6 @@ class StaticDirectory:
 
     def watch(self, interval: float = POLL_SECONDS) -> AsyncIterator[list[HostSnapshot]]:
         return watch_by_polling(self, interval)
-
-    async def call(self, host: str, method: str) -> Any:
-        beat = self._beats[host]
-        if method == "refresh":
-            await self._read(beat)
-        return beat.snapshot().as_dict()
 
     async def close(self) -> None:
         await self._http.aclose()

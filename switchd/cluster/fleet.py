@@ -4,7 +4,7 @@ failed request, and the status of them all in one switchd-shaped body."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -199,7 +199,3 @@ def holders(model: str, hosts: Iterable[HostSnapshot]) -> list[str]:
 
 def known_models(hosts: Iterable[HostSnapshot]) -> list[str]:
     return sorted({name for h in hosts if h.reachable for name in models_of(h)})
-
-
-def by_name(hosts: Iterable[HostSnapshot]) -> Mapping[str, HostSnapshot]:
-    return {h.name: h for h in hosts}

@@ -39,20 +39,23 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from switchd import __version__, errors, sse
-from switchd.app import static_dir, ui_routes
+from switchd.app import Switchd, static_dir, ui_routes
 from switchd.cluster.directory import Directory, HostSnapshot
 from switchd.cluster.fleet import Change, Fleet, holders, known_models, merged_status
 from switchd.cluster.merged import HostFollower, MergedEvents
 from switchd.cluster.routing import rank
 from switchd.proxy import (
     HOP_BY_HOP,
+    LARGE_BODY,
     PATH_SAFE,
     ProxyError,
     checked_path,
+    off_loop_if,
     relay_response,
     requested_model,
     without_hop_by_hop,
 )
+from switchd.routes import BadRequest, last_event_id
 from switchd.upstream import Upstream, UpstreamError
 
 MAX_BODY_BYTES = 16 << 20
@@ -74,7 +77,6 @@ class Gateway:
         self.upstream = Upstream(idle_seconds=30, connect_seconds=2)
         self.http = httpx.AsyncClient(timeout=10)
         self.followers: dict[str, HostFollower] = {}
-        self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -97,7 +99,6 @@ class Gateway:
                 async for snapshots in self.directory.watch(self.interval):
                     self.apply(self.fleet.update(snapshots))
                     await self._follow(snapshots)
-                    self.ready.set()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the directory's engine hiccuped: keep the last view
@@ -220,7 +221,7 @@ class OpenAIRoutes:
         try:
             checked_path(scope["path"])
             body = await read_body(receive)
-            model, _ = requested_model(body)
+            model, _ = await off_loop_if(len(body) > LARGE_BODY, requested_model, body)
             choices = rank(model, gateway.fleet.view())
             if not choices:
                 known = known_models(gateway.fleet.view())
@@ -229,36 +230,14 @@ class OpenAIRoutes:
                 raise ProxyError(
                     404,
                     "model_not_found",
-                    f"Unknown model {model!r} on every reachable host; known: {', '.join(known)}",
+                    f"Unknown model {errors.echoed(model)!r} on every reachable host; "
+                    f"known: {', '.join(known)}",
                 )
             hosts = [c.host for c in choices]
             name = choices[0].model
             await forward(gateway, scope, send, hosts, body=body, what=model, loads=name)
         except ProxyError as error:
             await error.response()(scope, receive, send)
-
-
-def is_engine_call(scope: Scope) -> bool:
-    if scope["type"] != "http":
-        return False
-    path: str = scope["path"]
-    reserved = ("/v1/models", "/v1/events", "/v1/switches")
-    return scope["method"] == "POST" and path.startswith("/v1/") and not path.startswith(reserved)
-
-
-class EngineCallsFirst:
-    """Engine calls straight to the proxy; the rest to Starlette."""
-
-    def __init__(self, app: Starlette) -> None:
-        self.app = app
-        self.proxy = OpenAIRoutes()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if is_engine_call(scope):
-            scope["app"] = self.app
-            await self.proxy(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
 
 
 # ---- switchd's own routes ---------------------------------------------------------------
@@ -359,7 +338,7 @@ async def switch(request: Request) -> Response:
     if not choices:
         known = known_models(hosts)
         return errors.switchd_error(
-            404, "model_not_found", f"Unknown model {target!r}", known_models=known
+            404, "model_not_found", f"Unknown model {errors.echoed(target)!r}", known_models=known
         )
     hosts_in_order = [c.host for c in choices]
     return await passthrough(request, hosts_in_order, body, target, loads=choices[0].model)
@@ -388,7 +367,9 @@ async def unload(request: Request) -> Response:
     if not where:
         where = [c.host for c in rank(model, views)][:1]
     if not where:
-        return errors.switchd_error(404, "model_not_found", f"Unknown model {model!r}")
+        return errors.switchd_error(
+            404, "model_not_found", f"Unknown model {errors.echoed(model)!r}"
+        )
     return await passthrough(request, where, body, model)
 
 
@@ -434,15 +415,10 @@ async def list_jobs(request: Request) -> Response:
 
 async def events(request: Request) -> Response:
     gateway = gateway_of(request)
-    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    after: int | None = None
-    if raw is not None:
-        try:
-            after = int(raw)
-        except ValueError:
-            return errors.switchd_error(
-                400, "invalid_last_event_id", "Last-Event-ID must be an event id"
-            )
+    try:
+        after = last_event_id(request)
+    except BadRequest as bad:
+        return bad.response
 
     def status() -> dict[str, Any]:
         return merged_status(gateway.fleet.view())
@@ -451,7 +427,7 @@ async def events(request: Request) -> Response:
     return StreamingResponse(stream, headers={k.decode(): v.decode() for k, v in sse.HEADERS})
 
 
-def create_gateway(directory: Directory, interval: float = 0.5) -> EngineCallsFirst:
+def create_gateway(directory: Directory, interval: float = 0.5) -> Switchd:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway = Gateway(directory, interval)
@@ -475,4 +451,5 @@ def create_gateway(directory: Directory, interval: float = 0.5) -> EngineCallsFi
         Route("/v1/events", events),
         *ui_routes(static_dir()),
     ]
-    return EngineCallsFirst(Starlette(routes=routes, lifespan=lifespan))
+    # Engine calls go straight to OpenAIRoutes, as one switchd's go to its proxy.
+    return Switchd(engine_calls=OpenAIRoutes(), routes=routes, lifespan=lifespan)

@@ -73,7 +73,7 @@ def start_agent(
         num_cpus=0,  # takes nothing from Ray's accounting: the host's GPUs are switchd's
         num_gpus=0,
         max_restarts=-1,  # Ray brings it back when its worker dies
-        max_concurrency=4,  # a slow `refresh` does not hold up `snapshot`
+        max_concurrency=4,  # one caller's `snapshot` does not wait behind another's
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
     ).remote(host, url, key, node)
     ray.get(agent.snapshot.remote(), timeout=AGENT_START_SECONDS)
@@ -144,10 +144,6 @@ class RayDirectory:
 
     def watch(self, interval: float = POLL_SECONDS) -> AsyncIterator[list[HostSnapshot]]:
         return watch_by_polling(self, interval)
-
-    async def call(self, host: str, method: str) -> Any:
-        await self._ensure()
-        return (await self._ask(host, method)).as_dict()
 
     async def close(self) -> None:
         self._handles.clear()
