@@ -81,8 +81,9 @@ async def model_named(request: Request) -> str:
     return name
 
 
-def _value(record: ModelRecord) -> str:
-    return metadata.status_value(record.state.value)
+def _value(scheduler: Scheduler, record: ModelRecord) -> str:
+    name = record.spec.name
+    return metadata.requested_value(record.state.value, scheduler.load_requested(name))
 
 
 class Refused(Exception):
@@ -110,7 +111,7 @@ async def asked_for(request: Request, unknown_status: int) -> tuple[Scheduler, M
 async def load(request: Request) -> Response:
     try:
         scheduler, record = await asked_for(request, 404)
-        if _value(record) in (metadata.LOADED, metadata.LOADING):
+        if _value(scheduler, record) in (metadata.LOADED, metadata.LOADING):
             return llama_error(400, "model is already running")
         await scheduler.check_fits(record.spec.name)
         scheduler.request_switch(record.spec.name, Cause.API)
@@ -124,7 +125,7 @@ async def load(request: Request) -> Response:
 async def unload(request: Request) -> Response:
     try:
         scheduler, record = await asked_for(request, 400)
-        if _value(record) not in metadata.RUNNING_VALUES:
+        if _value(scheduler, record) not in metadata.RUNNING_VALUES:
             return llama_error(400, "model is not running")
         scheduler.request_unload(record.spec.name, Cause.API)
     except Refused as refused:

@@ -57,11 +57,19 @@ def status_value(state: str) -> str:
     return VALUES[state]
 
 
+def requested_value(state: str, load_requested: bool) -> str:
+    """The status value of a model in `state`: `loading` from the moment its load is
+    asked for (queued, its engine not started yet), as llama.cpp's router says."""
+    value = status_value(state)
+    return LOADING if value == UNLOADED and load_requested else value
+
+
 def llama_status(model: dict[str, Any]) -> dict[str, Any]:
     """The `status` object of a model (`Catalog.model_json`'s body) as llama.cpp's router
     gives it, with switchd's state (and a failure's error) beside llama.cpp's fields."""
     state = model["status"]
-    status: dict[str, Any] = {"value": status_value(state), "state": state}
+    value = requested_value(state, bool(model.get("load_requested")))
+    status: dict[str, Any] = {"value": value, "state": state}
     last_exit = model.get("last_exit")
     code = last_exit.get("exit_code") if isinstance(last_exit, dict) else None
     if state == "failed":

@@ -228,6 +228,7 @@ async def one_model(request: Request) -> Response:
     except SwitchError as unknown:  # the same 404 as every route's for an unknown model
         return errors.from_switch(unknown, openai=True)
     model = found.scheduler.catalog.model_json(found.scheduler.records[spec.name])
+    model["load_requested"] = found.scheduler.load_requested(spec.name)
     return JSONResponse(model_object(spec.name, model))
 
 

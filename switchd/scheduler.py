@@ -325,6 +325,12 @@ class Scheduler:
             self.catalog.estimated_ready_seconds(record),
         )
 
+    def load_requested(self, model: str) -> bool:
+        """Whether a switch to `model` is under way or queued: asked for, even if its
+        engine is not started yet (llama.cpp's router says `loading` from the ask on)."""
+        jobs = [*([self._running] if self._running else []), *self._beside.values(), *self._queue]
+        return any(j.kind is JobKind.SWITCH and j.target == model for j in jobs)
+
     def recent_jobs(self, limit: int) -> list[Job]:
         """The latest jobs, newest first (the running one and the queue included)."""
         return list(reversed(self._jobs.values()))[:limit]
@@ -864,6 +870,7 @@ class Scheduler:
             # Since when its demand has gone on, through clients that gave up.
             body["demand_age_seconds"] = round(now - claim.since, 2) if claim else None
             body["given_up"] = self.demand.given_up[name]
+            body["load_requested"] = self.load_requested(name)
             turn_at = self._turn_at.get(name) if body["waiting"] else None
             # How long the holder keeps the GPU before this model gets its turn.
             body["hold_left_seconds"] = (

@@ -13,7 +13,7 @@ from switchd.catalog import ModelRecord
 from switchd.config import Capability, ModelSpec
 from switchd.events import Event
 from switchd.llamacpp_api import translate
-from switchd.metadata import describe, engine_context_length, llama_status
+from switchd.metadata import describe, engine_context_length, llama_status, requested_value
 from switchd.states import ModelState
 from switchd.stats import Learned
 
@@ -141,3 +141,14 @@ def test_load_ticks_become_progress_and_other_stages_nothing() -> None:
     }
     assert translate(Event(9, "memory_check", {"model": "m"}), {}) is None
     assert translate(Event(10, wire.LOG, {"line": "x", "source": "m"}), {}) is None
+
+
+def test_a_model_asked_for_reads_loading_before_its_engine_starts() -> None:
+    # llama.cpp's router says `loading` from the load request on: so does switchd,
+    # while the switch is queued or its first steps run.
+    assert requested_value("exited", load_requested=True) == "loading"
+    assert requested_value("failed", load_requested=True) == "loading"
+    assert requested_value("exited", load_requested=False) == "unloaded"
+    assert requested_value("running", load_requested=True) == "loaded"
+    status = llama_status({"status": "exited", "load_requested": True})
+    assert (status["value"], status["state"]) == ("loading", "exited")
